@@ -1,0 +1,58 @@
+"""Datasets in their original formats, held in memory and batched on the device.
+
+Typical use::
+
+    from nnrelief import data
+    train = data.load_dataset("cifar10", "~/data", split="train")
+    train, val = data.train_val_split(train, seed=0)
+    spec = data.get_spec("cifar10")
+    loader = data.BatchLoader(train, 128, shuffle=True, seed=0, augment=spec.augment)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            ...
+"""
+
+from .dataset import TensorDataset
+from .download import md5sum
+from .errors import ChecksumError, DataFormatError, DatasetNotFoundError
+from .loader import BatchLoader, default_normalize
+from .readers import (
+    read_cifar10,
+    read_cifar100,
+    read_cifar_batch,
+    read_idx,
+    read_mnist,
+    read_tiny_imagenet,
+)
+from .registry import DATASETS, DatasetSpec, Download, get_spec, load_dataset
+from .splits import sample_pruning_set, subset, train_val_split
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, random_crop_flip
+
+__all__ = [
+    "BatchLoader",
+    "ChecksumError",
+    "DATASETS",
+    "DataFormatError",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "Download",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Normalize",
+    "TensorDataset",
+    "default_normalize",
+    "get_spec",
+    "load_dataset",
+    "md5sum",
+    "random_crop_flip",
+    "read_cifar10",
+    "read_cifar100",
+    "read_cifar_batch",
+    "read_idx",
+    "read_mnist",
+    "read_tiny_imagenet",
+    "sample_pruning_set",
+    "subset",
+    "train_val_split",
+]

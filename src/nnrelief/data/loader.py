@@ -1,0 +1,95 @@
+"""On-device, whole-batch data loading with reproducible shuffling and augmentation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from ._seed import seeded_generator
+from .dataset import TensorDataset
+from .registry import DATASETS
+from .transforms import Normalize, random_crop_flip
+
+logger = logging.getLogger(__name__)
+
+
+def default_normalize(name: str) -> Normalize:
+    """The registry's normalisation for dataset ``name``; pixels / 255 if unknown."""
+    if name in DATASETS:
+        return DATASETS[name].normalize
+    logger.warning("dataset %r is not registered: normalising with pixels / 255 only", name)
+    return Normalize()
+
+
+class BatchLoader:
+    """Iterate over a :class:`TensorDataset` in batches, entirely with tensor ops.
+
+    The uint8 images are moved to ``device`` once; each batch is gathered, optionally
+    augmented (random crop with 4-pixel zero padding + horizontal flip) and normalised
+    there. Shuffle order and augmentation draw from a generator seeded with a hash of
+    ``(seed, epoch)`` only, so iterating the same epoch again (e.g. after resuming a run)
+    yields the same batches.
+
+    Args:
+        dataset: the data.
+        batch_size: samples per batch.
+        shuffle: draw a new sample order each epoch.
+        seed: base seed of shuffling and augmentation.
+        device: where the data and batches live.
+        augment: apply crop + flip augmentation (the registry's ``augment`` field holds
+            each dataset's training default).
+        normalize: pixel normalisation; ``None`` uses the registry's default for
+            ``dataset.name``.
+        drop_last: skip the last, incomplete batch.
+
+    Yields:
+        ``(x, y)``: float32 images (B, C, H, W) and int64 labels (B,) on ``device``.
+    """
+
+    def __init__(
+        self,
+        dataset: TensorDataset,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        device: str | torch.device = "cpu",
+        augment: bool = False,
+        normalize: Normalize | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = torch.device(device)
+        self.augment = augment
+        self.normalize = normalize if normalize is not None else default_normalize(dataset.name)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._images = dataset.images.to(self.device)
+        self._labels = dataset.labels.to(self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle order and augmentation the next pass uses."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = seeded_generator("batches", self.seed, self.epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self._images[index]
+            if self.augment:
+                x = random_crop_flip(x, generator)
+            yield self.normalize(x), self._labels[index]

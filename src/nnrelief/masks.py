@@ -1,0 +1,124 @@
+"""Holding, applying, saving and making permanent the pruning masks.
+
+Weights and biases are masked with PyTorch's own pruning reparametrisation
+(``torch.nn.utils.prune``: a ``<name>_orig`` parameter, a ``<name>_mask`` buffer and a
+forward pre-hook computing ``<name> = <name>_orig * <name>_mask``), so gradients, weight
+decay and momentum can never revive a pruned entry, and the masks travel in
+``state_dict``. Shortcut paths masked by the residual rule get a ``nnrelief_gate`` buffer
+and a forward hook multiplying the module's output channels by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+from torch import Tensor
+
+GATE = "nnrelief_gate"
+_GATE_HOOK = "_nnrelief_gate_hook"
+
+
+def is_masked(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` is under a pruning mask."""
+    return prune.is_pruned(module) and hasattr(module, f"{name}_mask")
+
+
+def current_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
+    """The full-shape boolean mask of ``module.<name>``, all True if unmasked, None if absent."""
+    if is_masked(module, name):
+        return getattr(module, f"{name}_mask").bool()
+    tensor = getattr(module, name, None)
+    return None if tensor is None else torch.ones_like(tensor, dtype=torch.bool)
+
+
+def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
+    """Mask ``module.<name>`` with ``keep`` ANDed with any existing mask (never revives)."""
+    keep = keep.to(device=getattr(module, name).device)
+    if is_masked(module, name):
+        mask = getattr(module, f"{name}_mask")
+        mask.mul_(keep.to(mask.dtype))
+    else:
+        prune.custom_from_mask(module, name, keep.to(getattr(module, name).dtype))
+        mask = getattr(module, f"{name}_mask")
+    original = getattr(module, f"{name}_orig")
+    with torch.no_grad():
+        original.mul_(mask)
+    setattr(module, name, original * mask)
+
+
+def _gate_hook(module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
+    gate = getattr(module, GATE)
+    shape = [1, -1] + [1] * (output.dim() - 2)
+    return output * gate.view(shape).to(output.dtype)
+
+
+def set_gate(module: nn.Module, keep: Tensor) -> None:
+    """Mask the output channels of ``module`` (a shortcut path) with ``keep`` (never revives)."""
+    if hasattr(module, GATE):
+        getattr(module, GATE).mul_(keep.to(getattr(module, GATE).dtype))
+    else:
+        module.register_buffer(GATE, keep.float().clone())
+    if not hasattr(module, _GATE_HOOK):
+        setattr(module, _GATE_HOOK, module.register_forward_hook(_gate_hook))
+
+
+def gate_of(module: nn.Module) -> Tensor | None:
+    """The boolean channel gate of ``module``, or None."""
+    gate = getattr(module, GATE, None)
+    return None if gate is None else gate.bool()
+
+
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
+    """Load a pruned model's ``state_dict`` into a freshly built model of the same class.
+
+    Re-creates the masks (``*_orig`` / ``*_mask`` entries) and shortcut gates found in the
+    state dict, then loads every value. Use it instead of ``model.load_state_dict`` for
+    checkpoints saved after ``nnrelief.prune``.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        module = modules.get(prefix)
+        if module is None:
+            continue
+        if leaf.endswith("_mask") and not is_masked(module, leaf[: -len("_mask")]):
+            name = leaf[: -len("_mask")]
+            if isinstance(getattr(module, name, None), Tensor):
+                prune.custom_from_mask(module, name, torch.ones_like(getattr(module, name)))
+        elif leaf == GATE and not hasattr(module, GATE):
+            set_gate(module, torch.ones_like(value, dtype=torch.bool))
+    model.load_state_dict(state_dict, strict=strict)
+    refresh_masked(model)
+
+
+def refresh_masked(model: nn.Module) -> None:
+    """Recompute every masked ``.weight``/``.bias`` now (not only at the next forward)."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                names = [h._tensor_name for h in hook] if isinstance(hook, prune.PruningContainer) else [hook._tensor_name]
+                for name in names:
+                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold all masks into plain parameters and remove every hook nnrelief added.
+
+    Afterwards the model is an ordinary ``nn.Module`` (plain ``weight``/``bias``
+    parameters with zeros where pruned). Shortcut gates that still mask a channel stay as
+    buffers with their hook, since the identity path has no weight to fold them into.
+    Returns ``model``.
+    """
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            if is_masked(module, name):
+                prune.remove(module, name)
+        gate = gate_of(module)
+        if gate is not None and bool(gate.all()):
+            getattr(module, _GATE_HOOK).remove()
+            delattr(module, _GATE_HOOK)
+            del module._buffers[GATE]
+    return model

@@ -1,0 +1,209 @@
+"""One NNrelief pruning pass: statistics -> scores -> selection -> cleaning -> masks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import scores as score_fns
+from .cleaning import LayerMask, clean, residual_decisions
+from .graph import ModelGraph, PrunableLayer, build_graph
+from .masks import current_mask, gate_of, set_gate, set_mask
+from .report import PruneReport, build_report
+from .selection import check_alpha, select
+from .stats import Statistics, activity_key, all_reduce_statistics, collect, input_key, map_key
+
+log = logging.getLogger(__name__)
+
+SCORE_MODES = ("paper", "authors")
+
+
+def _model_input(batch: Any, index: int) -> Tensor:
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(
+            f"pruning batch {index} is a {type(batch).__name__}; expected an input tensor or an "
+            "(input, target) pair, e.g. the batches of a DataLoader"
+        )
+    if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+        raise ValueError(f"pruning batch {index} (shape {tuple(batch.shape)}) contains NaN or inf values; clean the data first")
+    return batch
+
+
+def _inputs(batches: Iterable[Any], device: torch.device) -> Iterator[Tensor]:
+    for index, batch in enumerate(batches):
+        yield _model_input(batch, index).to(device)
+
+
+def _connection_mask(module: nn.Module) -> LayerMask:
+    weight = current_mask(module, "weight")
+    bias = current_mask(module, "bias")
+    return LayerMask(weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(), None if bias is None else bias.clone())
+
+
+def _contributions(layer: PrunableLayer, stats: Statistics, mode: str) -> tuple[Tensor, Tensor | None]:
+    """(a_ij, bias share) of one layer from the pass statistics."""
+    module = layer.module
+    entry = stats[input_key(layer.name)]
+    count = float(entry["count"])
+    weight = module.weight.detach().float()
+    if layer.kind == "linear":
+        contrib = score_fns.linear_contributions(weight, (entry["abs_input"].double() / count).float())
+        return contrib, score_fns.bias_term(module.bias)
+    positions = int(round(float(entry["positions"]) / count))
+    if mode == "paper":
+        contrib = (entry["norms"].double() / count).float()
+    else:
+        mean_map = (entry["abs_map"].double() / count).float()
+        contrib = score_fns.conv_mean_map_norms(mean_map, weight.abs(), module)
+    return contrib, score_fns.bias_term(module.bias, positions)
+
+
+def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float) -> dict[str, LayerMask]:
+    masks = {}
+    for layer in graph.layers.values():
+        contrib, bias_share = _contributions(layer, stats, mode)
+        alpha = alpha_fc if layer.kind == "linear" else alpha_conv
+        keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
+        old = _connection_mask(layer.module)
+        masks[layer.name] = LayerMask(keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu())
+    return masks
+
+
+def _remove_dead(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:
+    for layer in graph.layers.values():
+        entry = stats.get(activity_key(layer.name))
+        if entry is not None:
+            masks[layer.name].remove_neurons(entry["activity"].cpu() == 0)
+
+
+def _residual_rule(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha: float) -> None:
+    for join in graph.joins:
+        branch, shortcut = stats[map_key(join.branch)], stats[map_key(join.shortcut)]
+        prune_branch, mask_shortcut = residual_decisions(
+            (branch["abs_map"].double() / float(branch["count"])).float().cpu(),
+            (shortcut["abs_map"].double() / float(shortcut["count"])).float().cpu(),
+            alpha,
+        )
+        masks[join.layer].remove_neurons(prune_branch)
+        if join.gate_module is not None:
+            gates[join.shortcut] = gates[join.shortcut] & ~mask_shortcut
+
+
+def _apply(model: nn.Module, graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules[name]
+        shape = module.weight.shape
+        weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
+        set_mask(module, "weight", weight)
+        if mask.bias is not None:
+            set_mask(module, "bias", mask.bias)
+    for name, keep in bn_masks.items():
+        if not bool(keep.all()) or getattr(modules[name], "weight_mask", None) is not None:
+            set_mask(modules[name], "weight", keep)
+            set_mask(modules[name], "bias", keep)
+    for node, module_name in graph.gates.items():
+        if not bool(gates[node].all()):
+            set_gate(modules[module_name], gates[node])
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    alpha_fc: float = 0.95,
+    alpha_conv: float = 0.9,
+    score: str = "paper",
+    progress: bool = True,
+) -> PruneReport:
+    """Run one NNrelief pruning pass on ``model`` in place.
+
+    ``batches`` is any iterable of input tensors or (input, target) pairs (a DataLoader
+    works): the pruning set, streamed once. Every Linear and Conv2d layer is scored on its
+    own input; per neuron/filter the connections (kernels for conv) and the bias carrying a
+    fraction ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
+    without outgoing connections and weak residual branches/shortcuts are removed. Masks
+    are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
+
+    ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
+    Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
+    The model's train/eval mode and requires_grad flags are left as they were.
+    """
+    alpha_fc = check_alpha(alpha_fc, "alpha_fc")
+    alpha_conv = check_alpha(alpha_conv, "alpha_conv")
+    if score not in SCORE_MODES:
+        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        stream = _inputs(batches, device)
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
+        graph = _build(model, first)
+        if not graph.layers:
+            raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+        total = len(batches) if hasattr(batches, "__len__") else None
+        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch", disable=not progress, leave=False)
+        stats = _run(model, graph, feed, score)
+        all_reduce_statistics(stats)
+        masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)
+        bn_masks: dict[str, Tensor] = {}
+        gates: dict[str, Tensor] = {}
+        if graph.traced:
+            modules = dict(model.named_modules())
+            for node, module_name in graph.gates.items():
+                existing = gate_of(modules[module_name])
+                gates[node] = existing.cpu() if existing is not None else torch.ones(graph.rules[node].channels, dtype=torch.bool)
+            _remove_dead(graph, stats, masks)
+            _residual_rule(graph, stats, masks, gates, alpha_conv)
+            bn_masks = clean(graph, masks, gates)
+        _apply(model, graph, masks, gates, bn_masks)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    report = build_report(
+        ((name, layer.module) for name, layer in graph.layers.items()),
+        alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=int(next(iter(stats.values()))["count"]),
+    )
+    report.skipped = dict(graph.skipped)
+    log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
+    return report
+
+
+def _build(model: nn.Module, first: Tensor) -> ModelGraph:
+    try:
+        return build_graph(model, first)
+    except Exception as error:
+        raise ValueError(
+            f"the model rejected a pruning batch of shape {tuple(first.shape)}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[Tensor], mode: str) -> Statistics:
+    position = {"index": 0, "shape": None}
+
+    def tracked() -> Iterator[Tensor]:
+        for index, x in enumerate(feed):
+            position["index"], position["shape"] = index, tuple(x.shape)
+            yield x
+
+    try:
+        return collect(model, graph, tracked(), mode)
+    except (ValueError, TypeError):
+        raise
+    except Exception as error:
+        raise ValueError(
+            f"the model rejected pruning batch {position['index']} of shape {position['shape']}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
