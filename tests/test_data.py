@@ -280,6 +280,26 @@ def test_download_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert len(data.load_dataset("cifar10", target, "test", download=False)) == 4
 
 
+def test_download_files_falls_back_to_mirror(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, array in zip(MNIST_NAMES["test"], random_mnist(5)):
+        write_idx(mirror / name, array)
+    spec = data.get_spec("mnist")
+    downloads = tuple(
+        dataclasses.replace(d, urls=((tmp_path / "gone" / d.filename).as_uri(),
+                                     (mirror / d.filename).as_uri()),
+                            md5=data.md5sum(mirror / d.filename))
+        for d in spec.downloads if d.filename in MNIST_NAMES["test"])
+    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(
+        spec, downloads=downloads, num_samples={"train": 60000, "test": 5}))
+    test = data.load_dataset("mnist", tmp_path / "data", "test")
+    assert len(test) == 5
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == \
+        sorted(MNIST_NAMES["test"])
+
+
 def test_load_dataset_rejects_partial_dataset(tmp_path: Path) -> None:
     make_cifar10_dir(tmp_path / "cifar-10-batches-py")
     with pytest.raises(DataFormatError, match="20 samples.*50000"):
@@ -438,7 +458,8 @@ def test_real_mnist(real_mnist: dict[str, TensorDataset], shared_data_dir: Path)
     assert int(train.class_counts()[1]) == 6742 and int(test.class_counts()[1]) == 1135
     assert train.class_counts().sum() == 60000
     for name in MNIST_NAMES["train"] + MNIST_NAMES["test"]:  # load_dataset checked these too
-        assert data.md5sum(shared_data_dir / "mnist" / name) == data.get_spec("mnist").file_md5[name]
+        expected = data.get_spec("mnist").file_md5[name]
+        assert data.md5sum(shared_data_dir / "mnist" / name) == expected
     direct = data.load_dataset("mnist", shared_data_dir / "mnist", "test", download=False)
     assert torch.equal(direct.images, test.images)  # data_dir/*.gz layout too
     pruning = data.sample_pruning_set(train, 1000, seed=0)

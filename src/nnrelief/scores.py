@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Upper bound on the number of float elements in one temporary of the conv statistics;
-# larger batches are processed in chunks so memory does not grow with the batch size.
-_CHUNK_ELEMENTS = 1 << 24
+# Batches are processed in chunks whose unfolded patches stay around this many floats
+# (a couple of MB: cache-friendly, and memory does not grow with the batch size).
+_PATCH_ELEMENTS = 1 << 19
+_PRODUCT_ELEMENTS = 1 << 22
 
 
 def linear_abs_input_sum(x: Tensor) -> tuple[Tensor, int]:
@@ -27,7 +28,7 @@ def linear_abs_input_sum(x: Tensor) -> tuple[Tensor, int]:
     Every leading index counts as one sample. Returns the (I,) sum and the sample count.
     """
     flat = x.detach().reshape(-1, x.shape[-1])
-    return flat.abs().sum(0, dtype=torch.float64).to(torch.float32), flat.shape[0]
+    return flat.abs().sum(0).double(), flat.shape[0]
 
 
 def linear_contributions(weight: Tensor, mean_abs_input: Tensor) -> Tensor:
@@ -45,37 +46,62 @@ def _pad_for_conv(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
 
 
 def conv_patches(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
-    """The unfolded patches of every input channel: (B, C, k*k, L) for L output positions."""
-    padded = _pad_for_conv(x, conv)
-    cols = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
-    batch, channels = x.shape[0], x.shape[1]
-    taps = conv.kernel_size[0] * conv.kernel_size[1]
-    return cols.view(batch, channels, taps, cols.shape[-1])
+    """The shifted copies of every input channel: (B, C, kh*kw, L) for L output positions."""
+    padded = _pad_for_conv(x, conv).contiguous()
+    batch, channels, height, width = padded.shape
+    kh, kw = conv.kernel_size
+    (dh, dw), (sh, sw) = conv.dilation, conv.stride
+    rows = (height - dh * (kh - 1) - 1) // sh + 1
+    cols = (width - dw * (kw - 1) - 1) // sw + 1
+    s = padded.stride()
+    view = padded.as_strided(
+        (batch, channels, kh, kw, rows, cols), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3])
+    )
+    return view.reshape(batch, channels, kh * kw, rows * cols)
 
 
-def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d) -> Tensor:
+def kernel_products(abs_weight: Tensor) -> Tensor:
+    """For a (J, C, kh, kw) |kernel|, the products ``|K|_t |K|_t'`` of every pair of taps
+    t <= t' (off-diagonal pairs doubled), laid out (C, T, J) with T = k2 (k2 + 1) / 2.
+
+    Depends on the weights only: compute it once per pass and reuse it for every batch.
+    """
+    filters, channels = abs_weight.shape[:2]
+    taps = abs_weight.shape[2] * abs_weight.shape[3]
+    w = abs_weight.reshape(filters, channels, taps).permute(1, 2, 0).contiguous()  # (C, k2, J)
+    iu, ju = torch.triu_indices(taps, taps, device=w.device)
+    factor = torch.where(iu == ju, 1.0, 2.0).to(w.dtype).view(1, -1, 1)
+    return torch.index_select(w, 1, iu).mul_(torch.index_select(w, 1, ju)).mul_(factor)
+
+
+def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, products: Tensor | None = None) -> Tensor:
     """Sum over samples of ``|| |K_ji| * |x_ni| ||_F`` for every (filter j, input channel i).
 
     ``abs_x`` is (B, C, H, W) = |layer input|, ``abs_weight`` (J, C, kh, kw) = |kernel|;
     ``*`` is the layer's own convolution (stride, padding, dilation) of one input channel
     map with one kernel slice. The squared norm is the quadratic form
-    ``vec|K_ji|^T G_ni vec|K_ji|`` with ``G_ni`` the Gram matrix of the unfolded patches of
-    channel i, so no per-(j, i) output map is ever built. Returns a (J, C) float32 tensor.
+    ``vec|K_ji|^T G_ni vec|K_ji|`` with ``G_ni`` the k^2 x k^2 Gram matrix of the shifted
+    copies of channel i; it is evaluated as one batched matrix product over channels of the
+    Gram matrices' upper triangles with the kernel products (``kernel_products``, pass it
+    in to reuse it across batches), so no per-(j, i) output map is ever built.
+    Returns a (J, C) float64 tensor.
     """
     batch, channels = abs_x.shape[:2]
     filters = abs_weight.shape[0]
     taps = abs_weight.shape[2] * abs_weight.shape[3]
-    w = abs_weight.reshape(filters, channels, taps)
+    if products is None:
+        products = kernel_products(abs_weight.to(abs_x.dtype))
+    iu, ju = torch.triu_indices(taps, taps, device=abs_x.device)
     positions = _output_positions(abs_x, conv)
-    per_sample = max(channels * taps * max(positions, filters), 1)
-    step = max(1, _CHUNK_ELEMENTS // per_sample)
-    total = torch.zeros(filters, channels, dtype=torch.float64, device=abs_x.device)
+    step = max(1, min(_PATCH_ELEMENTS // max(channels * taps * positions, 1), _PRODUCT_ELEMENTS // max(channels * filters, 1)))
+    total = torch.zeros(channels, filters, dtype=torch.float64, device=abs_x.device)
     for start in range(0, batch, step):
-        patches = conv_patches(abs_x[start : start + step], conv)
+        patches = conv_patches(abs_x[start : start + step], conv)  # (b, C, k2, L)
         gram = patches @ patches.transpose(-1, -2)  # (b, C, k2, k2)
-        squared = torch.einsum("jck,bckm,jcm->bjc", w, gram, w)
-        total += squared.clamp_min(0).sqrt().sum(0, dtype=torch.float64)
-    return total.to(torch.float32)
+        upper = gram[:, :, iu, ju].transpose(0, 1)  # (C, b, T)
+        squared = torch.bmm(upper, products)  # (C, b, J)
+        total += squared.clamp_(min=0).sqrt_().sum(1).double()
+    return total.t().contiguous()
 
 
 def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d) -> Tensor:

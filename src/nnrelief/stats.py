@@ -62,14 +62,18 @@ class ConvInputObserver(Observer):
         super().__init__()
         self.conv = [conv]  # a list keeps the conv out of this module's children
         self.mode = mode
+        self.products: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv[0]
         abs_x = x.detach().abs()
         if self.mode == "paper":
-            self.accumulate("norms", scores.conv_norm_sum(abs_x, conv.weight.detach().abs(), conv))
+            abs_weight = conv.weight.detach().abs().to(abs_x.dtype)
+            if self.products is None:  # the weights are fixed during a pass
+                self.products = scores.kernel_products(abs_weight)
+            self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products))
         else:
-            self.accumulate("abs_map", abs_x.sum(0, dtype=torch.float64).to(torch.float32))
+            self.accumulate("abs_map", abs_x.sum(0).double())
         count = float(x.shape[0])
         self.accumulate("count", torch.tensor(count, dtype=torch.float64))
         # Stored times the count so that shards still add up; divided by the count when read.
@@ -83,7 +87,7 @@ class ActivityObserver(Observer):
 
     def forward(self, x: Tensor) -> Tensor:
         dims = [d for d in range(x.dim()) if d != 1]
-        self.accumulate("activity", x.detach().abs().sum(dims, dtype=torch.float64))
+        self.accumulate("activity", x.detach().abs().sum(dims).double())
         return x
 
 
@@ -91,7 +95,7 @@ class MapObserver(Observer):
     """Sum over samples of |x| as a (C, H, W) map, and the sample count."""
 
     def forward(self, x: Tensor) -> Tensor:
-        self.accumulate("abs_map", x.detach().abs().sum(0, dtype=torch.float64).to(torch.float32))
+        self.accumulate("abs_map", x.detach().abs().sum(0).double())
         self.accumulate("count", torch.tensor(float(x.shape[0]), dtype=torch.float64))
         return x
 
@@ -176,6 +180,13 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return copy
 
 
+def _pre_hook(observer: Observer):
+    def hook(_module: nn.Module, args: tuple) -> None:
+        observer(args[0])
+
+    return hook
+
+
 def collect(
     model: nn.Module,
     graph: ModelGraph,
@@ -191,7 +202,7 @@ def collect(
     else:
         watch = {input_key(layer.name): ("", _input_observer(layer, mode)) for layer in graph.layers.values()}
         handles = [
-            layer.module.register_forward_pre_hook(lambda _m, args, obs=watch[input_key(layer.name)][1]: obs(args[0]) and None)
+            layer.module.register_forward_pre_hook(_pre_hook(watch[input_key(layer.name)][1]))
             for layer in graph.layers.values()
         ]
         runner = model

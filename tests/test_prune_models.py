@@ -1,0 +1,207 @@
+"""nnrelief.prune on the paper's models, on an unusual user model, and on bad input."""
+
+import logging
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nnrelief
+from nnrelief.graph import build_graph
+from nnrelief.masks import current_mask
+from nnrelief.models import lenet5, lenet300_100, resnet20, vgg_like
+from nnrelief.stats import add_statistics, collect
+
+
+def check_pruned(model, report):
+    """Effective weights are zero where masked and the report agrees with the masks."""
+    by_name = dict(model.named_modules())
+    assert report.layers and report.kept < report.total
+    for layer in report.layers:
+        module = by_name[layer.name]
+        weight_mask = current_mask(module, "weight")
+        assert not module.weight[~weight_mask].any()
+        assert layer.weights_kept == int(weight_mask.sum())
+        if module.bias is not None:
+            assert not module.bias[~current_mask(module, "bias")].any()
+    assert report.compression == pytest.approx(report.total / report.kept)
+
+
+@pytest.mark.parametrize(
+    "make_model,shape",
+    [(lenet300_100, (1, 28, 28)), (lenet5, (1, 28, 28)), (vgg_like, (3, 32, 32)), (resnet20, (3, 32, 32))],
+    ids=["lenet300_100", "lenet5", "vgg_like", "resnet20"],
+)
+@pytest.mark.parametrize("score", ["paper", "authors"])
+def test_paper_models(make_model, shape, score):
+    torch.manual_seed(0)
+    model = make_model()
+    x = torch.rand(24, *shape)
+    report = nnrelief.prune(model, [(x[:10], None), (x[10:], None)], alpha_fc=0.9, alpha_conv=0.9, score=score, progress=False)
+    check_pruned(model, report)
+    out = model.eval()(x[:2])
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    last = report.layers[-1]
+    assert last.channels_alive == last.channels_total == 10  # classes are never removed
+    data = report.to_dict()
+    assert data["kept"] == report.kept and len(data["layers"]) == len(report.layers)
+    assert "compression" in report.table()
+
+
+class Unusual(nn.Module):
+    """Two conv branches concatenated, a depthwise conv, an SE-style sigmoid gate, dilation,
+    a view-flatten, a Linear over tokens and functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(3, 4, 3, padding=1)
+        self.right = nn.Sequential(nn.Conv2d(3, 4, 5, stride=1, padding=4, dilation=2, bias=False), nn.BatchNorm2d(4))
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.squeeze = nn.Linear(8, 8)
+        self.down = nn.Conv2d(8, 6, 3, stride=2)
+        self.tokens = nn.Linear(6, 6)
+        self.head = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = torch.cat([F.leaky_relu(self.left(x)), F.relu(self.right(x))], dim=1)
+        x = self.depthwise(x)
+        x = x * torch.sigmoid(self.squeeze(x.mean((2, 3)))).view(x.size(0), -1, 1, 1)
+        x = F.relu(self.down(x))
+        t = self.tokens(x.flatten(2).transpose(1, 2)).transpose(1, 2)
+        return self.head(t.reshape(x.size(0), -1))
+
+
+def test_unusual_user_model(caplog):
+    torch.manual_seed(0)
+    model = Unusual()
+    x = torch.randn(20, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="nnrelief"):
+        report = nnrelief.prune(model, [x[:7], x[7:]], alpha_fc=0.8, alpha_conv=0.8, progress=False)
+    assert "depthwise" in caplog.text and "depthwise" in report.skipped
+    assert not hasattr(model.depthwise, "weight_mask")
+    assert {layer.name for layer in report.layers} == {"left", "right.0", "squeeze", "down", "tokens", "head"}
+    check_pruned(model, report)
+    before = model.eval()(x)
+    assert torch.isfinite(before).all()
+    # a second pass works on the pruned model and only removes more
+    kept = report.kept
+    assert nnrelief.prune(model, [x], alpha_fc=0.8, alpha_conv=0.8, progress=False).kept <= kept
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_untraceable_model_is_pruned_layer_by_layer(caplog):
+    torch.manual_seed(0)
+    model = Untraceable()
+    with caplog.at_level(logging.WARNING, logger="nnrelief"):
+        report = nnrelief.prune(model, [torch.randn(10, 6)], alpha_fc=0.7, progress=False)
+    assert "could not trace" in caplog.text
+    check_pruned(model, report)
+
+
+def test_statistics_of_shards_add_up():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(12, 3, 32, 32)
+    graph = build_graph(model, x)
+    whole = collect(model, graph, [x], "paper")
+    shards = add_statistics(collect(model, graph, [x[:5]], "paper"), collect(model, graph, [x[5:]], "paper"))
+    for key in whole:
+        for name in whole[key]:
+            assert torch.allclose(whole[key][name], shards[key][name], rtol=1e-5, atol=1e-4), (key, name)
+
+
+def test_statistics_size_does_not_grow_with_samples():
+    model = lenet5().eval()
+    graph = build_graph(model, torch.rand(2, 1, 28, 28))
+    small = collect(model, graph, [torch.rand(10, 1, 28, 28)], "paper")
+    large = collect(model, graph, [torch.rand(100, 1, 28, 28)] * 20, "paper")
+    for key in small:
+        for name in small[key]:
+            assert small[key][name].shape == large[key][name].shape
+
+
+def _distributed_worker(rank, world, port, x, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = lenet5()
+        shard = x[rank::world]
+        nnrelief.prune(model, [shard], alpha_fc=0.9, alpha_conv=0.9, progress=False)
+        if rank == 0:
+            result.update({k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_shards_give_the_single_process_masks():
+    torch.manual_seed(1)
+    x = torch.rand(40, 1, 28, 28)
+    manager = mp.Manager()
+    result = manager.dict()
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_distributed_worker, args=(2, port, x, result), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = lenet5()
+    nnrelief.prune(single, [x], alpha_fc=0.9, alpha_conv=0.9, progress=False)
+    for key, value in single.state_dict().items():
+        if key.endswith("_mask"):
+            differing = int((value != result[key]).sum())
+            assert differing <= max(1, value.numel() // 10000), key  # float sums in another order
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.5, -1])
+def test_bad_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha_fc must lie in"):
+        nnrelief.prune(lenet300_100(), [torch.rand(4, 1, 28, 28)], alpha_fc=alpha)
+
+
+def test_bad_score_mode():
+    with pytest.raises(ValueError, match="score must be one of"):
+        nnrelief.prune(lenet300_100(), [torch.rand(4, 1, 28, 28)], score="magnitude")
+
+
+def test_no_batches():
+    with pytest.raises(ValueError, match="no pruning batches"):
+        nnrelief.prune(lenet300_100(), [])
+
+
+def test_nan_input_is_rejected_and_model_untouched():
+    model = lenet300_100()
+    x = torch.rand(4, 1, 28, 28)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="batch 1 .*NaN or inf"):
+        nnrelief.prune(model, [x, bad])
+    assert not hasattr(model.fc1, "weight_mask")
+
+
+def test_shape_the_model_rejects():
+    with pytest.raises(ValueError, match=r"rejected a pruning batch of shape \(4, 3, 32, 32\)"):
+        nnrelief.prune(lenet300_100(), [torch.rand(4, 3, 32, 32)])
+    with pytest.raises(ValueError, match=r"rejected pruning batch 1 of shape \(4, 1, 20, 20\)"):
+        nnrelief.prune(lenet300_100(), [torch.rand(4, 1, 28, 28), torch.rand(4, 1, 20, 20)], progress=False)
+
+
+def test_wrong_batch_type():
+    with pytest.raises(TypeError, match="expected an input tensor"):
+        nnrelief.prune(lenet300_100(), [{"x": torch.rand(2, 784)}])
+
+
+def test_model_without_prunable_layers():
+    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+        nnrelief.prune(nn.Sequential(nn.ReLU()), [torch.rand(2, 3)])

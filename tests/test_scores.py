@@ -1,0 +1,124 @@
+"""Scores against hand-computed values and a slow loop written from the formula."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnrelief import scores
+from nnrelief.graph import build_graph
+from nnrelief.stats import collect, input_key
+
+
+def test_linear_scores_by_hand():
+    weight = torch.tensor([[1.0, -2.0], [0.0, 3.0]])
+    bias = torch.tensor([1.0, -1.0])
+    x = torch.tensor([[1.0, 2.0], [-3.0, 0.0]])
+    total, count = scores.linear_abs_input_sum(x)
+    assert count == 2 and torch.equal(total, torch.tensor([4.0, 2.0]))
+    contrib = scores.linear_contributions(weight, total / count)  # mean |x| = [2, 1]
+    assert torch.equal(contrib, torch.tensor([[2.0, 2.0], [0.0, 3.0]]))
+    s, s_bias = scores.relative_scores(contrib, scores.bias_term(bias))
+    assert torch.allclose(s, torch.tensor([[0.4, 0.4], [0.0, 0.75]]))
+    assert torch.allclose(s_bias, torch.tensor([0.2, 0.25]))
+
+
+def test_relative_scores_zero_total_gives_zero():
+    s, s_bias = scores.relative_scores(torch.zeros(2, 3), torch.zeros(2))
+    assert torch.equal(s, torch.zeros(2, 3)) and torch.equal(s_bias, torch.zeros(2))
+
+
+def test_conv_norm_by_hand():
+    # 3x3 input of ones, 2x2 kernel of ones: each of the 2x2 outputs is 4, norm sqrt(4 * 16) = 8.
+    conv = nn.Conv2d(1, 1, 2, bias=False)
+    x = torch.stack([torch.ones(1, 3, 3), 2 * torch.ones(1, 3, 3)])
+    norms = scores.conv_norm_sum(x, torch.ones(1, 1, 2, 2), conv)
+    assert torch.allclose(norms.float(), torch.tensor([[8.0 + 16.0]]))
+    assert scores.conv_output_positions((3, 3), conv) == 4
+    # conv bias share: |b| * sqrt(h1 h2)
+    assert torch.allclose(scores.bias_term(torch.tensor([-0.5]), 4), torch.tensor([1.0]))
+
+
+def _slow_norm_sum(x, weight, conv):
+    """The paper's a_ij * N straight from the formula: one single-channel conv per (n, j, i)."""
+    filters, channels = weight.shape[:2]
+    total = torch.zeros(filters, channels, dtype=torch.float64)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice) if any(conv._reversed_padding_repeated_twice) else x
+    for n in range(x.shape[0]):
+        for j in range(filters):
+            for i in range(channels):
+                out = F.conv2d(
+                    padded[n : n + 1, i : i + 1].abs().double(),
+                    weight[j : j + 1, i : i + 1].abs().double(),
+                    stride=conv.stride,
+                    dilation=conv.dilation,
+                )
+                total[j, i] += out.norm()
+    return total
+
+
+CASES = list(itertools.product([1, 2], [0, 1], [1, 3, 5]))
+
+
+@pytest.mark.parametrize("stride,padding,kernel", CASES)
+def test_conv_norm_sum_matches_slow_loop(stride, padding, kernel):
+    torch.manual_seed(stride * 100 + padding * 10 + kernel)
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, bias=False)
+    x = torch.randn(5, 3, 9, 9)
+    fast = sum(scores.conv_norm_sum(part.abs(), conv.weight.detach().abs(), conv) for part in x.split([2, 3]))
+    slow = _slow_norm_sum(x, conv.weight.detach(), conv)
+    assert torch.allclose(fast.double(), slow, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_norm_sum_dilation_and_reflect_padding():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, 3, padding=2, dilation=2, padding_mode="reflect")
+    x = torch.randn(3, 2, 8, 8)
+    fast = scores.conv_norm_sum(x.abs(), conv.weight.detach().abs(), conv)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode="reflect")
+    slow = torch.zeros(3, 2, dtype=torch.float64)
+    for n, j, i in itertools.product(range(3), range(3), range(2)):
+        out = F.conv2d(padded[n : n + 1, i : i + 1].abs().double(), conv.weight[j : j + 1, i : i + 1].detach().abs().double(), dilation=2)
+        slow[j, i] += out.norm()
+    assert torch.allclose(fast.double(), slow, rtol=1e-4)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, kernel, stride, padding, bias):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, bias=bias)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(3, 1, 1, True), (5, 2, 0, False), (1, 2, 1, True)])
+def test_streamed_statistics_match_formula_over_uneven_batches(kernel, stride, padding, bias):
+    """Batches of different sizes summing to N give the paper's a_ij (and the authors' variant)."""
+    torch.manual_seed(kernel)
+    model = _ConvNet(kernel, stride, padding, bias).eval()
+    x = torch.randn(11, 3, 10, 10)
+    batches = list(x.split([4, 1, 6]))
+    graph = build_graph(model, x)
+    paper = collect(model, graph, batches, "paper")[input_key("conv")]
+    assert float(paper["count"]) == 11
+    slow = _slow_norm_sum(x, model.conv.weight.detach(), model.conv) / 11
+    assert torch.allclose((paper["norms"].double() / 11), slow, rtol=1e-4, atol=1e-6)
+
+    authors = collect(model, graph, batches, "authors")[input_key("conv")]
+    mean_map = authors["abs_map"] / 11
+    fast = scores.conv_mean_map_norms(mean_map, model.conv.weight.detach().abs(), model.conv)
+    expected = torch.zeros(5, 3, dtype=torch.float64)
+    padded = F.pad(x.abs().mean(0, keepdim=True), model.conv._reversed_padding_repeated_twice)
+    for j, i in itertools.product(range(5), range(3)):
+        out = F.conv2d(padded[:, i : i + 1].double(), model.conv.weight[j : j + 1, i : i + 1].detach().abs().double(), stride=stride)
+        expected[j, i] = out.norm()
+    assert torch.allclose(fast.double(), expected, rtol=1e-4, atol=1e-6)
+    # the authors' variant is a lower bound of the paper's score (norm of mean <= mean of norms)
+    assert bool((fast.double() <= slow + 1e-5).all())
+    h1 = (10 + 2 * padding - kernel) // stride + 1
+    assert math.isclose(float(paper["positions"]) / 11, h1 * h1)
