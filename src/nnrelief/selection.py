@@ -27,14 +27,14 @@ def select(contrib: Tensor, bias_share: Tensor | None, alpha: float) -> tuple[Te
     """
     alpha = check_alpha(alpha)
     entries = contrib if bias_share is None else torch.cat([contrib, bias_share.unsqueeze(1)], dim=1)
-    entries = entries.to(torch.float64)
-    ordered, _ = entries.sort(dim=1, descending=True)
-    cumulative = ordered.cumsum(dim=1)
+    ordered, _ = entries.float().sort(dim=1, descending=True)
+    cumulative = ordered.cumsum(dim=1, dtype=torch.float64)
     total = cumulative[:, -1:]
     # Relative tolerance against round-off in the cumulative sum (matters for alpha = 1).
     target = alpha * total * (1.0 - 1e-12 * entries.shape[1])
     boundary_index = (cumulative < target).sum(dim=1, keepdim=True).clamp_max(entries.shape[1] - 1)
     threshold = ordered.gather(1, boundary_index)
+    entries = entries.float()
     keep = (entries >= threshold) & (entries > 0)
     if bias_share is None:
         return keep, None

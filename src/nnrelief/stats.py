@@ -163,7 +163,7 @@ def _instrument(model: nn.Module, graph: ModelGraph, watch: dict[str, tuple[str,
             gated = instrumented.graph.call_module(target, (node,))
         node.replace_all_uses_with(gated, delete_user_cb=lambda user, gated=gated: user is not gated)
         nodes[node_name] = gated
-    for index, (key, (node_name, observer)) in enumerate(watch.items()):
+    for index, (node_name, observer) in enumerate(watch.values()):
         target = f"nnrelief_observer_{index}"
         instrumented.add_submodule(target, observer)
         node = nodes[node_name]

@@ -1,0 +1,45 @@
+"""Baseline pruning methods used by `nnrelief compare`."""
+
+import torch
+import torch.nn as nn
+
+from nnrelief.baselines import global_magnitude_prune, magnitude_prune, random_prune
+from nnrelief.masks import current_mask
+
+
+def two_layers():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -5.0, 2.0], [0.5, 3.0, -4.0]]))
+        model[0].bias.copy_(torch.tensor([6.0, -0.1]))
+        model[2].weight.copy_(torch.tensor([[0.2, -0.3], [0.4, 0.1]]))
+    return model
+
+
+def test_layerwise_magnitude_by_hand():
+    model = two_layers()
+    report = magnitude_prune(model, {"0": 3, "2": 2})
+    assert current_mask(model[0]).tolist() == [[False, True, False], [False, False, True]]
+    assert current_mask(model[0], "bias").tolist() == [True, False]
+    assert current_mask(model[2]).tolist() == [[False, True], [True, False]]
+    assert [layer.kept for layer in report.layers] == [3, 2]
+
+
+def test_global_magnitude_by_hand():
+    model = two_layers()
+    report = global_magnitude_prune(model, 4)
+    assert report.kept == 4  # 6, -5, -4, 3 are the four largest over both layers
+    assert current_mask(model[0]).tolist() == [[False, True, False], [False, True, True]]
+    assert not current_mask(model[2]).any()
+
+
+def test_random_counts_and_no_revival():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 5))
+    generator = torch.Generator().manual_seed(0)
+    random_prune(model, {"0": 100, "2": 30}, generator)
+    first = current_mask(model[0]).clone()
+    report = random_prune(model, {"0": 50, "2": 30}, generator)
+    assert [layer.kept for layer in report.layers] == [50, 30]
+    assert not (current_mask(model[0]) & ~first).any()
+    assert not model[0].weight[~current_mask(model[0])].any()
