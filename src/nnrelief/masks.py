@@ -44,9 +44,9 @@ def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
         prune.custom_from_mask(module, name, keep.to(getattr(module, name).dtype))
         mask = getattr(module, f"{name}_mask")
     original = getattr(module, f"{name}_orig")
-    with torch.no_grad():
+    with torch.no_grad():  # the pre-hook recomputes the effective tensor with autograd
         original.mul_(mask)
-    setattr(module, name, original * mask)
+        setattr(module, name, original * mask)
 
 
 def _gate_hook(module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
@@ -100,8 +100,9 @@ def refresh_masked(model: nn.Module) -> None:
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
                 names = [h._tensor_name for h in hook] if isinstance(hook, prune.PruningContainer) else [hook._tensor_name]
-                for name in names:
-                    setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+                with torch.no_grad():
+                    for name in names:
+                        setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

@@ -155,7 +155,7 @@ def prune(
         if not graph.layers:
             raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
         total = len(batches) if hasattr(batches, "__len__") else None
-        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch", disable=not progress, leave=False)
+        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch", disable=None if progress else True, leave=False)
         stats = _run(model, graph, feed, score)
         all_reduce_statistics(stats)
         masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)

@@ -1,0 +1,396 @@
+"""The ``nnrelief`` command: ``train``, ``prune``, ``eval`` and ``demo``.
+
+Every experiment command takes its settings from, in increasing priority: the defaults
+of :class:`~nnrelief.iterative.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
+file and the individual flags. Runs live in ``<runs-root>/<preset or model-dataset>-<hash
+of the settings>`` and resume when the same command is run again.
+
+Examples::
+
+    nnrelief demo                                   # offline, about 15 s on 2 CPU cores
+    nnrelief train --preset lenet300-mnist --data-dir data --download
+    nnrelief prune --preset lenet300-mnist --data-dir data --num-iters 5
+    nnrelief prune --preset resnet20-cifar10 --data-dir data --early-stop-margin 0.01
+    nnrelief prune --config my_experiment.toml --seed 1
+    nnrelief eval runs/demo-<hash>/model-iter5.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+import time
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import data as nndata
+from .iterative import (
+    PRESETS,
+    ConfigError,
+    Experiment,
+    ExperimentConfig,
+    load_weights,
+    resolve_config,
+    run_name,
+)
+from .metrics import summarize
+from .models import MODELS
+from .training import evaluate, resolve_device
+
+logger = logging.getLogger("nnrelief.cli")
+
+# Errors caused by the user's input: reported in one line (traceback with -v).
+_USER_ERRORS = (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+FIELD_HELP: dict[str, str] = {
+    "model": "network architecture: " + ", ".join(sorted(MODELS)),
+    "dataset": "dataset: " + ", ".join(sorted(nndata.DATASETS)) + " (fixes the number of classes)",
+    "data_dir": "folder holding the dataset files (not needed for mnist-sample)",
+    "epochs": "epochs of dense training",
+    "retrain_epochs": "epochs of retraining after each pruning pass",
+    "optimizer": "adam, sgd or adamw",
+    "lr": "learning rate of dense training",
+    "retrain_lr": "learning rate of retraining ('none': same as --lr)",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "batch_size": "training batch size",
+    "milestones": "dense-training epochs after which the learning rate decays (none = no decay)",
+    "retrain_milestones": "retraining epochs after which the learning rate decays",
+    "gamma": "learning-rate decay factor at each milestone",
+    "alpha_fc": "fraction of each neuron's signal kept in fully connected layers, in (0, 1]",
+    "alpha_conv": "fraction of each filter's signal kept in conv layers, in (0, 1]",
+    "score": "conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)",
+    "num_iters": "pruning iterations (may be raised to extend a finished run)",
+    "prune_samples": "training samples in the pruning set, drawn anew each iteration",
+    "val_size": "validation samples held out of the training data ('none': dataset default)",
+    "augment": "crop + flip augmentation of training batches (default: dataset's choice)",
+    "rewind": "rewind surviving weights to their initial values before retraining "
+    "(the paper's LeNet procedure) instead of fine-tuning",
+    "seed": "seed of initialisation, splits, batches and pruning sets",
+    "device": "auto, cpu, cuda or cuda:N",
+    "early_stop_margin": "stop when validation accuracy falls more than this fraction "
+    "(0.01 = 1 point) below the dense model's; keep the last iteration within it",
+    "train_subset": "train on this many training samples only (quick runs)",
+}
+
+
+_EXAMPLES = """examples:
+  nnrelief demo
+  nnrelief train --preset lenet300-mnist --data-dir data --download
+  nnrelief prune --preset lenet300-mnist --data-dir data --num-iters 5
+  nnrelief prune --config my_experiment.toml --seed 1
+  nnrelief eval runs/demo-<hash>/model-iter5.pt
+
+Run 'nnrelief COMMAND --help' for the options of a command."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: ``<prog>: error: <reason>``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _add_field_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("experiment settings (override preset and config file)")
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        if optional:
+            (hint,) = [a for a in args if a is not type(None)]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": FIELD_HELP[f.name]}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is list:
+            kwargs.update(nargs="*", type=int, metavar="EPOCH")
+        else:
+            kwargs["type"] = _optional(hint) if optional else hint
+            kwargs["metavar"] = f.name.upper()
+        group.add_argument(flag, **kwargs)
+
+
+def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    """-v/-q/--threads, accepted before and after the subcommand (the subcommand's copy
+    only sets a value when given, so it never hides the top-level one)."""
+    group = parser.add_argument_group("output and resources")
+
+    def default(value: Any) -> Any:
+        return value if top_level else argparse.SUPPRESS
+
+    group.add_argument("-v", "--verbose", action="count", default=default(0),
+                       help="more log messages on stderr (debug)")
+    group.add_argument("-q", "--quiet", action="count", default=default(0),
+                       help="fewer log messages (-q: warnings only, -qq: errors only)")
+    group.add_argument("--threads", type=int, metavar="N", default=default(None),
+                       help="CPU threads used by torch (default: torch's choice; demo: 1)")
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser, preset: str | None) -> None:
+    group = parser.add_argument_group("experiment")
+    group.add_argument("--preset", default=preset, metavar="NAME",
+                       help=f"named settings: {', '.join(PRESETS)}" + (f" (default: {preset})" if preset else ""))
+    group.add_argument("--config", type=Path, metavar="FILE.toml",
+                       help="TOML file of settings (keys as the flags below with '_', optional 'preset')")
+    group.add_argument("--run-dir", type=Path, metavar="DIR",
+                       help="run folder (default: <runs-root>/<preset or model-dataset>-<settings hash>)")
+    group.add_argument("--runs-root", type=Path, default=Path("runs"), metavar="DIR",
+                       help="parent folder of automatically named run folders (default: runs)")
+    group.add_argument("--download", action="store_true",
+                       help="download the dataset into --data-dir if it is missing")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_field_flags(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nnrelief`` command."""
+    parser = _Parser(
+        prog="nnrelief",
+        description="NNrelief: prune neural networks by the signal their connections carry.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(parser, top_level=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train", help="train the dense model of an experiment",
+        description="Train the dense model (saving initial and trained weights in the run "
+        "folder); 'nnrelief prune' with the same settings continues from it.",
+    )  # fmt: skip
+    _add_experiment_options(train, preset=None)
+    _add_common(train, top_level=False)
+    train.set_defaults(handler=_cmd_train)
+
+    prune = commands.add_parser(
+        "prune", help="run the iterative NNrelief procedure (training first if needed)",
+        description="Dense training (unless the run folder has it), then the iterations "
+        "prune -> evaluate -> retrain -> evaluate. Interrupted runs resume when the same "
+        "command is run again. Prints the per-iteration table at the end.",
+    )  # fmt: skip
+    _add_experiment_options(prune, preset=None)
+    _add_common(prune, top_level=False)
+    prune.set_defaults(handler=_cmd_prune)
+
+    evaluate_cmd = commands.add_parser(
+        "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
+        description="Evaluate a saved state_dict (e.g. runs/<run>/model-iter3.pt). Inside a "
+        "run folder the model and dataset come from its config.json.",
+    )  # fmt: skip
+    evaluate_cmd.add_argument("checkpoint", type=Path, help="the .pt file")
+    evaluate_cmd.add_argument("--model", help="architecture (default: the run's)")
+    evaluate_cmd.add_argument("--dataset", help="dataset (default: the run's)")
+    evaluate_cmd.add_argument("--data-dir", help="dataset folder (default: the run's)")
+    evaluate_cmd.add_argument("--split", choices=("test", "train"), default="test",
+                              help="split to evaluate on (default: test)")
+    evaluate_cmd.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    evaluate_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate_cmd.add_argument("--download", action="store_true", help="download a missing dataset")
+    _add_common(evaluate_cmd, top_level=False)
+    evaluate_cmd.set_defaults(handler=_cmd_eval)
+
+    demo = commands.add_parser(
+        "demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
+        description="Train LeNet-300-100 briefly on the MNIST sample shipped with the package "
+        "and run a few NNrelief iterations (about half a minute on 2 CPU cores); prints the "
+        "per-iteration table. Same options as 'prune', with --preset demo.",
+    )  # fmt: skip
+    _add_experiment_options(demo, preset="demo")
+    _add_common(demo, top_level=False)
+    demo.set_defaults(handler=_cmd_demo)
+    # Further subcommands (e.g. `compact`) register here in the same way.
+    # --- report and compare (nnrelief.plots, nnrelief.compare) ---
+    _add_report_and_compare(commands)
+    # --- end report and compare ---
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _experiment(args: argparse.Namespace) -> Experiment:
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    cfg, label = resolve_config(args.preset, args.config, overrides)
+    run_dir = args.run_dir if args.run_dir is not None else args.runs_root / run_name(cfg, label)
+    experiment = Experiment(cfg, run_dir, download=args.download, progress=not args.no_progress)
+    logger.info("run folder: %s", run_dir)
+    return experiment
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    model = experiment.train_dense()
+    accuracy = experiment.accuracies(model)
+    cfg = experiment.cfg
+    print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
+          f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
+    print(f"initial weights: {experiment.run_dir / 'init.pt'}")
+    print(f"trained weights: {experiment.run_dir / 'trained.pt'}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    history = experiment.run()
+    print(history.table())
+    print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")
+    print(f"selected model: {experiment.run_dir / f'model-iter{history.selected_iteration}.pt'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.threads is None:
+        torch.set_num_threads(1)  # the demo's small model is fastest on one thread
+    start = time.perf_counter()
+    code = _cmd_prune(args)
+    print(f"demo finished in {time.perf_counter() - start:.1f} s")
+    return code
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
+    dataset = args.dataset or cfg.dataset  # load_weights ensured one of them exists
+    data_dir = args.data_dir if args.data_dir is not None else (cfg.data_dir if cfg else None)
+    split = nndata.load_dataset(dataset, data_dir, args.split, download=args.download)
+    device = resolve_device(args.device)
+    model.to(device)
+    batches = nndata.BatchLoader(split, args.batch_size, shuffle=False, seed=0, device=device)
+    result = evaluate(model, batches, device)
+    summary = summarize(model, split.image_shape)
+    kept, total = summary.params_nonzero, summary.params_total
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"model: {type(model).__name__} ({args.model or cfg.model}), {dataset} {args.split} split, {result.n} samples")
+    print(f"accuracy: {100 * result.accuracy:.2f}%   loss: {result.loss:.4f}")
+    print(f"parameters (Linear/conv): {kept:,} / {total:,} remaining ({100 * kept / total:.2f}%), "
+          f"compression {total / kept if kept else float('inf'):.2f}x")  # fmt: skip
+    print(f"MACs per sample: {summary.macs_sparse:,} counting unpruned weights, {summary.macs_dense:,} dense")
+    print(summary.table())
+    return 0
+
+
+# ----------------------------------------------------------------------------- report and compare
+
+
+def _add_report_and_compare(commands: Any) -> None:
+    """The ``report`` and ``compare`` subcommands."""
+    report = commands.add_parser(
+        "report", help="figures and a Markdown report of run folders (needs matplotlib)",
+        description="Draw the connection picture (dense vs pruned), the architecture per iteration and "
+        "test accuracy / remaining weights across iterations (several runs overlaid), and write "
+        "report.md with the figures and the per-iteration tables.",
+    )  # fmt: skip
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)")
+    report.add_argument("-o", "--out-dir", type=Path, metavar="OUT_DIR",
+                        help="output folder (default: RUN_DIR/report; required for several runs)")
+    report.add_argument("--iteration", type=int, metavar="K",
+                        help="pruned model of the connection picture (default: the run's selected iteration)")
+    report.add_argument("--samples", type=int, default=500, metavar="N",
+                        help="training images the connection scores are computed on (default: 500)")
+    report.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
+    report.add_argument("--max-neurons", type=int, default=12, metavar="N",
+                        help="neurons drawn per layer in the connection picture (default: 12)")
+    _add_common(report, top_level=False)
+    report.set_defaults(handler=_cmd_report)
+
+    compare = commands.add_parser(
+        "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
+        description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
+        "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
+        "NNrelief's per-layer counts, global magnitude to its total count, at every iteration. Writes "
+        "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
+    )  # fmt: skip
+    _add_experiment_options(compare, preset=None)
+    from .compare import BASELINES
+
+    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
+                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
+    _add_common(compare, top_level=False)
+    compare.set_defaults(handler=_cmd_compare)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .plots import write_report
+
+    if args.out_dir is None and len(args.run_dirs) > 1:
+        raise ConfigError("give an output folder (-o OUT_DIR) for several runs")
+    out_dir = args.out_dir if args.out_dir is not None else args.run_dirs[0] / "report"
+    path = write_report(args.run_dirs, out_dir, iteration=args.iteration, samples=args.samples,
+                        data_dir=args.data_dir, max_nodes=args.max_neurons)  # fmt: skip
+    print(f"report: {path}")
+    for figure in sorted(path.parent.glob("*.png")):
+        print(f"figure: {figure}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_comparison
+
+    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=not args.no_progress)
+    print(comparison.markdown())
+    print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
+    """Send the ``nnrelief`` loggers to stderr (INFO by default) while the command runs,
+    with tqdm bars kept intact; the previous logging setup is restored afterwards."""
+    level = min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("nnrelief")
+    saved = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    try:
+        with logging_redirect_tqdm(loggers=[root]):
+            yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``nnrelief`` command; returns the exit status (0 = success)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    with _logging_to_stderr(args.verbose, args.quiet):
+        try:
+            return args.handler(args)
+        except KeyboardInterrupt:
+            print("nnrelief: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+        except _USER_ERRORS as error:
+            logger.debug("details:", exc_info=True)
+            message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+            first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+            print(f"nnrelief {args.command}: error: {first}", file=sys.stderr)
+            return 1

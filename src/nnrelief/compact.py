@@ -1,0 +1,649 @@
+"""Physically smaller models with the same outputs, their export and sparse storage.
+
+``compact(model, example)`` returns a new ``torch.fx.GraphModule`` in which every removed
+neuron/channel is gone: rows and columns of Linear/Conv2d weights, BatchNorm entries, the
+FC columns a removed conv channel fed through a flatten, and residual-stream channels
+where every member of the coupled group allows it. Channel analysis reuses
+:func:`nnrelief.graph.build_graph` and the live/used propagations of
+:mod:`nnrelief.cleaning`.
+
+How channels are coupled: tensors joined by channel-preserving ops (activations,
+BatchNorm, pooling, elementwise adds) must carry the same channels, so they form one
+*group*. A group keeps channel c if any member may carry a nonzero signal there that some
+consumer uses. Ops that move channels (flatten, concatenation, zero padding on channels
+such as the option-A shortcut) and shortcut gates connect two groups through an index
+map: where the two groups' kept channels differ, a ``pad`` (one zero channel) and an
+``index_select`` (a constant index buffer) place the kept source channels into the kept
+target channels. So the compacted model only uses standard torch ops: it needs no
+nnrelief at inference, scripts, exports and pickles like any GraphModule.
+
+Why not Torch-Pruning: its dependency graph treats ``F.pad`` along channels (the
+option-A shortcut) as an elementwise op with a one-to-one channel mapping, so it couples
+stages of different width with wrong indices and leaves ``PadShortcut.pad`` unchanged
+(the model it returns fails in the forward). It also knows nothing about nnrelief's
+shortcut gates (a forward hook with a buffer) nor about which channels are exactly zero.
+
+Sparse storage (``save_sparse``/``load_sparse``) writes each tensor densely or as uint8
+position deltas plus values, whichever is smaller, so the file grows with the number of
+remaining weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+from torch import Tensor
+
+from .cleaning import LayerMask, clean, live_channels, used_channels
+from .graph import ModelGraph, NodeRule, Rule, build_graph
+from .masks import _GATE_HOOK, GATE, make_permanent
+from .metrics import ArchitectureSummary, file_size, summarize
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+SPARSE_FORMAT = "nnrelief-sparse"
+SPARSE_VERSION = 1
+_MAX_DELTA = 255
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+def compact(model: nn.Module, example: Tensor | None = None) -> nn.Module:
+    """A new, physically smaller model giving the same outputs as ``model`` in eval mode.
+
+    ``model`` may carry nnrelief masks and shortcut gates (or plain zero weights); it is
+    not modified. ``example`` is one input batch used to trace shapes; it may be omitted
+    when the first Linear layer reads the raw (N, features) input. Returns a
+    ``torch.fx.GraphModule`` with plain parameters (zeros where unstructured sparsity
+    remains), no hooks and no masks. A model that ``torch.fx`` cannot trace is returned
+    with its masks folded in but no channel removed (a warning says so).
+    """
+    work = _clone(model).eval()  # tracing runs a forward: no BN statistics update
+    gates = _take_gates(work)
+    make_permanent(work)
+    if example is None:
+        example = _default_example(work)
+    graph = build_graph(work, example)
+    if not graph.traced:
+        if gates:
+            raise ValueError("model carries shortcut gates but torch.fx cannot trace it; cannot bake them in")
+        log.warning("compact: %s is not traceable; masks folded in, no channel removed", type(model).__name__)
+        return work.train(model.training)
+    node_gates = _gates_by_node(graph, gates)
+    plan = _Plan(graph, node_gates)
+    gm = plan.apply()
+    gm.train(model.training)
+    removed = sum(int(p.numel()) for p in model.parameters()) - sum(int(p.numel()) for p in gm.parameters())
+    log.info("compact: %d parameter entries removed", removed)
+    return gm
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copes with masked ``.weight`` attributes (non-leaf tensors)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _default_example(model: nn.Module) -> Tensor:
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if not isinstance(first, nn.Linear):
+        raise ValueError("compact needs an example input batch for this model (its first layer is not a Linear)")
+    return torch.zeros(1, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+
+
+def _take_gates(model: nn.Module) -> dict[str, Tensor]:
+    """Remove the shortcut gates (buffer + hook) from ``model``; return them by module name."""
+    gates: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if GATE in module._buffers:
+            gates[name] = module._buffers.pop(GATE).bool().cpu()
+            getattr(module, _GATE_HOOK).remove()
+            delattr(module, _GATE_HOOK)
+    return gates
+
+
+def _gates_by_node(graph: ModelGraph, gates: dict[str, Tensor]) -> dict[str, Tensor]:
+    nodes_of = {module: node for node, module in graph.gates.items()}
+    for node in graph.module.graph.nodes:
+        if node.op == "call_module":
+            nodes_of.setdefault(node.target, node.name)
+    missing = sorted(set(gates) - set(nodes_of))
+    if missing:
+        raise ValueError(f"cannot locate the output node of gated module(s) {missing} in the traced graph")
+    return {nodes_of[module]: gate for module, gate in gates.items()}
+
+
+def _effective_masks(graph: ModelGraph) -> dict[str, LayerMask]:
+    """Connection-level masks read off the actual nonzero weights and biases."""
+    masks = {}
+    for name, layer in graph.layers.items():
+        weight = layer.module.weight.detach() != 0
+        weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
+        bias = layer.module.bias
+        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu())
+    return masks
+
+
+def _zero_response(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """Channels where the BatchNorm maps a zero input to a nonzero output (eval or train)."""
+    bias = module.bias.detach()
+    nonzero = bias != 0
+    if module.running_mean is not None:
+        shift = module.weight.detach() * module.running_mean / torch.sqrt(module.running_var + module.eps)
+        nonzero |= (bias - shift) != 0
+    return nonzero.cpu()
+
+
+def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(live, used) channels per node after cleaning a copy of the effective masks.
+
+    The graph treats an affine BatchNorm as zero-preserving (true after nnrelief masks the
+    BN entries of removed channels). Where a BN would turn a dead channel into a nonzero
+    constant, it is marked as not zero-preserving, to a fixpoint, so nothing live is lost.
+    """
+    modules = dict(graph.module.named_modules())
+    while True:
+        masks = _effective_masks(graph)
+        clean(graph, masks, gates)
+        live = live_channels(graph, masks, gates)
+        changed = False
+        for node, module_name in graph.batchnorms.items():
+            rule = graph.rules[node]
+            if rule.zero_preserving and bool((~live[rule.inputs[0]] & _zero_response(modules[module_name])).any()):
+                rule.zero_preserving = False
+                changed = True
+        if not changed:
+            return live, used_channels(graph, masks, gates)
+
+
+class _Groups:
+    """Union-find over node names: tensors that must carry the same channels."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _has_literal_shape(node: fx.Node) -> bool:
+    """A view/reshape whose target shape has hard-coded sizes beyond the batch dim."""
+    is_reshape = (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
+    if not is_reshape:
+        return False
+    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    return any(isinstance(size, int) and size != -1 for size in list(shape)[1:])
+
+
+@dataclass
+class _Map:
+    """Channel index map inserted after ``node``: output k <- input ``index[k]`` (or zero)."""
+
+    node: str
+    index: Tensor
+    zero_fill: bool
+
+
+class _Plan:
+    """Which channels every tensor of the traced model keeps, and the surgery doing it."""
+
+    def __init__(self, graph: ModelGraph, gates: dict[str, Tensor]) -> None:
+        self.graph = graph
+        self.gm = graph.module
+        self.gates = gates
+        self.nodes = {node.name: node for node in self.gm.graph.nodes}
+        self.modules = dict(self.gm.named_modules())
+        live, used = _analyse(graph, gates)
+        self.groups = _Groups()
+        forced: set[str] = set()
+        self._couple(forced)
+        self.keep = self._decide(live, used, forced)
+
+    # -- analysis
+
+    def _vars(self) -> Iterator[tuple[str, NodeRule]]:
+        for name, rule in self.graph.rules.items():
+            if rule.channels is not None:
+                yield name, rule
+
+    def _couple(self, forced: set[str]) -> None:
+        rules = self.graph.rules
+        calls: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for name, rule in rules.items():
+            node = self.nodes[name]
+            has_channels = rule.channels is not None
+            inputs = [source for source in rule.inputs if rules[source].channels is not None]
+            if rule.rule in (Rule.PASS, Rule.MERGE) and has_channels:
+                for source in inputs[1:]:
+                    self.groups.union(inputs[0], source)
+                if name not in self.gates:
+                    self.groups.union(name, inputs[0])
+                if node.op == "call_module" and self._holds_channel_state(node.target, calls):
+                    forced.update([name, *inputs])
+                if _has_literal_shape(node):
+                    forced.update([name, *inputs])
+            elif rule.rule is Rule.FLATTEN and _has_literal_shape(node):
+                forced.update([name, *inputs])
+            elif rule.rule in (Rule.OPAQUE, Rule.OUTPUT):
+                forced.update(inputs)
+                if has_channels:
+                    forced.add(name)
+            elif rule.rule is Rule.INPUT and has_channels:
+                forced.add(name)
+
+    def _holds_channel_state(self, target: str, calls: dict[str, int]) -> bool:
+        """Whether a pass-through module has per-channel state we cannot slice safely."""
+        module = self.modules[target]
+        has_state = any(True for _ in module.parameters(recurse=False)) or any(
+            b is not None for b in module._buffers.values()
+        )
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return calls[target] > 1
+        return has_state
+
+    def _decide(self, live: dict[str, Tensor], used: dict[str, Tensor], forced: set[str]) -> dict[str, Tensor]:
+        demand: dict[str, Tensor] = {}
+        for name, rule in self._vars():
+            root = self.groups.find(name)
+            need = torch.ones(rule.channels, dtype=torch.bool) if name in forced else live[name] & used[name]
+            demand[root] = demand[root] | need if root in demand else need.clone()
+        keep = {name: demand[self.groups.find(name)] for name, _ in self._vars()}
+        # Flatten/concat outputs keep whole channel blocks: no index map needed after them.
+        changed = True
+        while changed:
+            changed = False
+            for name, rule in self._vars():
+                if rule.rule in (Rule.FLATTEN, Rule.CAT):
+                    natural = self._natural_mask(name, keep)
+                    root_keep = keep[name]
+                    if bool((natural & ~root_keep).any()):
+                        root_keep |= natural
+                        changed = True
+        for name, rule in self._vars():
+            if not bool(keep[name].any()):
+                keep[name][0] = True  # never build zero-width layers; an extra channel is exact
+        return keep
+
+    def _natural_mask(self, name: str, keep: dict[str, Tensor]) -> Tensor:
+        """Original channels node ``name`` produces, given its inputs' kept channels."""
+        rule = self.graph.rules[name]
+        if rule.rule is Rule.FLATTEN:
+            return keep[rule.inputs[0]].repeat_interleave(rule.spatial)
+        if rule.rule is Rule.CAT:
+            return torch.cat([keep[source] for source in rule.inputs])
+        if rule.rule is Rule.PAD:
+            source = keep[rule.inputs[0]]
+            front, back = rule.pad
+            return torch.cat([source.new_zeros(front), source, source.new_zeros(back)])
+        if rule.rule in (Rule.PASS, Rule.MERGE):
+            return keep[rule.inputs[0]]
+        return keep[name]
+
+    def _maps(self) -> list[_Map]:
+        maps = []
+        for name, rule in self._vars():
+            if rule.rule not in (Rule.FLATTEN, Rule.CAT, Rule.PAD) and name not in self.gates:
+                continue
+            natural = self._natural_mask(name, self.keep).nonzero().flatten()
+            target = self.keep[name].nonzero().flatten()
+            gate = self.gates.get(name)
+            position = torch.full((rule.channels,), len(natural), dtype=torch.long)
+            position[natural] = torch.arange(len(natural))
+            if gate is not None:
+                position[~gate] = len(natural)
+            index = position[target]
+            if len(index) == len(natural) and torch.equal(index, torch.arange(len(natural))):
+                continue
+            maps.append(_Map(name, index, bool((index == len(natural)).any())))
+        return maps
+
+    # -- surgery
+
+    def apply(self) -> fx.GraphModule:
+        with torch.no_grad():
+            for name, rule in self._vars():
+                node = self.nodes[name]
+                if rule.rule is Rule.LAYER:
+                    self._slice_layer(self.modules[rule.layer], self.keep[name], self.keep[rule.inputs[0]])
+                elif rule.rule is Rule.PASS and node.op == "call_module" and isinstance(
+                    self.modules[node.target], nn.modules.batchnorm._BatchNorm
+                ):
+                    _slice_batchnorm(self.modules[node.target], self.keep[rule.inputs[0]])
+        for number, entry in enumerate(self._maps()):
+            self._insert_map(number, entry)
+        for name, rule in self._vars():
+            if rule.rule is Rule.PAD:
+                self._drop_channel_pad(self.nodes[name])
+        for node in self.gm.graph.nodes:
+            if isinstance(node.type, str):
+                # String annotations (``from __future__ import annotations``) make
+                # GraphModule.__reduce__ fail in torch 2.13, so the model could not be pickled.
+                node.type = None
+        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.lint()
+        self.gm.recompile()
+        self.gm.delete_all_unused_submodules()
+        return self.gm
+
+    def _slice_layer(self, module: nn.Module, rows: Tensor, cols: Tensor) -> None:
+        rows_idx, cols_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
+        device = module.weight.device
+        weight = module.weight.detach()[rows_idx.to(device)][:, cols_idx.to(device)].clone()
+        module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias.detach()[rows_idx.to(device)].clone(), requires_grad=module.bias.requires_grad)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = len(rows_idx), len(cols_idx)
+        else:
+            module.out_channels, module.in_channels = len(rows_idx), len(cols_idx)
+
+    def _drop_channel_pad(self, node: fx.Node) -> None:
+        """Remove the channel part of a zero pad (the index map places the channels)."""
+        pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+        channel_pair = len(node.args[0].meta["tensor_meta"].shape) - 2
+        pad[2 * channel_pair] = pad[2 * channel_pair + 1] = 0
+        if not any(pad):
+            node.replace_all_uses_with(node.args[0])
+        elif len(node.args) > 1:
+            node.args = (node.args[0], tuple(pad), *node.args[2:])
+        else:
+            node.kwargs = {**node.kwargs, "pad": tuple(pad)}
+
+    def _insert_map(self, number: int, entry: _Map) -> None:
+        node = self.nodes[entry.node]
+        users = list(node.users)
+        buffer = f"channel_map_{number}"
+        self.gm.register_buffer(buffer, entry.index.to(self._device()))
+        ndim = len(node.meta["tensor_meta"].shape)
+        graph = self.gm.graph
+        with graph.inserting_after(node):
+            index = graph.get_attr(buffer)
+        current, anchor = node, index
+        if entry.zero_fill:
+            with graph.inserting_after(index):
+                current = anchor = graph.call_function(F.pad, (node, (0, 0) * (ndim - 2) + (0, 1)))
+        with graph.inserting_after(anchor):
+            selected = graph.call_function(torch.index_select, (current, 1, index))
+        for user in users:
+            user.replace_input_with(node, selected)
+
+    def _device(self) -> torch.device:
+        parameter = next(self.gm.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _slice_batchnorm(module: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:
+    index = keep.nonzero().flatten()
+    for name in ("weight", "bias"):
+        tensor = getattr(module, name)
+        if tensor is not None:
+            setattr(module, name, nn.Parameter(tensor.detach()[index.to(tensor.device)].clone(), requires_grad=tensor.requires_grad))
+    for name in ("running_mean", "running_var"):
+        tensor = getattr(module, name)
+        if tensor is not None:
+            setattr(module, name, tensor[index.to(tensor.device)].clone())
+    module.num_features = len(index)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@contextmanager
+def _atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path``; moved onto ``path`` (os.replace) on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _check_exportable(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if torch_prune.is_pruned(module) or GATE in module._buffers:
+            raise ValueError(
+                f"module {name or '<root>'} still carries nnrelief masks or gates; "
+                "export compact(model, example) (or make_permanent(model)) instead"
+            )
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: PathLike) -> Path:
+    """Save ``model`` (eval mode) as TorchScript traced on ``example``; loads with ``torch.jit.load``."""
+    _check_exportable(model)
+    with _eval_mode(model), torch.no_grad(), _atomic_path(path) as temp:
+        torch.jit.save(torch.jit.trace(model, example), str(temp))
+    log.info("TorchScript model written to %s", path)
+    return Path(path)
+
+
+def _batch_dim(example: Tensor) -> dict[int, Any]:
+    return {0: torch.export.Dim("batch", min=1, max=65536)} if example.shape[0] > 1 else {}
+
+
+def export_program(model: nn.Module, example: Tensor, path: PathLike) -> Path:
+    """Save ``model`` (eval mode) as a ``torch.export`` ExportedProgram (``torch.export.save``).
+
+    The batch dim is dynamic when ``example`` has more than one sample. Load it with
+    ``torch.export.load(path).module()``.
+    """
+    _check_exportable(model)
+    with _eval_mode(model), torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=(_batch_dim(example),))
+    with _atomic_path(path) as temp:
+        torch.export.save(program, str(temp))
+    log.info("ExportedProgram written to %s", path)
+    return Path(path)
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: PathLike) -> Path:
+    """Save ``model`` (eval mode) as ONNX (input ``input``, output ``output``).
+
+    Needs the optional extra ``nnrelief[export]`` (onnx, onnxscript). The batch dim is
+    dynamic when ``example`` has more than one sample.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; fail early with a clear message)
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError("ONNX export needs the optional dependencies: pip install 'nnrelief[export]'") from error
+    _check_exportable(model)
+    with _eval_mode(model), torch.no_grad(), _atomic_path(path) as temp:
+        torch.onnx.export(
+            model, (example,), str(temp), input_names=["input"], output_names=["output"],
+            dynamic_shapes=(_batch_dim(example),), dynamo=True, external_data=False, verbose=False,
+        )
+    log.info("ONNX model written to %s", path)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- sparse storage
+
+
+def _encode(tensor: Tensor) -> dict[str, Any]:
+    """Dense, or uint8 deltas between nonzero positions plus their values (smaller wins).
+
+    A gap longer than 255 is bridged by filler entries (delta 255, value 0).
+    """
+    tensor = tensor.detach().cpu()
+    flat = tensor.reshape(-1)
+    dense = {"kind": "dense", "data": tensor.clone()}
+    if not tensor.is_floating_point() or flat.numel() == 0:
+        return dense
+    positions = flat.nonzero().flatten()
+    gaps = torch.diff(positions, prepend=positions.new_full((1,), -1))
+    fillers = (gaps - 1) // _MAX_DELTA
+    entries = int(positions.numel() + fillers.sum())
+    if entries * (1 + flat.element_size()) >= flat.numel() * flat.element_size():
+        return dense
+    ends = torch.cumsum(fillers + 1, 0) - 1
+    deltas = torch.full((entries,), _MAX_DELTA, dtype=torch.long)
+    deltas[ends] = gaps - fillers * _MAX_DELTA
+    values = torch.zeros(entries, dtype=flat.dtype)
+    values[ends] = flat[positions]
+    return {"kind": "delta8", "shape": tuple(tensor.shape), "deltas": deltas.to(torch.uint8), "values": values}
+
+
+def _decode(entry: dict[str, Any]) -> Tensor:
+    if entry["kind"] == "dense":
+        return entry["data"]
+    values = entry["values"]
+    out = torch.zeros(int(torch.tensor(entry["shape"]).prod()), dtype=values.dtype)
+    positions = torch.cumsum(entry["deltas"].long(), 0) - 1
+    out[positions] = values
+    return out.reshape(entry["shape"])
+
+
+def save_sparse(model: nn.Module, path: PathLike) -> Path:
+    """Save a (compacted) model so the file grows with its number of nonzero entries.
+
+    The file (``torch.save``) holds the module structure with empty tensors and, per
+    parameter/buffer, either the dense tensor or uint8 position deltas plus nonzero values.
+    Masked models are refused: compact (or ``make_permanent``) them first.
+    """
+    _check_exportable(model)
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    memo: dict[int, Any] = {}
+    for tensor in tensors.values():
+        empty = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        memo[id(tensor)] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    skeleton = copy.deepcopy(model, memo)
+    payload = {
+        "format": SPARSE_FORMAT,
+        "version": SPARSE_VERSION,
+        "module": skeleton,
+        "tensors": {name: _encode(tensor) for name, tensor in tensors.items()},
+    }
+    with _atomic_path(path) as temp:
+        torch.save(payload, temp)
+    return Path(path)
+
+
+def _slot(model: nn.Module, name: str) -> Tensor:
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+
+
+def load_sparse(path: PathLike, map_location: str | torch.device | None = None) -> nn.Module:
+    """Load a model written by :func:`save_sparse`.
+
+    The file contains a pickled module: load only files you trust (``weights_only=False``).
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != SPARSE_FORMAT:
+        raise ValueError(f"{path} is not an nnrelief sparse model file")
+    if payload["version"] > SPARSE_VERSION:
+        raise ValueError(f"{path}: sparse format version {payload['version']} is newer than supported ({SPARSE_VERSION})")
+    model: nn.Module = payload["module"]
+    restored: dict[int, Tensor] = {}
+    for name, entry in payload["tensors"].items():
+        placeholder, tensor = _slot(model, name), _decode(entry)
+        if isinstance(placeholder, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=placeholder.requires_grad)
+        restored[id(placeholder)] = tensor
+    for module in model.modules():  # every slot holding a placeholder (tied tensors included)
+        for store in (module._parameters, module._buffers):
+            for leaf, placeholder in store.items():
+                if placeholder is not None and id(placeholder) in restored:
+                    store[leaf] = restored[id(placeholder)]
+    return model.to(map_location) if map_location is not None else model
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def compaction_summary(masked_model: nn.Module, compacted_model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Before/after figures of a compaction, for one sample of ``input_shape`` (no batch dim).
+
+    Returns ``{"input_shape", "before", "after", "files"}``: ``before``/``after`` are
+    :meth:`ArchitectureSummary.to_dict` of the masked and the compacted model (nonzero and
+    dense parameters, dense and sparse MACs, alive channels per layer); ``files`` has the
+    sizes in bytes of the masked model's ``state_dict`` (``dense_masked``), the compacted
+    model's ``state_dict`` (``compacted``) and its :func:`save_sparse` file (``sparse``).
+    """
+    before: ArchitectureSummary = summarize(masked_model, input_shape)
+    after: ArchitectureSummary = summarize(compacted_model, input_shape)
+    with tempfile.TemporaryDirectory() as folder:
+        dense_path, compact_path, sparse_path = (Path(folder) / n for n in ("masked.pt", "compact.pt", "sparse.pt"))
+        torch.save(masked_model.state_dict(), dense_path)
+        torch.save(compacted_model.state_dict(), compact_path)
+        save_sparse(compacted_model, sparse_path)
+        files = {"dense_masked": file_size(dense_path), "compacted": file_size(compact_path), "sparse": file_size(sparse_path)}
+    return {"input_shape": list(input_shape), "before": before.to_dict(), "after": after.to_dict(), "files": files}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A human-readable text of :func:`compaction_summary`'s dict."""
+    before, after, files = summary["before"], summary["after"], summary["files"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "inf"
+
+    rows: list[tuple[str, Callable[[dict[str, Any]], int]]] = [
+        ("remaining params (Linear/conv, nonzero)", lambda s: s["params_nonzero"]),
+        ("stored params (Linear/conv, dense)", lambda s: s["params_total"]),
+        ("all params (nonzero)", lambda s: s["all_params_nonzero"]),
+        ("all params (dense)", lambda s: s["all_params_total"]),
+        ("MACs per sample (dense)", lambda s: s["macs_dense"]),
+        ("MACs per sample (nonzero weights)", lambda s: s["macs_sparse"]),
+    ]
+    lines = [f"compaction summary for input shape {tuple(summary['input_shape'])}",
+             f"{'':<42} {'masked':>14} {'compacted':>14} {'ratio':>8}"]
+    for label, get in rows:
+        lines.append(f"{label:<42} {get(before):>14,} {get(after):>14,} {ratio(get(before), get(after)):>8}")
+    lines.append("architecture (alive / stored channels per layer):")
+    stored = {layer["name"]: layer["channels_total"] for layer in after["layers"]}
+    for layer in before["layers"]:
+        name = layer["name"]
+        lines.append(f"  {name:<40} {layer['channels_alive']:>6} / {layer['channels_total']:<6} -> {stored.get(name, 0)}")
+    lines.append("files:")
+    for key, label in (("dense_masked", "masked state_dict"), ("compacted", "compacted state_dict"), ("sparse", "sparse (save_sparse)")):
+        lines.append(f"  {label:<40} {files[key]:>12,} bytes  ({ratio(files['dense_masked'], files[key])} smaller)")
+    return "\n".join(lines)

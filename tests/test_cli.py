@@ -1,0 +1,207 @@
+"""The ``nnrelief`` command: help, errors, a small run, eval, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnrelief.cli import FIELD_HELP, main
+from nnrelief.iterative import ExperimentConfig
+
+COMMANDS = ["train", "prune", "eval", "demo"]
+SMALL = [
+    "--dataset", "mnist-sample", "--model", "lenet300_100", "--epochs", "1", "--retrain-epochs", "1",
+    "--milestones", "--retrain-milestones", "--train-subset", "1000", "--val-size", "500",
+    "--prune-samples", "300", "--num-iters", "2", "--device", "cpu", "--no-progress",
+    "--threads", "1", "-q",
+]  # fmt: skip
+TIMES = {"prune_seconds", "retrain_seconds", "seconds"}
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and "error:" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in COMMANDS])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nnrelief")
+    if argv[0] in ("prune", "train", "demo"):
+        assert "--alpha-fc" in out and "--early-stop-margin" in out and "--preset" in out
+
+
+def test_every_setting_has_a_flag_with_help():
+    assert set(FIELD_HELP) == {f.name for f in __import__("dataclasses").fields(ExperimentConfig)}
+
+
+def test_unknown_preset_is_one_line(capsys, tmp_path):
+    assert main(["prune", "--preset", "lenet-9000", "--runs-root", str(tmp_path)]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "unknown preset 'lenet-9000'" in line and "resnet20-cifar10" in line
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["prune", "--alpha-fcc", "0.9"], "unrecognized arguments: --alpha-fcc"),
+        (["prune", "--epochs", "ten"], "invalid int value: 'ten'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_flags_are_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["eval", "missing.pt"], "checkpoint missing.pt not found"),
+        (["prune", "--config", "missing.toml"], "config file missing.toml not found"),
+        (["train", "--dataset", "mnist", "--no-progress"], "needs a data directory"),
+        (["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "nowhere", "--no-progress"], "not found"),
+        (["train", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
+        (["train", "--model", "resnet20", "--dataset", "mnist-sample"], "expects inputs"),
+    ],
+)
+def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    assert needle in one_line_error(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    threads = torch.get_num_threads()
+    code = main(["prune", *SMALL, "--runs-root", str(root)])
+    torch.set_num_threads(threads)
+    assert code == 0
+    (run_dir,) = root.iterdir()
+    return run_dir
+
+
+def test_prune_prints_table_and_writes_run(small_run, capsys):
+    assert small_run.name.startswith("lenet300_100-mnist-sample-")
+    rows = json.loads((small_run / "history.json").read_text())["iterations"]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    # the same command again: nothing recomputed, the table printed again
+    start = time.perf_counter()
+    assert main(["prune", *SMALL, "--runs-root", str(small_run.parent)]) == 0
+    assert time.perf_counter() - start < 5
+    out = capsys.readouterr().out
+    assert "val before" in out and "test after" in out and "compr." in out
+    assert out.count("\n") >= 5 and "model-iter2.pt" in out
+
+
+def test_train_then_prune_share_the_run_folder(small_run, capsys):
+    assert main(["train", *SMALL, "--runs-root", str(small_run.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and str(small_run / "trained.pt") in out
+
+
+def test_eval_checkpoint(small_run, capsys):
+    assert main(["eval", str(small_run / "model-iter2.pt"), "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    history = json.loads((small_run / "history.json").read_text())["iterations"]
+    assert f"accuracy: {100 * history[2]['accuracy_after']['test']:.2f}%" in out
+    assert f"{history[2]['params_remaining']:,} / 266,610 remaining" in out
+    assert "fc1" in out and "MACs" in out
+
+
+def test_run_folder_collision_is_refused(small_run, capsys):
+    argv = ["train", *SMALL, "--run-dir", str(small_run), "--lr", "0.01"]
+    assert main(argv) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "holds a run with other settings" in line and "lr: stored=0.001 now=0.01" in line
+
+
+def test_config_file_and_flags(tmp_path, capsys):
+    config = tmp_path / "exp.toml"
+    config.write_text('preset = "demo"\nepochs = 1\nnum_iters = 1\ntrain_subset = 500\nprune_samples = 200\n')
+    argv = ["train", "--config", str(config), "--val-size", "300", "--runs-root", str(tmp_path),
+            "--no-progress", "--threads", "1", "-q", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert run_dir.name.startswith("demo-")
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert (stored["epochs"], stored["num_iters"], stored["train_subset"], stored["val_size"]) == (1, 1, 500, 300)
+    assert stored["model"] == "lenet300_100" and stored["rewind"] is True
+
+
+# ----------------------------------------------------------------------------- resume after kill
+
+RESUME = [
+    "--dataset", "mnist-sample", "--epochs", "2", "--retrain-epochs", "3", "--milestones", "1",
+    "--retrain-milestones", "2", "--batch-size", "50", "--num-iters", "2", "--prune-samples", "500",
+    "--rewind", "--device", "cpu", "--no-progress", "--threads", "1", "-q",
+]  # fmt: skip
+
+
+def start(run_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "nnrelief", "prune", *RESUME, "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def kill_when(process: subprocess.Popen, path: Path, timeout: float = 120) -> None:
+    """SIGKILL ``process`` as soon as ``path`` exists (then it is inside the next epoch)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
+def history_without_times(run_dir: Path) -> list[dict]:
+    rows = json.loads((run_dir / "history.json").read_text())["iterations"]
+    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+
+
+def test_killed_run_resumes_to_the_same_history(tmp_path):
+    reference = start(tmp_path / "reference")
+    interrupted = start(tmp_path / "interrupted")
+    kill_when(interrupted, tmp_path / "interrupted" / "dense.ckpt")  # during dense training
+    interrupted = start(tmp_path / "interrupted")
+    kill_when(interrupted, tmp_path / "interrupted" / "retrain-1.ckpt")  # mid retraining
+    interrupted = start(tmp_path / "interrupted")
+    kill_when(interrupted, tmp_path / "interrupted" / "retrain-2.ckpt")
+    interrupted = start(tmp_path / "interrupted")
+    out, err = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 0, err
+    assert "selected model" in out
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    assert history_without_times(tmp_path / "interrupted") == history_without_times(tmp_path / "reference")
+    final = [torch.load(tmp_path / d / "model-iter2.pt", weights_only=True) for d in ("reference", "interrupted")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
