@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from nnrelief.cli import FIELD_HELP, main
-from nnrelief.iterative import ExperimentConfig
+from nnrelief.iterative import ExperimentConfig, load_weights
 
-COMMANDS = ["train", "prune", "eval", "demo"]
+COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [
     "--dataset", "mnist-sample", "--model", "lenet300_100", "--epochs", "1", "--retrain-epochs", "1",
     "--milestones", "--retrain-milestones", "--train-subset", "1000", "--val-size", "500",
@@ -131,6 +131,19 @@ def test_eval_checkpoint(small_run, capsys):
     assert f"accuracy: {100 * history[2]['accuracy_after']['test']:.2f}%" in out
     assert f"{history[2]['params_remaining']:,} / 266,610 remaining" in out
     assert "fc1" in out and "MACs" in out
+
+
+def test_compact_checkpoint(small_run, tmp_path, capsys):
+    checkpoint = small_run / "model-iter2.pt"
+    out_file, sparse_file = tmp_path / "small.pt", tmp_path / "small.sparse"
+    assert main(["compact", str(checkpoint), "-o", str(out_file), "--sparse", str(sparse_file), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "compacted" in out and "MACs" in out and f"wrote {out_file}" in out
+    masked, _ = load_weights(checkpoint)
+    scripted = torch.jit.load(str(out_file))
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.allclose(scripted(x), masked(x), atol=1e-5)
+    assert sparse_file.stat().st_size < checkpoint.stat().st_size
 
 
 def test_run_folder_collision_is_refused(small_run, capsys):

@@ -114,7 +114,7 @@ def test_report_refuses_a_non_run_folder(tmp_path, capsys):
 
 
 def test_connection_scores_are_relative(runs):
-    model, cfg = load_weights(runs[0] / "model-iter2.pt")
+    model, _ = load_weights(runs[0] / "model-iter2.pt")
     torch.manual_seed(0)
     inputs = torch.rand(64, 1, 28, 28)
     layers = connection_scores(model, inputs)

@@ -1,4 +1,5 @@
-"""The ``nnrelief`` command: ``train``, ``prune``, ``eval`` and ``demo``.
+"""The ``nnrelief`` command: ``train``, ``prune``, ``eval``, ``demo``, ``report``, ``compare``
+and ``compact``.
 
 Every experiment command takes its settings from, in increasing priority: the defaults
 of :class:`~nnrelief.iterative.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
@@ -13,6 +14,7 @@ Examples::
     nnrelief prune --preset resnet20-cifar10 --data-dir data --early-stop-margin 0.01
     nnrelief prune --config my_experiment.toml --seed 1
     nnrelief eval runs/demo-<hash>/model-iter5.pt
+    nnrelief compact runs/demo-<hash>/model-iter5.pt -o small.pt --onnx small.onnx
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from .iterative import (
     resolve_config,
     run_name,
 )
-from .metrics import summarize
+from .compact import compact, compaction_summary, export_onnx, export_program, export_torchscript, format_summary, save_sparse
+from .metrics import file_size, summarize
 from .models import MODELS
 from .training import evaluate, resolve_device
 
@@ -88,6 +91,9 @@ _EXAMPLES = """examples:
   nnrelief prune --preset lenet300-mnist --data-dir data --num-iters 5
   nnrelief prune --config my_experiment.toml --seed 1
   nnrelief eval runs/demo-<hash>/model-iter5.pt
+  nnrelief report runs/demo-<hash>
+  nnrelief compare --preset demo --methods magnitude random
+  nnrelief compact runs/demo-<hash>/model-iter5.pt -o small.pt --onnx small.onnx
 
 Run 'nnrelief COMMAND --help' for the options of a command."""
 
@@ -220,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     # --- report and compare (nnrelief.plots, nnrelief.compare) ---
     _add_report_and_compare(commands)
     # --- end report and compare ---
+
+    compact_cmd = commands.add_parser(
+        "compact", help="physically remove pruned neurons/channels and export the smaller model",
+        description="Build a dense model without the removed neurons and channels (same "
+        "outputs as the masked model), save it as TorchScript (.pt) or a torch.export "
+        "ExportedProgram (.pt2), optionally also as ONNX and in the sparse format, and print "
+        "parameters, MACs, architecture and file sizes before and after.",
+    )  # fmt: skip
+    compact_cmd.add_argument("checkpoint", type=Path, help="a pruned state_dict, e.g. runs/<run>/model-iter5.pt")
+    compact_cmd.add_argument("-o", "--output", type=Path, required=True,
+                             help="output file: .pt2 = ExportedProgram, anything else = TorchScript")
+    compact_cmd.add_argument("--onnx", type=Path, metavar="FILE", help="also export ONNX (needs nnrelief[export])")
+    compact_cmd.add_argument("--sparse", type=Path, metavar="FILE",
+                             help="also save in the sparse format (size grows with the remaining weights)")
+    compact_cmd.add_argument("--model", help="architecture (default: the run's)")
+    compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
+    _add_common(compact_cmd, top_level=False)
+    compact_cmd.set_defaults(handler=_cmd_compact)
     return parser
 
 
@@ -347,6 +371,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=not args.no_progress)
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
+    shape = nndata.get_spec(args.dataset or cfg.dataset).image_shape
+    example = torch.zeros(2, *shape)
+    smaller = compact(model, example)
+    save = export_program if args.output.suffix == ".pt2" else export_torchscript
+    save(smaller, example, args.output)
+    written = [args.output]
+    if args.onnx is not None:
+        written.append(export_onnx(smaller, example, args.onnx))
+    if args.sparse is not None:
+        written.append(save_sparse(smaller, args.sparse))
+    print(format_summary(compaction_summary(model, smaller, tuple(shape))))
+    for path in written:
+        print(f"wrote {path} ({file_size(path):,} bytes)")
     return 0
 
 

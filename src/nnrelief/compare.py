@@ -242,10 +242,10 @@ class Comparison:
         retrain = "rewind to init" if cfg.rewind else "fine-tune"
         header = [
             "# Pruning methods at equal remaining weights", "",
-            f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}; {cfg.retrain_epochs} retraining "
-            f"epochs per iteration ({retrain}); NNrelief alpha_fc {cfg.alpha_fc:g}, alpha_conv {cfg.alpha_conv:g}. "
-            "magnitude and random prune every layer to NNrelief's remaining count of that layer, global-magnitude "
-            "to NNrelief's total; all start from the same dense weights and retrain identically.", "",
+            (f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}; {cfg.retrain_epochs} retraining "
+             f"epochs per iteration ({retrain}); NNrelief alpha_fc {cfg.alpha_fc:g}, alpha_conv {cfg.alpha_conv:g}. "
+             "magnitude and random prune every layer to NNrelief's remaining count of that layer, global-magnitude "
+             "to NNrelief's total; all start from the same dense weights and retrain identically."), "",
         ]  # fmt: skip
         try:
             from .plots import MissingPlotDependencyError, plot_comparison

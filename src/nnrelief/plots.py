@@ -288,6 +288,7 @@ def plot_connections(
         A caption describing what is shown.
     """
     plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
     from matplotlib.collections import LineCollection
     from matplotlib.colors import LogNorm
 
@@ -361,8 +362,6 @@ def plot_connections(
             hax.set_xticks([])
             hax.set_yticks([])
         fig.colorbar(image, ax=[p[0] for p in pixel_images], shrink=0.5, label=r"pixel importance $\sum_j s_{ij}$ (layer 1)")
-    from matplotlib.cm import ScalarMappable
-
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=graph_axes, location="bottom", shrink=0.6, aspect=40,
                  label=r"connection importance $s_{ij} = a_{ij}/S_j$ (log; fainter and thinner = less important)")  # fmt: skip
     _save(fig, Path(path))
@@ -626,14 +625,13 @@ def write_report(
     for run, prefix in zip(runs, prefixes):
         records = run.history.records
         lines += [f"## {run.name}", "", f"`{run.path}`: {_settings_line(run.config)}.", ""]
-        final = records[-1]
-        status = "stopped early" if run.history.stopped_early else "finished" if final.iteration >= run.config.num_iters else "in progress"
+        last, selected = records[-1].iteration, records[run.history.selected_iteration]
+        status = "stopped early" if run.history.stopped_early else "finished" if last >= run.config.num_iters else "in progress"
         lines += [
-            f"{final.iteration} of {run.config.num_iters} iterations ({status}); selected iteration "
-            f"{run.history.selected_iteration}: test accuracy {100 * records[run.history.selected_iteration].accuracy_after['test']:.2f}% "
-            f"(dense {100 * records[0].accuracy_after['test']:.2f}%), {records[run.history.selected_iteration].params_remaining:,} "
-            f"of {records[0].params_total:,} weights and biases left "
-            f"({records[run.history.selected_iteration].compression:.2f}x).",
+            (f"{last} of {run.config.num_iters} iterations ({status}); selected iteration {selected.iteration}: "
+             f"test accuracy {100 * selected.accuracy_after['test']:.2f}% (dense {100 * records[0].accuracy_after['test']:.2f}%), "
+             f"{selected.params_remaining:,} of {records[0].params_total:,} weights and biases left "
+             f"({selected.compression:.2f}x)."),
             "",
         ]  # fmt: skip
         name = f"{prefix}connections.png"
@@ -647,10 +645,10 @@ def write_report(
         caption = plot_architecture(run, out / name)
         lines += ["### Architecture", "", f"![architecture]({name})", "", caption, ""]
         lines += ["### Iterations", "", history_markdown(run.history), "",
-                  "Accuracies in percent (validation split held out from the training data; test set). "
-                  "'before' = right after the pruning pass, 'after' = after retraining.", ""]  # fmt: skip
+                  ("Accuracies in percent (validation split held out from the training data; test set). "
+                   "'before' = right after the pruning pass, 'after' = after retraining."), ""]  # fmt: skip
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n")
     logger.info("wrote %s", path)
     return path
 
@@ -666,9 +664,11 @@ def _connections_for_run(
     run: RunData, path: Path, iteration: int | None, samples: int, data_dir: str | None, max_nodes: int
 ) -> str:
     chosen = run.history.selected_iteration if iteration is None else iteration
-    known = {r.iteration for r in run.history.records}
-    if chosen not in known or chosen == 0:
-        raise ValueError(f"iteration {chosen} is not a pruning iteration of this run (known: 1-{max(known)})")
+    last = run.history.records[-1].iteration
+    if last == 0:
+        raise ValueError("the run has no pruned iteration yet")
+    if not 1 <= chosen <= last:
+        raise ValueError(f"iteration {chosen} is not a pruning iteration of this run (1-{last})")
     inputs = pruning_inputs(run.config, samples, data_dir)
     dense, _ = load_weights(run.path / "model-iter0.pt")
     final, _ = load_weights(run.path / f"model-iter{chosen}.pt")
@@ -678,9 +678,9 @@ def _connections_for_run(
     records = {r.iteration: r for r in run.history.records}
     titles = (
         f"dense (iteration 0, test {100 * records[0].accuracy_after['test']:.2f}%)",
-        f"iteration {chosen} ({records[chosen].remaining_percent:.2f}% of the weights, "
-        f"test {100 * records[chosen].accuracy_after['test']:.2f}%)",
-    )
+        (f"iteration {chosen} ({records[chosen].remaining_percent:.2f}% of the weights, "
+         f"test {100 * records[chosen].accuracy_after['test']:.2f}%)"),
+    )  # fmt: skip
     caption = plot_connections(
         connection_scores(dense, inputs, run.config.score), connection_scores(final, inputs, run.config.score),
         path, titles=titles, input_shape=tuple(inputs.shape[1:]), max_nodes=max_nodes,

@@ -1,0 +1,146 @@
+"""``nnrelief compare``: NNrelief vs magnitude, global magnitude and random pruning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnrelief.cli import main
+from nnrelief.compare import BASELINES, METHODS, run_comparison
+from nnrelief.iterative import ConfigError
+
+SMALL = [
+    "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",
+    "--val-size", "500", "--prune-samples", "300", "--device", "cpu", "--no-progress",
+    "--threads", "1", "-q",
+]  # fmt: skip
+LAYERS = ["fc1", "fc2", "fc3"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    """A comparison of all methods over 2 iterations; returns the run folder."""
+    root = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    assert main(["compare", *SMALL, "--num-iters", "2", "--runs-root", str(root)]) == 0
+    torch.set_num_threads(threads)
+    (run,) = root.iterdir()
+    return run
+
+
+def read_rows(run: Path) -> list[dict[str, str]]:
+    with (run / "compare" / "compare.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def by_method(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    result: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        result.setdefault(row["method"], []).append(row)
+    return result
+
+
+def masks(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: value.bool() for key, value in state.items() if key.endswith("_mask")}
+
+
+def test_files_and_tables(compared):
+    folder = compared / "compare"
+    data = (folder / "compare.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 800 <= width <= 4000 and 300 <= height <= 3000
+    rows = read_rows(compared)
+    assert [(row["method"], row["iteration"]) for row in rows] == [(m, str(k)) for m in METHODS for k in range(3)]
+    payload = json.loads((folder / "compare.json").read_text())
+    assert payload["methods"] == list(METHODS)
+    assert len(payload["rows"]) == len(rows)
+    assert payload["layer_totals"] == {"fc1": 235500, "fc2": 30100, "fc3": 1010}
+    text = (folder / "compare.md").read_text()
+    assert "](compare.png)" in text
+    table_rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(table_rows) == 2 * 3  # after retraining and right after pruning, iterations 0-2
+    header = next(line for line in text.splitlines() if line.startswith("| iter"))
+    assert [cell.strip() for cell in header.strip("|").split("|")][3:] == list(METHODS)
+    for method in BASELINES:
+        assert (folder / method / "history.json").is_file() and (folder / method / "state.pt").is_file()
+        assert not list((folder / method).glob("retrain-*.ckpt"))
+
+
+def test_equal_remaining_counts(compared):
+    methods = by_method(read_rows(compared))
+    reference = methods["nnrelief"]
+    for k in range(3):
+        target = {layer: int(reference[k][f"kept:{layer}"]) for layer in LAYERS}
+        assert sum(target.values()) == int(reference[k]["params_remaining"])
+        for method in ("magnitude", "random"):
+            assert {layer: int(methods[method][k][f"kept:{layer}"]) for layer in LAYERS} == target
+        glob = methods["global-magnitude"][k]
+        assert sum(int(glob[f"kept:{layer}"]) for layer in LAYERS) == sum(target.values())
+        for method in BASELINES:
+            assert methods[method][k]["params_remaining"] == reference[k]["params_remaining"]
+    assert int(reference[2]["params_remaining"]) < int(reference[1]["params_remaining"]) < int(reference[0]["params_remaining"])
+
+
+def test_same_dense_start(compared):
+    methods = by_method(read_rows(compared))
+    start = {key: methods["nnrelief"][0][key] for key in ("val_acc_after", "test_acc_after", "params_remaining")}
+    for method in BASELINES:
+        assert {key: methods[method][0][key] for key in start} == start
+    dense = torch.load(compared / "model-iter0.pt", weights_only=True)
+    for method in BASELINES:
+        state = torch.load(compared / "compare" / method / "model-iter0.pt", weights_only=True)
+        assert state.keys() == dense.keys() and all(torch.equal(state[k], dense[k]) for k in dense)
+
+
+def test_masks_only_shrink(compared):
+    folders = {"nnrelief": compared} | {method: compared / "compare" / method for method in BASELINES}
+    for method, folder in folders.items():
+        previous: dict[str, torch.Tensor] = {}
+        for k in range(3):
+            current = masks(folder / f"model-iter{k}.pt")
+            assert bool(current) == (k > 0), method
+            for key, mask in current.items():
+                if key in previous:
+                    assert bool((mask <= previous[key]).all()), (method, k, key)
+            previous = current
+
+
+def test_resume_extends_every_method(compared, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(compared, run)
+    before = by_method(read_rows(run))
+    threads = torch.get_num_threads()
+    assert main(["compare", *SMALL, "--num-iters", "3", "--run-dir", str(run), "--methods", "magnitude"]) == 0
+    torch.set_num_threads(threads)
+    after = by_method(read_rows(run))
+    assert list(after) == ["nnrelief", "magnitude"]
+    assert len(after["magnitude"]) == len(after["nnrelief"]) == 4
+    assert after["magnitude"][:3] == before["magnitude"]  # finished iterations were not redone
+    assert after["magnitude"][3]["kept:fc1"] == after["nnrelief"][3]["kept:fc1"]
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_comparison(None, ["nnrelief", "pruneall"])  # type: ignore[arg-type]
+
+
+def test_methods_flag_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "pruneall"])
+    assert "invalid choice" in capsys.readouterr().err
