@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nnrelief.cli import FIELD_HELP, main
-from nnrelief.iterative import ExperimentConfig, load_weights
+from nnrelief.experiment import ExperimentConfig, load_weights
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [

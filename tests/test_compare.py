@@ -14,7 +14,7 @@ import torch
 
 from nnrelief.cli import main
 from nnrelief.compare import BASELINES, METHODS, run_comparison
-from nnrelief.iterative import ConfigError
+from nnrelief.experiment import ConfigError
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",

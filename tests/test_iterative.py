@@ -1,4 +1,4 @@
-"""nnrelief.iterative: the relieve loop, rewinding, resume, early stop, experiment configs.
+"""nnrelief.iterative and nnrelief.experiment: the relieve loop, rewinding, resume, early stop, experiment configs.
 
 The end-to-end tests train LeNet-300-100 on the MNIST sample shipped with the package
 (a few hundred steps); the whole file takes well under a minute on 2 CPU cores.
@@ -16,19 +16,18 @@ from torch import nn
 
 import nnrelief
 from nnrelief import data as nndata
-from nnrelief.iterative import (
+from nnrelief.experiment import (
     PRESETS,
     ConfigError,
     Experiment,
     ExperimentConfig,
-    History,
     RunConflictError,
     load_weights,
-    relieve,
     resolve_config,
-    rewind,
     run_name,
 )
+from nnrelief.history import History
+from nnrelief.iterative import relieve, rewind
 from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100

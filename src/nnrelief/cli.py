@@ -2,7 +2,7 @@
 and ``compact``.
 
 Every experiment command takes its settings from, in increasing priority: the defaults
-of :class:`~nnrelief.iterative.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
+of :class:`~nnrelief.experiment.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
 file and the individual flags. Runs live in ``<runs-root>/<preset or model-dataset>-<hash
 of the settings>`` and resume when the same command is run again.
 
@@ -34,7 +34,16 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import data as nndata
-from .iterative import (
+from .compact import (
+    compact,
+    compaction_summary,
+    export_onnx,
+    export_program,
+    export_torchscript,
+    format_summary,
+    save_sparse,
+)
+from .experiment import (
     PRESETS,
     ConfigError,
     Experiment,
@@ -43,7 +52,6 @@ from .iterative import (
     resolve_config,
     run_name,
 )
-from .compact import compact, compaction_summary, export_onnx, export_program, export_torchscript, format_summary, save_sparse
 from .metrics import file_size, summarize
 from .models import MODELS
 from .training import evaluate, resolve_device

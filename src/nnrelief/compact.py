@@ -47,6 +47,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import Tensor
 
 from .cleaning import LayerMask, clean, live_channels, used_channels
+from .fileio import atomic_path
 from .graph import ModelGraph, NodeRule, Rule, build_graph
 from .masks import _GATE_HOOK, GATE, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
@@ -289,7 +290,7 @@ class _Plan:
                     if bool((natural & ~root_keep).any()):
                         root_keep |= natural
                         changed = True
-        for name, rule in self._vars():
+        for name, _rule in self._vars():
             if not bool(keep[name].any()):
                 keep[name][0] = True  # never build zero-width layers; an extra channel is exact
         return keep
@@ -419,21 +420,6 @@ def _slice_batchnorm(module: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> N
 
 
 @contextmanager
-def _atomic_path(path: PathLike) -> Iterator[Path]:
-    """A temporary path next to ``path``; moved onto ``path`` (os.replace) on success."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
-    os.close(handle)
-    try:
-        yield Path(temp)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -456,7 +442,7 @@ def _check_exportable(model: nn.Module) -> None:
 def export_torchscript(model: nn.Module, example: Tensor, path: PathLike) -> Path:
     """Save ``model`` (eval mode) as TorchScript traced on ``example``; loads with ``torch.jit.load``."""
     _check_exportable(model)
-    with _eval_mode(model), torch.no_grad(), _atomic_path(path) as temp:
+    with _eval_mode(model), torch.no_grad(), atomic_path(path) as temp:
         torch.jit.save(torch.jit.trace(model, example), str(temp))
     log.info("TorchScript model written to %s", path)
     return Path(path)
@@ -475,7 +461,7 @@ def export_program(model: nn.Module, example: Tensor, path: PathLike) -> Path:
     _check_exportable(model)
     with _eval_mode(model), torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=(_batch_dim(example),))
-    with _atomic_path(path) as temp:
+    with atomic_path(path) as temp:
         torch.export.save(program, str(temp))
     log.info("ExportedProgram written to %s", path)
     return Path(path)
@@ -493,7 +479,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: PathLike) -> Path:
     except ImportError as error:
         raise ImportError("ONNX export needs the optional dependencies: pip install 'nnrelief[export]'") from error
     _check_exportable(model)
-    with _eval_mode(model), torch.no_grad(), _atomic_path(path) as temp:
+    with _eval_mode(model), torch.no_grad(), atomic_path(path) as temp:
         torch.onnx.export(
             model, (example,), str(temp), input_names=["input"], output_names=["output"],
             dynamic_shapes=(_batch_dim(example),), dynamo=True, external_data=False, verbose=False,
@@ -560,7 +546,7 @@ def save_sparse(model: nn.Module, path: PathLike) -> Path:
         "module": skeleton,
         "tensors": {name: _encode(tensor) for name, tensor in tensors.items()},
     }
-    with _atomic_path(path) as temp:
+    with atomic_path(path) as temp:
         torch.save(payload, temp)
     return Path(path)
 

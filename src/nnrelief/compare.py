@@ -1,6 +1,6 @@
 """NNrelief against magnitude and random pruning at equal remaining weights.
 
-:func:`run_comparison` takes an :class:`~nnrelief.iterative.Experiment` and runs, from the
+:func:`run_comparison` takes an :class:`~nnrelief.experiment.Experiment` and runs, from the
 same dense trained weights (``trained.pt``) and with the same retraining (rewind or
 fine-tune, same epochs, batches and seeds per iteration):
 
@@ -44,18 +44,10 @@ import torch
 from torch import nn
 
 from .baselines import global_magnitude_prune, magnitude_prune, random_prune
-from .iterative import (
-    ConfigError,
-    Experiment,
-    History,
-    IterationRecord,
-    _cpu_state,
-    _measure,
-    _save_text,
-    _save_torch,
-    derive_seed,
-    rewind,
-)
+from .experiment import ConfigError, Experiment, derive_seed
+from .fileio import cpu_state, save_text, save_torch
+from .history import History, IterationRecord, measure
+from .iterative import rewind
 from .masks import refresh_masked, restore_masks
 from .report import PruneReport
 from .training import fit
@@ -117,19 +109,19 @@ def run_baseline(
         logger.info("%s: resuming after iteration %d", method, done)
     else:
         accuracy = experiment.accuracies(model)
-        history = History([IterationRecord(0, dict(accuracy), dict(accuracy), **_measure(model, shape))])
+        history = History([IterationRecord(0, dict(accuracy), dict(accuracy), **measure(model, shape))])
         _store(folder, model, history, [], method, extra)
     for iteration in range(len(history.records), len(targets) + 1):
         start = time.perf_counter()
         report = _prune(method, model, targets[iteration - 1], cfg.seed, iteration)
         prune_seconds = time.perf_counter() - start
-        record = IterationRecord(iteration, experiment.accuracies(model), {}, **_measure(model, shape),
+        record = IterationRecord(iteration, experiment.accuracies(model), {}, **measure(model, shape),
                                  prune_seconds=prune_seconds, report=report.to_dict())  # fmt: skip
         retrain_start = time.perf_counter()
         if init is not None:
             rewind(model, init)
         checkpoint = folder / f"retrain-{iteration}.ckpt"
-        fit(model, experiment._train_loader("retrain", iteration), experiment.val_batches,
+        fit(model, experiment.train_loader("retrain", iteration), experiment.val_batches,
             cfg.train_config(retrain_iteration=iteration), checkpoint_path=checkpoint, progress=progress)  # fmt: skip
         refresh_masked(model)
         record.retrain_seconds = time.perf_counter() - retrain_start
@@ -150,12 +142,12 @@ def run_baseline(
 def _store(folder: Path, model: nn.Module, history: History, targets: list[dict[str, int]], method: str,
            extra: dict[str, Any]) -> None:  # fmt: skip
     """Weights of the last iteration, history files, then the state (the commit point)."""
-    weights = _cpu_state(model)
-    _save_torch(weights, folder / f"model-iter{history.records[-1].iteration}.pt")
+    weights = cpu_state(model)
+    save_torch(weights, folder / f"model-iter{history.records[-1].iteration}.pt")
     history.write(folder, extra)
     state = {"format": _STATE_FORMAT, "method": method, "targets": targets, "model": weights,
              "history": history.to_dict()}  # fmt: skip
-    _save_torch(state, folder / "state.pt")
+    save_torch(state, folder / "state.pt")
 
 
 @dataclass
@@ -234,11 +226,11 @@ class Comparison:
         writer.writeheader()
         writer.writerows(rows)
         paths = {"csv": folder / "compare.csv", "json": folder / "compare.json", "md": folder / "compare.md"}
-        _save_text(text.getvalue(), paths["csv"])
+        save_text(text.getvalue(), paths["csv"])
         cfg = self.experiment.cfg
         payload = {"run_dir": str(self.experiment.run_dir), "config": cfg.to_dict(), "methods": list(self.histories),
                    "layer_totals": self.layer_totals(), "rows": rows}  # fmt: skip
-        _save_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", paths["json"])
+        save_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", paths["json"])
         retrain = "rewind to init" if cfg.rewind else "fine-tune"
         header = [
             "# Pruning methods at equal remaining weights", "",
@@ -261,7 +253,7 @@ class Comparison:
         except MissingPlotDependencyError as error:
             paths.pop("png")
             logger.warning("no compare.png: %s", error)
-        _save_text("\n".join(header) + "\n" + self.markdown(), paths["md"])
+        save_text("\n".join(header) + "\n" + self.markdown(), paths["md"])
         return paths
 
 

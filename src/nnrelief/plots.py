@@ -34,8 +34,10 @@ from torch import Tensor, nn
 
 from . import data as nndata
 from . import scores as score_fns
+from .experiment import ConfigError, ExperimentConfig, derive_seed, load_weights
+from .fileio import save_text
 from .graph import build_graph
-from .iterative import ConfigError, ExperimentConfig, History, derive_seed, load_weights
+from .history import History
 from .masks import current_mask
 
 __all__ = [
@@ -648,7 +650,7 @@ def write_report(
                   ("Accuracies in percent (validation split held out from the training data; test set). "
                    "'before' = right after the pruning pass, 'after' = after retraining."), ""]  # fmt: skip
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", path)
     logger.info("wrote %s", path)
     return path
 

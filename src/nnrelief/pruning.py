@@ -17,7 +17,14 @@ from .graph import ModelGraph, PrunableLayer, build_graph
 from .masks import current_mask, gate_of, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
-from .stats import Statistics, activity_key, all_reduce_statistics, collect, input_key, map_key
+from .stats import (
+    Statistics,
+    activity_key,
+    all_reduce_statistics,
+    collect,
+    input_key,
+    map_key,
+)
 
 log = logging.getLogger(__name__)
 

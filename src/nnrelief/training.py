@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
@@ -35,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
+
+from .fileio import save_torch
 
 __all__ = [
     "Batches",
@@ -380,19 +380,6 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
@@ -545,7 +532,7 @@ def fit(
             )  # fmt: skip
             epochs.set_postfix(train_loss=f"{train.loss:.4f}", val_acc=f"{val.accuracy:.4f}")
             if checkpoint_path is not None:
-                _atomic_save(
+                save_torch(
                     {
                         "format": _CHECKPOINT_FORMAT,
                         "config": cfg.to_dict(),
