@@ -26,12 +26,6 @@ SMALL = [
 TIMES = {"prune_seconds", "retrain_seconds", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def one_line_error(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from nnrelief.compact import (
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a busy 2-core machine OpenMP synchronisation dominates small ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _calibrate_and_dim(model: nn.Module, x: torch.Tensor) -> None:

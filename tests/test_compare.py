@@ -24,12 +24,6 @@ SMALL = [
 LAYERS = ["fc1", "fc2", "fc3"]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> Path:

@@ -36,14 +36,6 @@ from nnrelief.training import evaluate
 TIMES = {"prune_seconds", "retrain_seconds", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest (and reproducibly) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_config(**changes) -> ExperimentConfig:
     settings = {
