@@ -630,7 +630,7 @@ def write_report(
         last, selected = records[-1].iteration, records[run.history.selected_iteration]
         status = "stopped early" if run.history.stopped_early else "finished" if last >= run.config.num_iters else "in progress"
         lines += [
-            (f"{last} of {run.config.num_iters} iterations ({status}); selected iteration {selected.iteration}: "
+            (f"{last} of {max(last, run.config.num_iters)} iterations ({status}); selected iteration {selected.iteration}: "
              f"test accuracy {100 * selected.accuracy_after['test']:.2f}% (dense {100 * records[0].accuracy_after['test']:.2f}%), "
              f"{selected.params_remaining:,} of {records[0].params_total:,} weights and biases left "
              f"({selected.compression:.2f}x)."),
