@@ -35,10 +35,6 @@ class LayerMask:
         if self.bias is not None:
             self.bias &= ~remove
 
-    def copy(self) -> "LayerMask":
-        """An independent copy."""
-        return LayerMask(self.weight.clone(), None if self.bias is None else self.bias.clone())
-
 
 def residual_decisions(branch_map: Tensor, shortcut_map: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     """The residual rule for one block.

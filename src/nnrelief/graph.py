@@ -105,16 +105,6 @@ class PrunableLayer:
     structured: bool = False
     input_hw: tuple[int, int] | None = None
 
-    @property
-    def out_channels(self) -> int:
-        """Number of neurons (Linear) or filters (Conv2d)."""
-        return self.module.weight.shape[0]
-
-    @property
-    def in_channels(self) -> int:
-        """Number of inputs (Linear) or input channels (Conv2d)."""
-        return self.module.weight.shape[1]
-
 
 @dataclass
 class ResidualJoin:
