@@ -7,6 +7,7 @@ The end-to-end tests train LeNet-300-100 on the MNIST sample shipped with the pa
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 
@@ -20,8 +21,10 @@ from nnrelief.experiment import (
     PRESETS,
     ConfigError,
     Experiment,
+    FREE_FIELDS,
     ExperimentConfig,
     RunConflictError,
+    _prepare_run_dir,
     load_weights,
     resolve_config,
     run_name,
@@ -314,6 +317,21 @@ def test_config_hash_ignores_only_free_fields():
     assert base.config_hash() == ExperimentConfig(device="cpu", data_dir="/x", num_iters=3).config_hash()
     assert base.config_hash() != ExperimentConfig(seed=1).config_hash()
     assert base.config_hash() != ExperimentConfig(alpha_fc=0.9).config_hash()
+
+
+def test_later_fields_keep_old_run_folders_valid(tmp_path):
+    """A setting added after a run folder was written neither renames nor refuses it."""
+    base = ExperimentConfig()
+    old = {k: v for k, v in base.to_dict().items() if k != "lr_schedule"}
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in old.items() if k not in FREE_FIELDS}, sort_keys=True).encode()
+    ).hexdigest()[:8]
+    assert base.config_hash() == digest
+    assert ExperimentConfig(lr_schedule="cosine").config_hash() != digest
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _prepare_run_dir(base, tmp_path)
+    with pytest.raises(RunConflictError, match="lr_schedule"):
+        _prepare_run_dir(ExperimentConfig(lr_schedule="cosine"), tmp_path)
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):

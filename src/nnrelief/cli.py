@@ -76,6 +76,8 @@ FIELD_HELP: dict[str, str] = {
     "milestones": "dense-training epochs after which the learning rate decays (none = no decay)",
     "retrain_milestones": "retraining epochs after which the learning rate decays",
     "gamma": "learning-rate decay factor at each milestone",
+    "lr_schedule": "learning-rate schedule of every phase: 'step' (decay at the milestones) "
+    "or 'cosine' (annealing to 0 over the phase's epochs)",
     "alpha_fc": "fraction of each neuron's signal kept in fully connected layers, in (0, 1]",
     "alpha_conv": "fraction of each filter's signal kept in conv layers, in (0, 1]",
     "score": "conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)",

@@ -70,6 +70,9 @@ def derive_seed(*parts: object) -> int:
 
 
 FREE_FIELDS = frozenset({"data_dir", "device", "num_iters"})
+# Settings added after the first release: left out of the folder hash while at these
+# defaults, and assumed to have them in run folders written before they existed.
+LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step"}
 _EVAL_BATCH = 500
 
 
@@ -92,6 +95,7 @@ class ExperimentConfig:
         milestones: dense-training epochs after which the learning rate decays.
         retrain_milestones: the same for retraining.
         gamma: learning-rate decay factor.
+        lr_schedule: ``step`` (milestones) or ``cosine`` (annealing to 0 over each phase).
         alpha_fc: kept signal fraction of Linear layers.
         alpha_conv: kept signal fraction of Conv2d layers.
         score: ``paper`` or ``authors`` conv score.
@@ -124,6 +128,7 @@ class ExperimentConfig:
     milestones: list[int] = field(default_factory=lambda: [30])
     retrain_milestones: list[int] = field(default_factory=lambda: [30])
     gamma: float = 0.1
+    lr_schedule: str = "step"
     alpha_fc: float = 0.95
     alpha_conv: float = 0.9
     score: str = "paper"
@@ -190,7 +195,7 @@ class ExperimentConfig:
         return TrainConfig(
             optimizer=self.optimizer, lr=lr, momentum=self.momentum,
             weight_decay=self.weight_decay, epochs=epochs, milestones=list(milestones),
-            gamma=self.gamma, device=self.device, seed=seed,
+            gamma=self.gamma, lr_schedule=self.lr_schedule, device=self.device, seed=seed,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +213,11 @@ class ExperimentConfig:
 
     def config_hash(self) -> str:
         """8 hex digits identifying the settings (all but :data:`FREE_FIELDS`)."""
-        fixed = {k: v for k, v in self.to_dict().items() if k not in FREE_FIELDS}
+        fixed = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in FREE_FIELDS and not (k in LATER_FIELDS and LATER_FIELDS[k] == v)
+        }
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -327,7 +336,7 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> None:
     path = run_dir / CONFIG_FILE
     current = cfg.to_dict()
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = {**LATER_FIELDS, **json.loads(path.read_text())}
         diff = [k for k in current if k not in FREE_FIELDS and stored.get(k) != current[k]]
         if diff:
             details = ", ".join(f"{k}: stored={stored.get(k)!r} now={current[k]!r}" for k in diff)

@@ -54,6 +54,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("adam", "sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine")
 _CHECKPOINT_FORMAT = 1
 # Config fields that may differ between a checkpoint and the resuming run.
 _RESUME_FREE_FIELDS = frozenset({"epochs"})
@@ -77,8 +78,11 @@ class TrainConfig:
         momentum: SGD momentum (ignored by Adam/AdamW).
         weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
         epochs: number of epochs.
-        milestones: epochs after which the learning rate is multiplied by ``gamma``.
+        milestones: epochs after which the learning rate is multiplied by ``gamma``
+            (``lr_schedule="step"`` only).
         gamma: learning-rate decay factor at each milestone.
+        lr_schedule: ``"step"`` (decay by ``gamma`` at each milestone) or ``"cosine"``
+            (per-epoch cosine annealing from ``lr`` to 0 over ``epochs``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp: mixed precision; only active when the resolved device is CUDA.
         grad_clip: maximal global gradient norm, or ``None`` for no clipping.
@@ -93,6 +97,7 @@ class TrainConfig:
     epochs: int = 10
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    lr_schedule: str = "step"
     device: str = "auto"
     amp: bool = False
     grad_clip: float | None = None
@@ -104,6 +109,8 @@ class TrainConfig:
         self.milestones = [int(m) for m in self.milestones]
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.momentum < 0:
@@ -230,8 +237,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig
-) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Per-epoch ``MultiStepLR`` decaying by ``cfg.gamma`` after each of ``cfg.milestones``."""
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule of ``cfg``: ``MultiStepLR`` decaying by
+    ``cfg.gamma`` after each of ``cfg.milestones``, or ``CosineAnnealingLR`` to 0 over
+    ``cfg.epochs``."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=sorted(cfg.milestones), gamma=cfg.gamma
     )
@@ -384,7 +395,8 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a nnrelief training checkpoint (format 1)")
-    saved, current = ckpt["config"], cfg.to_dict()
+    current = cfg.to_dict()
+    saved = {**TrainConfig().to_dict(), **ckpt["config"]}  # fields added later: defaults
     diff = sorted(
         k
         for k in set(saved) | set(current)
