@@ -103,10 +103,10 @@ def test_prune_prints_table_and_writes_run(small_run, capsys):
     assert small_run.name.startswith("lenet300_100-mnist-sample-")
     rows = json.loads((small_run / "history.json").read_text())["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    # the same command again: nothing recomputed, the table printed again
-    start = time.perf_counter()
+    # the same command again: nothing recomputed (no model file rewritten), the table printed again
+    written = {p.name: p.stat().st_mtime_ns for p in small_run.glob("*.pt")}
     assert main(["prune", *SMALL, "--runs-root", str(small_run.parent)]) == 0
-    assert time.perf_counter() - start < 5
+    assert {p.name: p.stat().st_mtime_ns for p in small_run.glob("*.pt")} == written
     out = capsys.readouterr().out
     assert "val before" in out and "test after" in out and "compr." in out
     assert out.count("\n") >= 5 and "model-iter2.pt" in out
@@ -177,7 +177,7 @@ def start(run_dir: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def kill_when(process: subprocess.Popen, path: Path, timeout: float = 120) -> None:
+def kill_when(process: subprocess.Popen, path: Path, timeout: float = 600) -> None:
     """SIGKILL ``process`` as soon as ``path`` exists (then it is inside the next epoch)."""
     deadline = time.monotonic() + timeout
     while not path.exists():

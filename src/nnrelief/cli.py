@@ -52,7 +52,9 @@ from .experiment import (
     resolve_config,
     run_name,
 )
+from .fileio import save_text
 from .metrics import file_size, summarize
+from .results import load_results, plot_results, results_markdown, run_results, save_results
 from .models import MODELS
 from .training import evaluate, resolve_device
 
@@ -342,8 +344,27 @@ def _add_report_and_compare(commands: Any) -> None:
     report.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
     report.add_argument("--max-neurons", type=int, default=12, metavar="N",
                         help="neurons drawn per layer in the connection picture (default: 12)")
+    report.add_argument("--json", type=Path, metavar="FILE",
+                        help="write the run's results file (format of docs/results/) instead of the "
+                        "figures (both with -o); one run folder only")
+    report.add_argument("--command", dest="run_command", metavar="TEXT",
+                        help="with --json: the exact command that made the run (default: one "
+                        "rebuilt from its settings)")
+    report.add_argument("--device-name", metavar="TEXT",
+                        help="with --json: where the run ran, e.g. 'cpu (2 cores)' (default: its device setting)")
     _add_common(report, top_level=False)
     report.set_defaults(handler=_cmd_report)
+
+    results = commands.add_parser(
+        "results", help="tables and a figure from results files (nnrelief report RUN --json FILE)",
+        description="Read results files and write results.md (one table per file: remaining weights, "
+        "accuracies, MACs, channels, baselines at the same iteration) and results.png (test accuracy "
+        "against remaining weights, NNrelief and baselines).",
+    )  # fmt: skip
+    results.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="results file(s)")
+    results.add_argument("-o", "--out-dir", type=Path, required=True, metavar="OUT_DIR", help="output folder")
+    _add_common(results, top_level=False)
+    results.set_defaults(handler=_cmd_results)
 
     compare = commands.add_parser(
         "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
@@ -364,6 +385,13 @@ def _add_report_and_compare(commands: Any) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .plots import write_report
 
+    if args.json is not None:
+        if len(args.run_dirs) != 1:
+            raise ConfigError(f"--json takes one run folder, got {len(args.run_dirs)}")
+        results = run_results(args.run_dirs[0], command=args.run_command, device=args.device_name)
+        print(f"results: {save_results(results, args.json)}")
+        if args.out_dir is None:
+            return 0
     if args.out_dir is None and len(args.run_dirs) > 1:
         raise ConfigError("give an output folder (-o OUT_DIR) for several runs")
     out_dir = args.out_dir if args.out_dir is not None else args.run_dirs[0] / "report"
@@ -372,6 +400,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(f"report: {path}")
     for figure in sorted(path.parent.glob("*.png")):
         print(f"figure: {figure}")
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    loaded = [load_results(path) for path in args.files]
+    markdown = "\n".join(results_markdown(data) for data in loaded)
+    table = args.out_dir / "results.md"
+    save_text(markdown, table)
+    print(markdown)
+    print(f"table: {table}")
+    print(f"figure: {plot_results(loaded, args.out_dir / 'results.png')}")
     return 0
 
 

@@ -1,0 +1,256 @@
+"""Reproduction results: one JSON file per run, and the tables and figure made from them.
+
+A results file (``nnrelief report RUN --json FILE``) holds what a reader of a paper's table
+needs and nothing that depends on this package's internals::
+
+    {"format": 1, "model": "resnet20", "dataset": "cifar10", "device": "...",
+     "command": "nnrelief prune ...", "settings": {...the run's config.json...},
+     "wall_time_s": 6123.4,
+     "iterations": [{"iteration": 0, "remaining_percent": 100.0, "test_accuracy": 0.91,
+                     "val_accuracy": 0.90, "macs": 40551424, ...}, ...],
+     "baselines": [{"method": "global-magnitude", "iteration": 1,
+                    "remaining_percent": 61.2, "test_accuracy": 0.90}, ...]}
+
+Accuracies are fractions in [0, 1]; iteration 0 is the dense model; ``macs`` counts the
+unpruned weights of one input. Baselines come from ``nnrelief compare`` (the run's
+``compare/<method>/history.json``). Reading a run folder never writes to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .experiment import CONFIG_FILE, ConfigError, ExperimentConfig
+from .fileio import save_text
+from .history import History
+
+__all__ = [
+    "RESULTS_FORMAT",
+    "load_results",
+    "plot_results",
+    "reproduce_command",
+    "results_markdown",
+    "run_results",
+    "save_results",
+    "validate_results",
+]
+
+RESULTS_FORMAT = 1
+_REQUIRED = ("model", "dataset", "device", "command", "settings", "wall_time_s", "iterations", "baselines")
+_ITERATION_KEYS = ("iteration", "remaining_percent", "test_accuracy", "val_accuracy", "macs")
+_BASELINE_KEYS = ("method", "remaining_percent", "test_accuracy")
+_COMMAND_SKIP = frozenset({"data_dir", "device"})
+
+
+def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
+    """An ``nnrelief prune`` command line that gives every setting of ``cfg`` explicitly
+    (so it does not depend on presets changing), reading the data from ``data_dir``."""
+    defaults = ExperimentConfig().to_dict()
+    words = ["nnrelief", "prune"]
+    for name, value in cfg.to_dict().items():
+        default = defaults[name] == value and name not in ("model", "dataset")
+        if name in _COMMAND_SKIP or default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            words += [flag, *map(str, value)]
+        else:
+            words += [flag, "none" if value is None else str(value)]
+    words += ["--data-dir", data_dir]
+    return shlex.join(words)
+
+
+def _read_json(path: Path, in_run: bool = True) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        where = f": {path.parent} is not a finished run folder" if in_run else ""
+        raise ConfigError(f"{path} not found{where}") from None
+    except json.JSONDecodeError as error:
+        what = "the run folder is damaged" if in_run else "not a results file"
+        raise ConfigError(f"{path} is not valid JSON ({error}); {what}") from None
+
+
+def _wall_time(run_dir: Path, history: History) -> float:
+    """Dense training (from writing ``init.pt`` to writing ``trained.pt``) plus the
+    iterations' own wall times (pauses between resumed iterations are not counted)."""
+    init, trained = run_dir / "init.pt", run_dir / "trained.pt"
+    dense = trained.stat().st_mtime - init.stat().st_mtime if init.exists() and trained.exists() else 0.0
+    return max(dense, 0.0) + sum(record.seconds for record in history.records)
+
+
+def _baselines(run_dir: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    compare = run_dir / "compare"
+    if not compare.is_dir():
+        return rows
+    for method_dir in sorted(p for p in compare.iterdir() if (p / "history.json").is_file()):
+        history = History.from_dict(_read_json(method_dir / "history.json"))
+        for record in history.records[1:]:
+            rows.append({
+                "method": method_dir.name,
+                "iteration": record.iteration,
+                "remaining_percent": record.remaining_percent,
+                "test_accuracy": record.accuracy_after["test"],
+                "params_remaining": record.params_remaining,
+            })  # fmt: skip
+    return rows
+
+
+def run_results(
+    run_dir: str | os.PathLike[str], *, command: str | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """The results dict of a finished (or partly finished) run folder.
+
+    Args:
+        run_dir: the run folder (``config.json`` and ``history.json`` are needed).
+        command: the exact command that made the run (default: :func:`reproduce_command`).
+        device: where it ran, e.g. ``"cpu (2 cores)"`` (default: the config's device).
+    """
+    run_dir = Path(run_dir)
+    cfg = ExperimentConfig.from_dict(_read_json(run_dir / CONFIG_FILE))
+    history = History.from_dict(_read_json(run_dir / "history.json"))
+    iterations = []
+    for record in history.records:
+        iterations.append({
+            "iteration": record.iteration,
+            "remaining_percent": record.remaining_percent,
+            "test_accuracy": record.accuracy_after["test"],
+            "val_accuracy": record.accuracy_after["val"],
+            "macs": record.macs_sparse,
+            "test_accuracy_before_retraining": record.accuracy_before["test"],
+            "params_remaining": record.params_remaining,
+            "params_total": record.params_total,
+            "channels_alive": sum(record.alive.values()),
+            "channels_total": sum(record.channels_total.values()),
+        })  # fmt: skip
+    results = {
+        "format": RESULTS_FORMAT,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "device": device if device is not None else cfg.device,
+        "command": command if command is not None else reproduce_command(cfg),
+        "settings": cfg.to_dict(),
+        "wall_time_s": _wall_time(run_dir, history),
+        "iterations": iterations,
+        "baselines": _baselines(run_dir),
+    }
+    return validate_results(results, str(run_dir))
+
+
+def _fraction(value: Any, where: str) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{where}: accuracy must be a fraction in [0, 1], got {value!r}")
+
+
+def validate_results(data: Any, source: str = "results") -> dict[str, Any]:
+    """Check the structure of a results dict; raises :class:`ConfigError` naming what is
+    wrong and where. Returns ``data``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {missing}")
+    if not data["iterations"] or data["iterations"][0].get("iteration") != 0:
+        raise ConfigError(f"{source}: 'iterations' must start with iteration 0 (the dense model)")
+    for kind, rows, keys in (("iterations", data["iterations"], _ITERATION_KEYS),
+                             ("baselines", data["baselines"], _BASELINE_KEYS)):  # fmt: skip
+        for i, row in enumerate(rows):
+            where = f"{source}: {kind}[{i}]"
+            absent = [key for key in keys if key not in row]
+            if absent:
+                raise ConfigError(f"{where}: missing key(s) {absent}")
+            _fraction(row["test_accuracy"], where)
+            if "val_accuracy" in row:
+                _fraction(row["val_accuracy"], where)
+            if not 0.0 <= row["remaining_percent"] <= 100.0:
+                raise ConfigError(f"{where}: remaining_percent must be in [0, 100], got {row['remaining_percent']!r}")
+    return dict(data)
+
+
+def save_results(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Validate and write ``data`` as indented JSON (atomically)."""
+    validate_results(data, str(path))
+    save_text(json.dumps(data, indent=2) + "\n", path)
+    return Path(path)
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a results file."""
+    path = Path(path)
+    return validate_results(_read_json(path, in_run=False), str(path))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def _matched_baseline(results: Mapping[str, Any], iteration: int) -> str:
+    cells = [
+        f"{row['method']} {_percent(row['test_accuracy'])}"
+        for row in results["baselines"]
+        if row.get("iteration") == iteration
+    ]
+    return ", ".join(cells) if cells else ""
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """A Markdown table of one results file: per iteration the remaining weights, test
+    accuracy before/after retraining, validation accuracy, MACs, alive channels and the
+    baselines' test accuracy at the same iteration."""
+    iterations = results["iterations"]
+    dense = iterations[0]
+    lines = [
+        f"**{results['model']} on {results['dataset']}** ({results['device']}, "
+        f"wall time {results['wall_time_s'] / 60:.0f} min)",
+        "",
+        "| iter | remaining | compression | test before | test after | val after | vs dense | MACs | channels | baselines (test) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in iterations:
+        compression = 100.0 / row["remaining_percent"] if row["remaining_percent"] else math.inf
+        delta = 100 * (row["test_accuracy"] - dense["test_accuracy"])
+        channels = f"{row.get('channels_alive', '')}"
+        lines.append(
+            f"| {row['iteration']} | {row['remaining_percent']:.2f}% | {compression:.1f}x | "
+            f"{_percent(row.get('test_accuracy_before_retraining', row['test_accuracy']))} | "
+            f"{_percent(row['test_accuracy'])} | {_percent(row['val_accuracy'])} | {delta:+.2f} | "
+            f"{row['macs'] / 1e6:.1f}M | {channels} | {_matched_baseline(results, row['iteration'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Test accuracy against remaining weights (log x) for each results file: NNrelief's
+    iterations as a line, each baseline method as its own line; dense accuracy dotted."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(6.4, 4.2))
+    for data in results:
+        label = f"{data['model']} / {data['dataset']}"
+        rows = data["iterations"]
+        line = axis.plot([r["remaining_percent"] for r in rows], [100 * r["test_accuracy"] for r in rows],
+                         marker="o", label=f"NNrelief, {label}")[0]  # fmt: skip
+        axis.axhline(100 * rows[0]["test_accuracy"], color=line.get_color(), linestyle=":", linewidth=1)
+        for method in sorted({b["method"] for b in data["baselines"]}):
+            points = [b for b in data["baselines"] if b["method"] == method]
+            axis.plot([b["remaining_percent"] for b in points], [100 * b["test_accuracy"] for b in points],
+                      marker="s", linestyle="--", label=f"{method}, {label}")  # fmt: skip
+    axis.set_xscale("log")
+    axis.invert_xaxis()
+    axis.set_xlabel("remaining weights (%)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    path = Path(path)
+    _save(fig, path)
+    return path
