@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 import nnrelief
-from nnrelief.compact import compact
+from nnrelief.compaction import compact
 from nnrelief.masks import make_permanent, set_mask
 from nnrelief.metrics import (
     MaskMismatchError,

@@ -34,15 +34,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import data as nndata
-from .compact import (
-    compact,
-    compaction_summary,
-    export_onnx,
-    export_program,
-    export_torchscript,
-    format_summary,
-    save_sparse,
-)
+from .compaction import compact, compaction_summary, format_summary
 from .experiment import (
     PRESETS,
     ConfigError,
@@ -52,6 +44,7 @@ from .experiment import (
     resolve_config,
     run_name,
 )
+from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .metrics import file_size, summarize
 from .models import MODELS
 from .training import evaluate, resolve_device

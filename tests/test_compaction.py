@@ -11,16 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.compact import (
-    compact,
-    compaction_summary,
-    export_onnx,
-    export_program,
-    export_torchscript,
-    format_summary,
-    load_sparse,
-    save_sparse,
-)
+from nnrelief.compaction import compact, compaction_summary, format_summary
+from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
 
