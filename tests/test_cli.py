@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import nnrelief
 from nnrelief.cli import FIELD_HELP, main
 from nnrelief.experiment import ExperimentConfig, load_weights
+from nnrelief.export import load_sparse
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [
@@ -43,6 +45,13 @@ def test_help(argv, capsys):
     assert out.startswith("usage: nnrelief")
     if argv[0] in ("prune", "train", "demo"):
         assert "--alpha-fc" in out and "--early-stop-margin" in out and "--preset" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nnrelief {nnrelief.__version__}"
 
 
 def test_every_setting_has_a_flag_with_help():
@@ -138,6 +147,27 @@ def test_compact_checkpoint(small_run, tmp_path, capsys):
     x = torch.rand(5, 1, 28, 28)
     assert torch.allclose(scripted(x), masked(x), atol=1e-5)
     assert sparse_file.stat().st_size < checkpoint.stat().st_size
+
+
+def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    checkpoint = small_run / "model-iter2.pt"
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.onnx"), "-q"]) == 0
+    onnx.checker.check_model(onnx.load(str(tmp_path / "small.onnx")))
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.sparse"), "-q"]) == 0
+    assert load_sparse(tmp_path / "small.sparse")(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    capsys.readouterr()
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.bin"), "-q"]) == 1
+    assert "unknown extension '.bin'" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "small.bin").exists()
+
+
+def test_default_output_is_bars_and_results_per_epoch_lines_with_v(tmp_path, capsys):
+    quiet_flags = [a for a in SMALL if a != "-q"]
+    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "a")]) == 0
+    assert "epoch" not in capsys.readouterr().err
+    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "b"), "-v"]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
 
 
 def test_run_folder_collision_is_refused(small_run, capsys):

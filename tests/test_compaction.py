@@ -166,7 +166,7 @@ def test_plain_model_with_zero_rows_and_no_example() -> None:
     with torch.no_grad():
         model[0].weight[1:3] = 0
         model[0].bias[1:3] = 0
-    compacted = compact(model)
+    compacted = nnrelief.compact(model)  # the top-level name is the function
     assert compacted.get_submodule("0").out_features == 3
     assert compacted.get_submodule("2").in_features == 3
     _assert_same(model, compacted, torch.randn(4, 6))

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import __version__
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiment import (
@@ -50,6 +51,12 @@ from .models import MODELS
 from .training import evaluate, resolve_device
 
 logger = logging.getLogger("nnrelief.cli")
+
+_EXPORTERS: dict[str, Callable[..., Path]] = {
+    ".pt": export_torchscript, ".ts": export_torchscript, ".pt2": export_program, ".onnx": export_onnx,
+    ".sparse": lambda model, _example, path: save_sparse(model, path),
+}  # fmt: skip
+_FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .onnx (ONNX), .sparse (sparse format)"
 
 # Errors caused by the user's input: reported in one line (traceback with -v).
 _USER_ERRORS = (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError)
@@ -146,9 +153,9 @@ def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
         return value if top_level else argparse.SUPPRESS
 
     group.add_argument("-v", "--verbose", action="count", default=default(0),
-                       help="more log messages on stderr (debug)")
+                       help="log progress on stderr (-v: per-epoch and per-iteration lines, -vv: debug)")
     group.add_argument("-q", "--quiet", action="count", default=default(0),
-                       help="fewer log messages (-q: warnings only, -qq: errors only)")
+                       help="errors and results only (no warnings, no progress bars)")
     group.add_argument("--threads", type=int, metavar="N", default=default(None),
                        help="CPU threads used by torch (default: torch's choice; demo: 1)")
 
@@ -177,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -239,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     compact_cmd.add_argument("checkpoint", type=Path, help="a pruned state_dict, e.g. runs/<run>/model-iter5.pt")
     compact_cmd.add_argument("-o", "--output", type=Path, required=True,
-                             help="output file: .pt2 = ExportedProgram, anything else = TorchScript")
+                             help="output file; its extension chooses the format: " + _FORMAT_HELP)
     compact_cmd.add_argument("--onnx", type=Path, metavar="FILE", help="also export ONNX (needs nnrelief[export])")
     compact_cmd.add_argument("--sparse", type=Path, metavar="FILE",
                              help="also save in the sparse format (size grows with the remaining weights)")
@@ -258,9 +266,13 @@ def _experiment(args: argparse.Namespace) -> Experiment:
     overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
     cfg, label = resolve_config(args.preset, args.config, overrides)
     run_dir = args.run_dir if args.run_dir is not None else args.runs_root / run_name(cfg, label)
-    experiment = Experiment(cfg, run_dir, download=args.download, progress=not args.no_progress)
+    experiment = Experiment(cfg, run_dir, download=args.download, progress=_progress(args))
     logger.info("run folder: %s", run_dir)
     return experiment
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.quiet)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -371,20 +383,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_comparison
 
-    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=not args.no_progress)
+    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=_progress(args))
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
     return 0
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
+    if args.output.suffix.lower() not in _EXPORTERS:
+        raise ConfigError(f"-o {args.output}: unknown extension {args.output.suffix!r}; use {_FORMAT_HELP}")
     model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
     shape = nndata.get_spec(args.dataset or cfg.dataset).image_shape
     example = torch.zeros(2, *shape)
     smaller = compact(model, example)
-    save = export_program if args.output.suffix == ".pt2" else export_torchscript
-    save(smaller, example, args.output)
-    written = [args.output]
+    written = [_EXPORTERS[args.output.suffix.lower()](smaller, example, args.output)]
     if args.onnx is not None:
         written.append(export_onnx(smaller, example, args.onnx))
     if args.sparse is not None:
@@ -400,9 +412,10 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
-    """Send the ``nnrelief`` loggers to stderr (INFO by default) while the command runs,
-    with tqdm bars kept intact; the previous logging setup is restored afterwards."""
-    level = min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
+    """Send the ``nnrelief`` loggers to stderr while the command runs (warnings by default,
+    INFO with -v, DEBUG with -vv, errors only with -q), with tqdm bars kept intact; the
+    previous logging setup is restored afterwards."""
+    level = min(max(logging.WARNING + 10 * (min(quiet, 1) - verbose), logging.DEBUG), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("nnrelief")
