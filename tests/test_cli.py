@@ -97,6 +97,14 @@ def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     assert needle in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--momentum", "--weight-decay", "--gamma"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused_before_anything_is_created(flag, value, capsys, tmp_path):
+    assert main(["prune", "--preset", "demo", flag, value, "--runs-root", str(tmp_path / "runs")]) == 1
+    assert "must be a finite number" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -312,6 +312,19 @@ def test_config_precedence_and_file_errors(tmp_path):
         ExperimentConfig(optimizer="rmsprop")
 
 
+@pytest.mark.parametrize(
+    "name,value",
+    [("lr", float("nan")), ("lr", float("inf")), ("retrain_lr", float("nan")), ("momentum", float("nan")),
+     ("momentum", float("-inf")), ("weight_decay", float("nan")), ("weight_decay", float("inf")),
+     ("gamma", float("nan")), ("gamma", float("inf")), ("alpha_fc", float("nan")),
+     ("early_stop_margin", float("nan")), ("early_stop_margin", float("inf")), ("momentum", 1.5),
+     ("weight_decay", -1e-4), ("gamma", 0.0), ("lr", -0.1)],
+)  # fmt: skip
+def test_every_number_must_be_finite_and_in_range(name, value):
+    with pytest.raises(ConfigError, match=f"setting {name} must be"):
+        ExperimentConfig(**{name: value})
+
+
 def test_config_hash_ignores_only_free_fields():
     base = ExperimentConfig()
     assert base.config_hash() == ExperimentConfig(device="cpu", data_dir="/x", num_iters=3).config_hash()

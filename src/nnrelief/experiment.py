@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import types
@@ -74,6 +75,23 @@ FREE_FIELDS = frozenset({"data_dir", "device", "num_iters"})
 # defaults, and assumed to have them in run folders written before they existed.
 LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step"}
 _EVAL_BATCH = 500
+
+
+# Interval of every bounded number of ExperimentConfig ("(" open, "[" closed; None is allowed
+# where the type allows it).
+_RANGES: dict[str, str] = {
+    "alpha_fc": "(0, 1]", "alpha_conv": "(0, 1]", "lr": "(0, inf)", "retrain_lr": "(0, inf)",
+    "momentum": "[0, 1)", "weight_decay": "[0, inf)", "gamma": "(0, inf)", "early_stop_margin": "[0, inf)",
+    "num_iters": "[0, inf)", "epochs": "[1, inf)", "retrain_epochs": "[1, inf)", "batch_size": "[1, inf)",
+    "prune_samples": "[1, inf)", "val_size": "[1, inf)", "train_subset": "[1, inf)",
+}  # fmt: skip
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
 
 
 @dataclass
@@ -146,6 +164,7 @@ class ExperimentConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _convert(getattr(self, f.name), hints[f.name], f.name))
+        self._check_numbers()
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
         if self.dataset not in nndata.DATASETS:
@@ -160,23 +179,22 @@ class ExperimentConfig:
             )
         if self.score not in SCORE_MODES:
             raise ConfigError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
-        for name in ("alpha_fc", "alpha_conv"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("num_iters",):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "prune_samples", "val_size", "train_subset"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.early_stop_margin is not None and self.early_stop_margin < 0:
-            raise ConfigError(f"early_stop_margin must be >= 0, got {self.early_stop_margin}")
         try:
             self.train_config()
             self.train_config(retrain_iteration=1)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+    def _check_numbers(self) -> None:
+        """Every number finite and in its range (NaN fails every comparison, so check first)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"setting {f.name} must be a finite number, got {value}")
+        for name, interval in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _in_interval(value, interval):
+                raise ConfigError(f"setting {name} must be in {interval}, got {value}")
 
     @property
     def num_classes(self) -> int:
