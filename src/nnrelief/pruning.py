@@ -149,6 +149,7 @@ def prune(
     alpha_conv = check_alpha(alpha_conv, "alpha_conv")
     if score not in SCORE_MODES:
         raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    _check_finite(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     modes = {module: module.training for module in model.modules()}
@@ -185,29 +186,91 @@ def prune(
         alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=int(next(iter(stats.values()))["count"]),
     )
     report.skipped = dict(graph.skipped)
+    if report.kept == 0:
+        log.warning(
+            "nnrelief pass removed every weight and bias of %s: the model now outputs a constant. "
+            "Check the pruning batches (are they all zero?) or raise alpha_fc/alpha_conv", type(model).__name__,
+        )  # fmt: skip
     log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
     return report
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN/inf parameters or buffers (a diverged training), naming them."""
+    named = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([t.detach().isfinite().all().to("cpu", non_blocking=True) for _, t in named]).tolist()
+    bad = [name.replace("_orig", "") for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise ValueError(
+            f"{type(model).__name__} has NaN or inf values in {', '.join(bad)}; the model was left unchanged. "
+            "Its training probably diverged: prune a model with finite weights (an earlier checkpoint, "
+            "or retrain with a lower learning rate)"
+        )
+
+
+def _failing_layer(model: nn.Module, x: Tensor) -> tuple[str, BaseException] | None:
+    """Run ``model`` on ``x`` plainly; the innermost module that raised, and its error."""
+    entered: list[str] = []
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        entered.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)))
+            hooks.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # noqa: BLE001 - reported to the user with its layer
+        return (entered[-1] if entered else "", error)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None
 
 
 def _build(model: nn.Module, first: Tensor) -> ModelGraph:
     try:
         return build_graph(model, first)
     except Exception as error:
+        failure = _failing_layer(model, first[:1])
+        if failure is None:
+            raise
+        name, cause = failure
+        where = f" in layer {name} ({type(model.get_submodule(name)).__name__})" if name else ""
         raise ValueError(
-            f"the model rejected a pruning batch of shape {tuple(first.shape)}: {type(error).__name__}: {error}"
+            f"the model rejected a pruning batch of shape {tuple(first.shape)}{where}: {type(cause).__name__}: "
+            f"{cause}; give batches of the inputs the model was built for"
         ) from error
+
+
+class _FeedError(Exception):
+    """An error raised by the user's batches themselves (their loader), not by the model."""
 
 
 def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[Tensor], mode: str) -> Statistics:
     position = {"index": 0, "shape": None}
 
     def tracked() -> Iterator[Tensor]:
-        for index, x in enumerate(feed):
+        batches = iter(feed)
+        for index in itertools.count():
+            try:
+                x = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise _FeedError() from error
             position["index"], position["shape"] = index, tuple(x.shape)
             yield x
 
     try:
         return collect(model, graph, tracked(), mode)
+    except _FeedError as error:
+        raise error.__cause__ from None
     except (ValueError, TypeError):
         raise
     except Exception as error:
