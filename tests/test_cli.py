@@ -105,6 +105,16 @@ def test_non_finite_settings_are_refused_before_anything_is_created(flag, value,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("bug", [RuntimeError("internal"), KeyError("internal")])
+def test_bugs_are_not_disguised_as_user_errors(bug, monkeypatch):
+    def broken(_args):
+        raise bug
+
+    monkeypatch.setattr("nnrelief.cli._cmd_eval", broken)
+    with pytest.raises(type(bug)):
+        main(["eval", "model.pt"])
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -155,6 +165,13 @@ def test_compact_checkpoint(small_run, tmp_path, capsys):
     x = torch.rand(5, 1, 28, 28)
     assert torch.allclose(scripted(x), masked(x), atol=1e-5)
     assert sparse_file.stat().st_size < checkpoint.stat().st_size
+
+
+def test_checkpoint_of_another_model_names_every_difference(small_run, capsys):
+    assert main(["eval", str(small_run / "model-iter2.pt"), "--model", "lenet5", "--device", "cpu", "-q"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "does not fit model lenet5" in line and "fc1.weight_orig: checkpoint (300, 784), model (500, 800)" in line
+    assert "conv1.weight" in line and "fc3.bias_orig" in line
 
 
 def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):

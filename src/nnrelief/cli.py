@@ -41,6 +41,7 @@ from .experiment import (
     ConfigError,
     Experiment,
     ExperimentConfig,
+    device_of,
     load_weights,
     resolve_config,
     run_name,
@@ -48,7 +49,7 @@ from .experiment import (
 from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .metrics import file_size, summarize
 from .models import MODELS
-from .training import evaluate, resolve_device
+from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
 
@@ -58,8 +59,9 @@ _EXPORTERS: dict[str, Callable[..., Path]] = {
 }  # fmt: skip
 _FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .onnx (ONNX), .sparse (sparse format)"
 
-# Errors caused by the user's input: reported in one line (traceback with -v).
-_USER_ERRORS = (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError)
+# Errors caused by the user's input or environment: reported in one line (traceback with -vv).
+# Anything else is a bug and shows its traceback.
+_USER_ERRORS = (ConfigError, ValueError, OSError)
 
 FIELD_HELP: dict[str, str] = {
     "model": "network architecture: " + ", ".join(sorted(MODELS)),
@@ -310,7 +312,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dataset = args.dataset or cfg.dataset  # load_weights ensured one of them exists
     data_dir = args.data_dir if args.data_dir is not None else (cfg.data_dir if cfg else None)
     split = nndata.load_dataset(dataset, data_dir, args.split, download=args.download)
-    device = resolve_device(args.device)
+    device = device_of(args.device)
     model.to(device)
     batches = nndata.BatchLoader(split, args.batch_size, shuffle=False, seed=0, device=device)
     result = evaluate(model, batches, device)
@@ -448,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         except _USER_ERRORS as error:
             logger.debug("details:", exc_info=True)
-            message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+            message = str(error)
             first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
             print(f"nnrelief {args.command}: error: {first}", file=sys.stderr)
             return 1

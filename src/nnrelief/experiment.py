@@ -367,6 +367,14 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> None:
     save_text(json.dumps(current, indent=2) + "\n", path)
 
 
+def device_of(name: str) -> torch.device:
+    """:func:`resolve_device`, with a missing CUDA reported as a setting error."""
+    try:
+        return resolve_device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"setting device: {error}") from None
+
+
 def load_weights(
     path: str | os.PathLike[str], model: str | None = None, dataset: str | None = None
 ) -> tuple[nn.Module, ExperimentConfig | None]:
@@ -399,9 +407,8 @@ def load_weights(
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
     try:
         restore_masks(net, state)
-    except (RuntimeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise ConfigError(f"{path} does not fit model {model_name}: {first}") from None
+    except ValueError as error:
+        raise ConfigError(f"{path} does not fit model {model_name}: {error}; give --model/--dataset of the run") from None
     return net.eval(), cfg
 
 
@@ -433,7 +440,7 @@ class Experiment:
         self.run_dir = Path(run_dir)
         self.download = download
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        self.device = device_of(cfg.device)
         spec = nndata.get_spec(cfg.dataset)
         if cfg.data_dir is None and not spec.packaged:
             raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory (data_dir)")
