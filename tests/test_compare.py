@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nnrelief.cli import main
-from nnrelief.compare import BASELINES, METHODS, run_comparison
-from nnrelief.experiment import ConfigError
+from nnrelief.experiments.compare import BASELINES, METHODS, run_comparison
+from nnrelief.experiments.experiment import ConfigError
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",

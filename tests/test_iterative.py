@@ -17,11 +17,11 @@ from torch import nn
 
 import nnrelief
 from nnrelief import data as nndata
-from nnrelief.experiment import (
+from nnrelief.experiments.experiment import (
+    FREE_FIELDS,
     PRESETS,
     ConfigError,
     Experiment,
-    FREE_FIELDS,
     ExperimentConfig,
     RunConflictError,
     _prepare_run_dir,
@@ -29,8 +29,8 @@ from nnrelief.experiment import (
     resolve_config,
     run_name,
 )
-from nnrelief.history import History
-from nnrelief.iterative import relieve, rewind
+from nnrelief.experiments.history import History
+from nnrelief.experiments.iterative import relieve, rewind
 from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100

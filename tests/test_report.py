@@ -12,7 +12,7 @@ import torch
 
 from nnrelief import prune
 from nnrelief.cli import main
-from nnrelief.experiment import load_weights
+from nnrelief.experiments.experiment import load_weights
 from nnrelief.models import get_model
 from nnrelief.plots import (
     MissingPlotDependencyError,

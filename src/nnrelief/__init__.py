@@ -8,7 +8,7 @@ the masks into plain weights.
 """
 
 from .compaction import compact
-from .iterative import relieve
+from .experiments.iterative import relieve
 from .masks import make_permanent, restore_masks
 from .pruning import prune
 from .report import LayerReport, PruneReport

@@ -2,7 +2,7 @@
 and ``compact``.
 
 Every experiment command takes its settings from, in increasing priority: the defaults
-of :class:`~nnrelief.experiment.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
+of :class:`~nnrelief.experiments.experiment.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
 file and the individual flags. Runs live in ``<runs-root>/<preset or model-dataset>-<hash
 of the settings>`` and resume when the same command is run again.
 
@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
-from .experiment import (
+from .experiments.experiment import (
     PRESETS,
     ConfigError,
     Experiment,
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo, top_level=False)
     demo.set_defaults(handler=_cmd_demo)
     # Further subcommands (e.g. `compact`) register here in the same way.
-    # --- report and compare (nnrelief.plots, nnrelief.compare) ---
+    # --- report and compare (nnrelief.plots, nnrelief.experiments.compare) ---
     _add_report_and_compare(commands)
     # --- end report and compare ---
 
@@ -360,7 +360,7 @@ def _add_report_and_compare(commands: Any) -> None:
         "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
     )  # fmt: skip
     _add_experiment_options(compare, preset=None)
-    from .compare import BASELINES
+    from .experiments.compare import BASELINES
 
     compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
                          help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
@@ -383,7 +383,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_comparison
+    from .experiments.compare import run_comparison
 
     comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=_progress(args))
     print(comparison.markdown())

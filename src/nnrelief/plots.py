@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from . import data as nndata
 from . import scores as score_fns
-from .experiment import ConfigError, ExperimentConfig, derive_seed, load_weights
+from .experiments.experiment import ConfigError, ExperimentConfig, derive_seed, load_weights
+from .experiments.history import History
 from .fileio import save_text
 from .graph import build_graph
-from .history import History
 from .masks import current_mask
 
 __all__ = [

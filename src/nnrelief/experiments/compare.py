@@ -1,6 +1,6 @@
 """NNrelief against magnitude and random pruning at equal remaining weights.
 
-:func:`run_comparison` takes an :class:`~nnrelief.experiment.Experiment` and runs, from the
+:func:`run_comparison` takes an :class:`~nnrelief.experiments.experiment.Experiment` and runs, from the
 same dense trained weights (``trained.pt``) and with the same retraining (rewind or
 fine-tune, same epochs, batches and seeds per iteration):
 
@@ -43,14 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import cpu_state, save_text, save_torch
+from ..masks import refresh_masked, restore_masks
+from ..report import PruneReport
+from ..training import fit
 from .baselines import global_magnitude_prune, magnitude_prune, random_prune
 from .experiment import ConfigError, Experiment, derive_seed
-from .fileio import cpu_state, save_text, save_torch
 from .history import History, IterationRecord, measure
 from .iterative import rewind
-from .masks import refresh_masked, restore_masks
-from .report import PruneReport
-from .training import fit
 
 __all__ = ["BASELINES", "METHODS", "Comparison", "layer_targets", "run_baseline", "run_comparison"]
 
@@ -240,7 +240,7 @@ class Comparison:
              "to NNrelief's total; all start from the same dense weights and retrain identically."), "",
         ]  # fmt: skip
         try:
-            from .plots import MissingPlotDependencyError, plot_comparison
+            from ..plots import MissingPlotDependencyError, plot_comparison
 
             curves = {
                 method: [(r.remaining_percent, 100 * r.accuracy_after["test"], 100 * r.accuracy_before["test"])

@@ -1,5 +1,5 @@
 """The paper's experiments end to end: settings, presets, run folders, data, training and
-the iterative loop (:func:`nnrelief.iterative.relieve`), as used by the ``nnrelief`` command.
+the iterative loop (:func:`nnrelief.experiments.iterative.relieve`), as used by the ``nnrelief`` command.
 
 :class:`ExperimentConfig` holds every setting; :data:`PRESETS` the paper's (ALGORITHM.md);
 :func:`resolve_config` merges defaults < preset < TOML file < flags. An
@@ -38,15 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data as nndata
-from .fileio import cpu_state, save_text, save_torch
+from .. import data as nndata
+from ..fileio import cpu_state, save_text, save_torch
+from ..masks import restore_masks
+from ..models import MODELS, get_model
+from ..models import input_shape as model_input_shape
+from ..pruning import SCORE_MODES
+from ..training import TrainConfig, evaluate, fit, resolve_device
 from .history import History, IterationRecord
 from .iterative import relieve
-from .masks import restore_masks
-from .models import MODELS, get_model
-from .models import input_shape as model_input_shape
-from .pruning import SCORE_MODES
-from .training import TrainConfig, evaluate, fit, resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@
 :func:`relieve` runs ``num_iters`` times one pruning pass (:func:`nnrelief.prune`), measures
 the accuracies before retraining, optionally rewinds the surviving weights to their initial
 values (:func:`rewind`), calls the user's ``train_fn`` and measures again. Every iteration
-becomes an :class:`~nnrelief.history.IterationRecord` of a :class:`~nnrelief.history.History`.
+becomes an :class:`~nnrelief.experiments.history.IterationRecord` of a :class:`~nnrelief.experiments.history.History`.
 With ``run_dir`` it stores its state after every step (pruned, retrained), atomically, and
 resumes from it. The paper's experiments end to end (data, dense training, this loop, run
-folders, presets) are in :mod:`nnrelief.experiment`.
+folders, presets) are in :mod:`nnrelief.experiments.experiment`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .fileio import cpu_state, save_torch
+from ..fileio import cpu_state, save_torch
+from ..masks import GATE, refresh_masked, restore_masks
+from ..pruning import SCORE_MODES, prune
 from .history import History, IterationRecord, measure
-from .masks import GATE, refresh_masked, restore_masks
-from .pruning import SCORE_MODES, prune
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .fileio import save_text
-from .metrics import summarize
+from ..fileio import save_text
+from ..metrics import summarize
 
 
 def _finite(value: float) -> float | None:
