@@ -15,7 +15,8 @@ import torch
 
 import nnrelief
 from nnrelief.cli import FIELD_HELP, main
-from nnrelief.experiments.experiment import ExperimentConfig, load_weights
+from nnrelief.experiments.config import ExperimentConfig
+from nnrelief.experiments.experiment import load_weights
 from nnrelief.export import load_sparse
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]

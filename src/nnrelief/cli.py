@@ -2,7 +2,7 @@
 and ``compact``.
 
 Every experiment command takes its settings from, in increasing priority: the defaults
-of :class:`~nnrelief.experiments.experiment.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
+of :class:`~nnrelief.experiments.config.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
 file and the individual flags. Runs live in ``<runs-root>/<preset or model-dataset>-<hash
 of the settings>`` and resume when the same command is run again.
 
@@ -36,16 +36,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
-from .experiments.experiment import (
-    PRESETS,
-    ConfigError,
-    Experiment,
-    ExperimentConfig,
-    device_of,
-    load_weights,
-    resolve_config,
-    run_name,
-)
+from .experiments import runfolder as files
+from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
+from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .metrics import file_size, summarize
 from .models import MODELS
@@ -284,8 +277,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = experiment.cfg
     print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
           f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
-    print(f"initial weights: {experiment.run_dir / 'init.pt'}")
-    print(f"trained weights: {experiment.run_dir / 'trained.pt'}")
+    print(f"initial weights: {experiment.folder / files.INIT}")
+    print(f"trained weights: {experiment.folder / files.TRAINED}")
     return 0
 
 
@@ -294,7 +287,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     history = experiment.run()
     print(history.table())
     print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")
-    print(f"selected model: {experiment.run_dir / f'model-iter{history.selected_iteration}.pt'}")
+    print(f"selected model: {experiment.folder / files.model_file(history.selected_iteration)}")
     return 0
 
 

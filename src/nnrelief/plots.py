@@ -19,7 +19,6 @@ backend, so the rest of the package does not need it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,8 +33,11 @@ from torch import Tensor, nn
 
 from . import data as nndata
 from . import scores as score_fns
-from .experiments.experiment import ConfigError, ExperimentConfig, derive_seed, load_weights
+from .experiments import runfolder as files
+from .experiments.config import ConfigError, ExperimentConfig, derive_seed
+from .experiments.experiment import load_weights
 from .experiments.history import History
+from .experiments.runfolder import RunFolder
 from .fileio import save_text
 from .graph import build_graph
 from .masks import current_mask
@@ -114,16 +116,12 @@ def _has_conv(run: RunData) -> bool:
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
-    """Read ``config.json`` and ``history.json`` of a run folder."""
-    path = Path(run_dir)
-    for needed in ("config.json", "history.json"):
-        if not (path / needed).is_file():
-            raise ConfigError(f"{path} is not a finished run folder: {needed} is missing")
-    config = ExperimentConfig.from_dict(json.loads((path / "config.json").read_text()))
-    history = History.from_dict(json.loads((path / "history.json").read_text()))
-    if not history.records:
-        raise ConfigError(f"{path}/history.json has no iterations")
-    return RunData(path, config, history)
+    """Read ``config.json`` and ``history.json`` of a run folder (nothing is written)."""
+    folder = RunFolder(run_dir)
+    for needed in (files.CONFIG, files.HISTORY_JSON):
+        if not folder.exists(needed):
+            raise ConfigError(f"{folder.path} is not a finished run folder: {needed} is missing")
+    return RunData(folder.path, ExperimentConfig.from_dict(folder.read_json(files.CONFIG)), folder.read_history())
 
 
 # ----------------------------------------------------------------------------- scores
@@ -672,8 +670,8 @@ def _connections_for_run(
     if not 1 <= chosen <= last:
         raise ValueError(f"iteration {chosen} is not a pruning iteration of this run (1-{last})")
     inputs = pruning_inputs(run.config, samples, data_dir)
-    dense, _ = load_weights(run.path / "model-iter0.pt")
-    final, _ = load_weights(run.path / f"model-iter{chosen}.pt")
+    dense, _ = load_weights(run.path / files.model_file(0))
+    final, _ = load_weights(run.path / files.model_file(chosen))
     graph = build_graph(dense, inputs[:1])
     if graph.joins:
         raise ValueError(f"{run.config.model} has residual connections; the picture needs a plain chain of layers")

@@ -5,17 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..fileio import save_text
 from ..metrics import summarize
 
 
@@ -157,12 +153,9 @@ class History:
             writer.writerow(record.flat())
         return out.getvalue()
 
-    def write(self, run_dir: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
-        """Write ``history.csv`` and ``history.json`` (plus ``extra`` keys) atomically."""
-        run_dir = Path(run_dir)
-        save_text(self.to_csv(), run_dir / "history.csv")
-        payload = {**(extra or {}), **self.to_dict()}
-        save_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", run_dir / "history.json")
+    def to_json(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The content of ``history.json``: :meth:`to_dict` plus the ``extra`` keys."""
+        return {**(extra or {}), **self.to_dict()}
 
     def table(self) -> str:
         """A fixed-width text table of the iterations (accuracies in percent)."""
