@@ -41,6 +41,7 @@ from .experiments.runfolder import RunFolder
 from .fileio import save_text
 from .graph import build_graph
 from .masks import current_mask
+from .stats import collect, input_key
 
 __all__ = [
     "ConnectionScores",
@@ -162,47 +163,23 @@ def pruning_inputs(cfg: ExperimentConfig, samples: int, data_dir: str | None = N
 
 @torch.no_grad()
 def connection_scores(model: nn.Module, inputs: Tensor, score: str = "paper") -> list[ConnectionScores]:
-    """The relative scores of every Linear/Conv2d layer on ``inputs`` (one batch).
+    """The relative scores of every prunable Linear/Conv2d layer on ``inputs`` (one batch).
 
-    Each layer is scored on its own input in this model (forward hooks), with the formulas
-    of :mod:`nnrelief.scores`; ``score="authors"`` uses the authors' conv variant.
+    The statistics and contributions are those of a pruning pass (:func:`nnrelief.stats.collect`,
+    :func:`nnrelief.scores.contributions`); ``score="authors"`` uses the authors' conv variant.
     """
-    layers = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-    }
-    captured: dict[str, Tensor] = {}
-    handles = [
-        module.register_forward_hook(lambda _m, args, _out, name=name: captured.__setitem__(name, args[0].detach()))
-        for name, module in layers.items()
-    ]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
-        model.eval()
-        model(inputs)
+        graph = build_graph(model, inputs)
+        stats = collect(model, graph, [inputs], score)
     finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
     result = []
-    for name, module in layers.items():
-        x = captured[name]
-        weight = module.weight.detach().float()
-        if isinstance(module, nn.Linear):
-            total, count = score_fns.linear_abs_input_sum(x)
-            contrib = score_fns.linear_contributions(weight, (total / count).float())
-            bias = score_fns.bias_term(module.bias)
-            kind = "linear"
-        else:
-            count = x.shape[0]
-            if score == "authors":
-                norms = score_fns.conv_mean_map_norms(x.abs().mean(0), weight.abs(), module)
-            else:
-                norms = score_fns.conv_norm_sum(x.abs(), weight.abs(), module) / count
-            contrib = norms.float()
-            bias = score_fns.bias_term(module.bias, score_fns.conv_output_positions(tuple(x.shape[-2:]), module))
-            kind = "conv"
+    for name, layer in graph.layers.items():
+        module = layer.module
+        contrib, bias = score_fns.contributions(module, layer.kind, stats[input_key(name)], score)
         relative, bias_relative = score_fns.relative_scores(contrib, bias)
         weight_mask = current_mask(module, "weight")
         alive = weight_mask.flatten(2).any(2) if weight_mask.dim() > 2 else weight_mask
@@ -210,7 +187,7 @@ def connection_scores(model: nn.Module, inputs: Tensor, score: str = "paper") ->
         bias_mask = current_mask(module, "bias")
         if bias_mask is not None:
             neuron_alive = neuron_alive | bias_mask
-        result.append(ConnectionScores(name, kind, relative.cpu(), None if bias_relative is None else bias_relative.cpu(),
+        result.append(ConnectionScores(name, layer.kind, relative.cpu(), None if bias_relative is None else bias_relative.cpu(),
                                        alive.cpu(), neuron_alive.cpu()))  # fmt: skip
     return result
 

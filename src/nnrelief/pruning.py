@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import scores as score_fns
 from .cleaning import LayerMask, clean, residual_decisions
-from .graph import ModelGraph, PrunableLayer, build_graph
+from .graph import ModelGraph, build_graph
 from .masks import current_mask, gate_of, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
@@ -56,28 +56,10 @@ def _connection_mask(module: nn.Module) -> LayerMask:
     return LayerMask(weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(), None if bias is None else bias.clone())
 
 
-def _contributions(layer: PrunableLayer, stats: Statistics, mode: str) -> tuple[Tensor, Tensor | None]:
-    """(a_ij, bias share) of one layer from the pass statistics."""
-    module = layer.module
-    entry = stats[input_key(layer.name)]
-    count = float(entry["count"])
-    weight = module.weight.detach().float()
-    if layer.kind == "linear":
-        contrib = score_fns.linear_contributions(weight, (entry["abs_input"].double() / count).float())
-        return contrib, score_fns.bias_term(module.bias)
-    positions = int(round(float(entry["positions"]) / count))
-    if mode == "paper":
-        contrib = (entry["norms"].double() / count).float()
-    else:
-        mean_map = (entry["abs_map"].double() / count).float()
-        contrib = score_fns.conv_mean_map_norms(mean_map, weight.abs(), module)
-    return contrib, score_fns.bias_term(module.bias, positions)
-
-
 def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float) -> dict[str, LayerMask]:
     masks = {}
     for layer in graph.layers.values():
-        contrib, bias_share = _contributions(layer, stats, mode)
+        contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode)
         alpha = alpha_fc if layer.kind == "linear" else alpha_conv
         keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
         old = _connection_mask(layer.module)
