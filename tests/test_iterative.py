@@ -36,7 +36,7 @@ from nnrelief.experiments.runfolder import RunFolder, RunFolderError
 from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100
-from nnrelief.plots import load_run
+from nnrelief.reporting import load_run
 from nnrelief.training import evaluate
 
 TIMES = {"prune_seconds", "retrain_seconds", "seconds"}

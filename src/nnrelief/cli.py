@@ -37,6 +37,7 @@ from . import __version__
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
+from .experiments.compare import BASELINES, run_comparison
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
@@ -182,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_prune, _add_eval, _add_demo, _add_report, _add_compare, _add_compact):
+        add(commands)
+    return parser
 
+
+def _add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train", help="train the dense model of an experiment",
         description="Train the dense model (saving initial and trained weights in the run "
@@ -192,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train, top_level=False)
     train.set_defaults(handler=_cmd_train)
 
+
+def _add_prune(commands: Any) -> None:
     prune = commands.add_parser(
         "prune", help="run the iterative NNrelief procedure (training first if needed)",
         description="Dense training (unless the run folder has it), then the iterations "
@@ -202,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prune, top_level=False)
     prune.set_defaults(handler=_cmd_prune)
 
+
+def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
         description="Evaluate a saved state_dict (e.g. runs/<run>/model-iter3.pt). Inside a "
@@ -219,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate_cmd, top_level=False)
     evaluate_cmd.set_defaults(handler=_cmd_eval)
 
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
         description="Train LeNet-300-100 briefly on the MNIST sample shipped with the package "
@@ -228,11 +240,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_options(demo, preset="demo")
     _add_common(demo, top_level=False)
     demo.set_defaults(handler=_cmd_demo)
-    # Further subcommands (e.g. `compact`) register here in the same way.
-    # --- report and compare (nnrelief.plots, nnrelief.experiments.compare) ---
-    _add_report_and_compare(commands)
-    # --- end report and compare ---
 
+
+def _add_report(commands: Any) -> None:
+    report = commands.add_parser(
+        "report", help="figures and a Markdown report of run folders (needs matplotlib)",
+        description="Draw the connection picture (dense vs pruned), the architecture per iteration and "
+        "test accuracy / remaining weights across iterations (several runs overlaid), and write "
+        "report.md with the figures and the per-iteration tables.",
+    )  # fmt: skip
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)")
+    report.add_argument("-o", "--out-dir", type=Path, metavar="OUT_DIR",
+                        help="output folder (default: RUN_DIR/report; required for several runs)")
+    report.add_argument("--iteration", type=int, metavar="K",
+                        help="pruned model of the connection picture (default: the run's selected iteration)")
+    report.add_argument("--samples", type=int, default=500, metavar="N",
+                        help="training images the connection scores are computed on (default: 500)")
+    report.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
+    report.add_argument("--max-neurons", type=int, default=12, metavar="N",
+                        help="neurons drawn per layer in the connection picture (default: 12)")
+    _add_common(report, top_level=False)
+    report.set_defaults(handler=_cmd_report)
+
+
+def _add_compare(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
+        description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
+        "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
+        "NNrelief's per-layer counts, global magnitude to its total count, at every iteration. Writes "
+        "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
+    )  # fmt: skip
+    _add_experiment_options(compare, preset=None)
+    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
+                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
+    _add_common(compare, top_level=False)
+    compare.set_defaults(handler=_cmd_compare)
+
+
+def _add_compact(commands: Any) -> None:
     compact_cmd = commands.add_parser(
         "compact", help="physically remove pruned neurons/channels and export the smaller model",
         description="Build a dense model without the removed neurons and channels (same "
@@ -250,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
     _add_common(compact_cmd, top_level=False)
     compact_cmd.set_defaults(handler=_cmd_compact)
-    return parser
 
 
 # ----------------------------------------------------------------------------- commands
@@ -321,48 +366,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- report and compare
-
-
-def _add_report_and_compare(commands: Any) -> None:
-    """The ``report`` and ``compare`` subcommands."""
-    report = commands.add_parser(
-        "report", help="figures and a Markdown report of run folders (needs matplotlib)",
-        description="Draw the connection picture (dense vs pruned), the architecture per iteration and "
-        "test accuracy / remaining weights across iterations (several runs overlaid), and write "
-        "report.md with the figures and the per-iteration tables.",
-    )  # fmt: skip
-    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)")
-    report.add_argument("-o", "--out-dir", type=Path, metavar="OUT_DIR",
-                        help="output folder (default: RUN_DIR/report; required for several runs)")
-    report.add_argument("--iteration", type=int, metavar="K",
-                        help="pruned model of the connection picture (default: the run's selected iteration)")
-    report.add_argument("--samples", type=int, default=500, metavar="N",
-                        help="training images the connection scores are computed on (default: 500)")
-    report.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
-    report.add_argument("--max-neurons", type=int, default=12, metavar="N",
-                        help="neurons drawn per layer in the connection picture (default: 12)")
-    _add_common(report, top_level=False)
-    report.set_defaults(handler=_cmd_report)
-
-    compare = commands.add_parser(
-        "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
-        description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
-        "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
-        "NNrelief's per-layer counts, global magnitude to its total count, at every iteration. Writes "
-        "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
-    )  # fmt: skip
-    _add_experiment_options(compare, preset=None)
-    from .experiments.compare import BASELINES
-
-    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
-                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
-    _add_common(compare, top_level=False)
-    compare.set_defaults(handler=_cmd_compare)
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .plots import write_report
+    from .reporting import write_report
 
     if args.out_dir is None and len(args.run_dirs) > 1:
         raise ConfigError("give an output folder (-o OUT_DIR) for several runs")
@@ -376,8 +381,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import run_comparison
-
     comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=_progress(args))
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")

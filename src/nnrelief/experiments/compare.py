@@ -213,7 +213,7 @@ class Comparison:
              "to NNrelief's total; all start from the same dense weights and retrain identically."), "",
         ]  # fmt: skip
         try:
-            from ..plots import MissingPlotDependencyError, plot_comparison
+            from ..reporting import MissingPlotDependencyError, plot_comparison
 
             curves = {
                 method: [(r.remaining_percent, 100 * r.accuracy_after["test"], 100 * r.accuracy_before["test"])

@@ -19,9 +19,6 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# ----------------------------------------------------------------------------- history
-
-
 @dataclass
 class IterationRecord:
     """One row of the history: the model after iteration ``iteration`` (0 = dense).
@@ -205,10 +202,8 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
-# ----------------------------------------------------------------------------- relieve
-
-
 def measure(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The counts and MACs of an :class:`IterationRecord` for ``model`` on inputs of ``shape``."""
     summary = summarize(model, shape)
     return {
         "params_remaining": summary.params_nonzero,
