@@ -17,7 +17,6 @@ from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
 
 
-
 def _calibrate_and_dim(model: nn.Module, x: torch.Tensor) -> None:
     """Set BN running stats from ``x`` (keeps deep untrained nets' outputs in float32 range),
     then scale the BN weights of a quarter of the channels to ~0 so pruning kills them."""

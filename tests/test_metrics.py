@@ -24,7 +24,6 @@ from nnrelief.metrics import (
 from nnrelief.models import get_model
 
 
-
 def _masked_linear() -> nn.Linear:
     """Linear(3, 2), all weights 1 and biases 0.5, masks: weight [[1,0,1],[0,0,0]], bias [1,0]."""
     layer = nn.Linear(3, 2)

@@ -145,7 +145,8 @@ def prune(
         if not graph.layers:
             raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
         total = len(batches) if hasattr(batches, "__len__") else None
-        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch", disable=None if progress else True, leave=False)
+        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
+                    disable=None if progress else True, leave=False)  # fmt: skip
         stats = _run(model, graph, feed, score)
         all_reduce_statistics(stats)
         masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)
