@@ -238,7 +238,7 @@ class Experiment:
         """Retrain ``model`` as iteration ``iteration`` does (its batches, seed and settings),
         resumably through a per-epoch checkpoint in ``folder`` (default: the run folder)."""
         folder = folder if folder is not None else self.folder
-        folder.remove("retrain-*.ckpt", keep=files.retrain_checkpoint(iteration))
+        folder.remove(files.RETRAIN_CHECKPOINTS, keep=files.retrain_checkpoint(iteration))
         fit(model, self.train_loader("retrain", iteration), self.val_batches,
             self.cfg.train_config(retrain_iteration=iteration),
             checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress)  # fmt: skip
@@ -266,5 +266,5 @@ class Experiment:
             on_iteration_end=finished,
             history_extra={"config": self.cfg.to_dict()},
         )
-        self.folder.remove("retrain-*.ckpt")
+        self.folder.remove(files.RETRAIN_CHECKPOINTS)
         return history

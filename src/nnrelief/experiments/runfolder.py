@@ -69,9 +69,12 @@ def model_file(iteration: int) -> str:
     return f"model-iter{iteration}.pt"
 
 
-def retrain_checkpoint(iteration: int) -> str:
+def retrain_checkpoint(iteration: int | str) -> str:
     """Name of the per-epoch checkpoint of retraining in ``iteration``."""
     return f"retrain-{iteration}.ckpt"
+
+
+RETRAIN_CHECKPOINTS = retrain_checkpoint("*")  # glob of all of them
 
 
 class RunFolder:
