@@ -183,7 +183,9 @@ def _check_finite(model: nn.Module) -> None:
     named = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
     if not named:
         return
-    finite = torch.stack([t.detach().isfinite().all().to("cpu", non_blocking=True) for _, t in named]).tolist()
+    checks = [t.detach().isfinite().all() for _, t in named]
+    one_device = len({check.device for check in checks}) == 1
+    finite = torch.stack(checks).tolist() if one_device else [bool(check) for check in checks]  # one host sync
     bad = [name.replace("_orig", "") for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         raise ValueError(

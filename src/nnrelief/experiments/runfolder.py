@@ -110,13 +110,11 @@ class RunFolder:
     def read_json(self, name: str) -> Any:
         """The JSON content of ``name``; a damaged file raises :class:`RunFolderError`."""
         path = self.path / name
+        remedy = "run the same command again to rewrite it from the run's state" if name == HISTORY_JSON else "restore it"
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RunFolderError(
-                f"{path} is damaged ({error}); run the same command again to rewrite it from the run's "
-                "state, or delete the run folder to start over"
-            ) from None
+            raise RunFolderError(f"{path} is damaged ({error}); {remedy}, or delete the run folder to start over") from None
 
     def read_history(self) -> History:
         """The run's ``history.json``."""
