@@ -172,6 +172,19 @@ def test_unreadable_state_is_named_without_unsafe_advice(finished_run, tmp_path)
     assert "weights_only" not in message
 
 
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", "pickled"])
+def test_unreadable_checkpoint_is_named_without_unsafe_advice(content, tmp_path):
+    run_dir = tmp_path / "run"
+    experiment = Experiment(small_config(), run_dir, progress=False)
+    if content == "pickled":
+        torch.save({"epoch": Fraction(1, 2)}, run_dir / "dense.ckpt")
+    else:
+        (run_dir / "dense.ckpt").write_bytes(content)
+    with pytest.raises(RunFolderError) as info:
+        experiment.train_dense()
+    assert str(run_dir / "dense.ckpt") in str(info.value) and "weights_only" not in str(info.value)
+
+
 def test_a_kill_during_the_first_config_write_does_not_block_the_folder(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

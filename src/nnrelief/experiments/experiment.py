@@ -224,6 +224,7 @@ class Experiment:
             logger.info("dense model loaded from %s", self.folder / files.TRAINED)
         else:
             logger.info("training the dense %s on %s", self.cfg.model, self.cfg.dataset)
+            self.folder.check_readable(files.DENSE_CHECKPOINT)
             fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
                 checkpoint_path=self.folder / files.DENSE_CHECKPOINT, progress=self.progress)  # fmt: skip
             self.folder.save(files.TRAINED, cpu_state(model))
@@ -239,6 +240,7 @@ class Experiment:
         resumably through a per-epoch checkpoint in ``folder`` (default: the run folder)."""
         folder = folder if folder is not None else self.folder
         folder.remove(files.RETRAIN_CHECKPOINTS, keep=files.retrain_checkpoint(iteration))
+        folder.check_readable(files.retrain_checkpoint(iteration))
         fit(model, self.train_loader("retrain", iteration), self.val_batches,
             self.cfg.train_config(retrain_iteration=iteration),
             checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress)  # fmt: skip

@@ -143,6 +143,12 @@ class RunFolder:
                 "delete it (or the run folder) to compute it again"
             ) from None
 
+    def check_readable(self, name: str) -> None:
+        """Raise :class:`RunFolderError` if ``name`` exists but :meth:`load` cannot read it
+        (before a checkpoint is handed to code that would fail less clearly)."""
+        if self.exists(name):
+            self.load(name)
+
     # ------------------------------------------------------------------ writing
 
     def open_for_writing(self) -> RunFolder:
