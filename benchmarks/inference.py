@@ -42,7 +42,7 @@ import torch.nn as nn
 
 import nnrelief
 from nnrelief import data
-from nnrelief.compact import compact
+from nnrelief.compaction import compact
 from nnrelief.metrics import summarize
 from nnrelief.models import get_model, input_shape
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from nnrelief.baselines import global_magnitude_prune, magnitude_prune, random_prune
+from nnrelief.experiments.baselines import global_magnitude_prune, magnitude_prune, random_prune
 from nnrelief.masks import current_mask
 
 

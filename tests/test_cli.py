@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import nnrelief
 from nnrelief.cli import FIELD_HELP, main
-from nnrelief.experiment import ExperimentConfig, load_weights
+from nnrelief.experiments.config import ExperimentConfig
+from nnrelief.experiments.experiment import load_weights
+from nnrelief.export import load_sparse
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [
@@ -43,6 +46,13 @@ def test_help(argv, capsys):
     assert out.startswith("usage: nnrelief")
     if argv[0] in ("prune", "train", "demo"):
         assert "--alpha-fc" in out and "--early-stop-margin" in out and "--preset" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nnrelief {nnrelief.__version__}"
 
 
 def test_every_setting_has_a_flag_with_help():
@@ -86,6 +96,24 @@ def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 1
     assert needle in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--momentum", "--weight-decay", "--gamma"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused_before_anything_is_created(flag, value, capsys, tmp_path):
+    assert main(["prune", "--preset", "demo", flag, value, "--runs-root", str(tmp_path / "runs")]) == 1
+    assert "must be a finite number" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("internal"), KeyError("internal")])
+def test_bugs_are_not_disguised_as_user_errors(bug, monkeypatch):
+    def broken(_args):
+        raise bug
+
+    monkeypatch.setattr("nnrelief.cli._cmd_eval", broken)
+    with pytest.raises(type(bug)):
+        main(["eval", "model.pt"])
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +166,34 @@ def test_compact_checkpoint(small_run, tmp_path, capsys):
     x = torch.rand(5, 1, 28, 28)
     assert torch.allclose(scripted(x), masked(x), atol=1e-5)
     assert sparse_file.stat().st_size < checkpoint.stat().st_size
+
+
+def test_checkpoint_of_another_model_names_every_difference(small_run, capsys):
+    assert main(["eval", str(small_run / "model-iter2.pt"), "--model", "lenet5", "--device", "cpu", "-q"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "does not fit model lenet5" in line and "fc1.weight_orig: checkpoint (300, 784), model (500, 800)" in line
+    assert "conv1.weight" in line and "fc3.bias_orig" in line
+
+
+def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    checkpoint = small_run / "model-iter2.pt"
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.onnx"), "-q"]) == 0
+    onnx.checker.check_model(onnx.load(str(tmp_path / "small.onnx")))
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.sparse"), "-q"]) == 0
+    assert load_sparse(tmp_path / "small.sparse")(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    capsys.readouterr()
+    assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.bin"), "-q"]) == 1
+    assert "unknown extension '.bin'" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "small.bin").exists()
+
+
+def test_default_output_is_bars_and_results_per_epoch_lines_with_v(tmp_path, capsys):
+    quiet_flags = [a for a in SMALL if a != "-q"]
+    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "a")]) == 0
+    assert "epoch" not in capsys.readouterr().err
+    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "b"), "-v"]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
 
 
 def test_run_folder_collision_is_refused(small_run, capsys):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nnrelief.cli import main
-from nnrelief.compare import BASELINES, METHODS, run_comparison
-from nnrelief.experiment import ConfigError
+from nnrelief.experiments.compare import BASELINES, METHODS, run_comparison
+from nnrelief.experiments.config import ConfigError
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",
@@ -72,7 +72,7 @@ def test_files_and_tables(compared):
     header = next(line for line in text.splitlines() if line.startswith("| iter"))
     assert [cell.strip() for cell in header.strip("|").split("|")][3:] == list(METHODS)
     for method in BASELINES:
-        assert (folder / method / "history.json").is_file() and (folder / method / "state.pt").is_file()
+        assert (folder / method / "history.json").is_file() and (folder / method / "relief_state.pt").is_file()
         assert not list((folder / method).glob("retrain-*.ckpt"))
 
 

@@ -10,6 +10,9 @@ import csv
 import hashlib
 import itertools
 import json
+import os
+import shutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -17,23 +20,23 @@ from torch import nn
 
 import nnrelief
 from nnrelief import data as nndata
-from nnrelief.experiment import (
+from nnrelief.experiments.config import (
+    FREE_FIELDS,
     PRESETS,
     ConfigError,
-    Experiment,
-    FREE_FIELDS,
     ExperimentConfig,
     RunConflictError,
-    _prepare_run_dir,
-    load_weights,
     resolve_config,
     run_name,
 )
-from nnrelief.history import History
-from nnrelief.iterative import relieve, rewind
+from nnrelief.experiments.experiment import Experiment, claim_run_folder, load_weights
+from nnrelief.experiments.history import History
+from nnrelief.experiments.iterative import relieve, rewind
+from nnrelief.experiments.runfolder import RunFolder, RunFolderError
 from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100
+from nnrelief.reporting import load_run
 from nnrelief.training import evaluate
 
 TIMES = {"prune_seconds", "retrain_seconds", "seconds"}
@@ -120,6 +123,86 @@ def test_finished_run_is_not_recomputed(finished_run):
     run_dir, history = finished_run
     again = Experiment(small_config(), run_dir, progress=False).run()
     assert again.to_dict() == history.to_dict()
+
+
+def snapshot(folder) -> dict[str, tuple[int, int, int]]:
+    """Every file of a run folder but its lock: (inode, size, mtime)."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}  # fmt: skip
+
+
+def test_showing_a_finished_run_writes_nothing(finished_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    before = snapshot(run_dir)
+    real_open = os.open
+
+    def no_lock_file(path, *args, **kwargs):  # a folder this user may not write
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_lock_file)
+    with Experiment(small_config(), run_dir, progress=False) as experiment:
+        experiment.run()
+    load_run(run_dir)
+    load_weights(run_dir / "model-iter2.pt")
+    assert snapshot(run_dir) == before
+
+
+def test_damaged_history_is_named_and_repaired(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    good = (run_dir / "history.json").read_text()
+    (run_dir / "history.json").write_text(good[: len(good) // 2])
+    with pytest.raises(RunFolderError, match=f"{run_dir / 'history.json'} is damaged"):
+        load_run(run_dir)
+    Experiment(small_config(), run_dir, progress=False).run()
+    assert (run_dir / "history.json").read_text() == good
+
+
+def test_unreadable_state_is_named_without_unsafe_advice(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    torch.save({"format": 1, "object": Fraction(1, 3)}, run_dir / "relief_state.pt")  # not tensors only
+    with pytest.raises(RunFolderError) as info:
+        Experiment(small_config(), run_dir, progress=False).run()
+    message = str(info.value)
+    assert str(run_dir / "relief_state.pt") in message and "delete it" in message
+    assert "weights_only" not in message
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", "pickled"])
+def test_unreadable_checkpoint_is_named_without_unsafe_advice(content, tmp_path):
+    run_dir = tmp_path / "run"
+    experiment = Experiment(small_config(), run_dir, progress=False)
+    if content == "pickled":
+        torch.save({"epoch": Fraction(1, 2)}, run_dir / "dense.ckpt")
+    else:
+        (run_dir / "dense.ckpt").write_bytes(content)
+    with pytest.raises(RunFolderError) as info:
+        experiment.train_dense()
+    assert str(run_dir / "dense.ckpt") in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_a_kill_during_the_first_config_write_does_not_block_the_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".config.k2j3h4.tmp.json").write_text('{"model": "lenet3')  # what a kill leaves
+    Experiment(small_config(), run_dir, progress=False).close()
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "lenet300_100"
+    assert not list(run_dir.glob(".*.tmp*"))
+
+
+def test_temporary_files_of_killed_writes_are_removed(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    left = [run_dir / ".retrain-2.a8d7.tmp.ckpt", run_dir / ".dense.x1.tmp.ckpt", run_dir / "compare" / "random" / ".model-iter1.q.tmp.pt"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    Experiment(small_config(), run_dir, progress=False).close()
+    assert not any(path.exists() for path in left)
 
 
 def test_extending_a_finished_run_equals_a_longer_run(finished_run, tmp_path):
@@ -312,6 +395,19 @@ def test_config_precedence_and_file_errors(tmp_path):
         ExperimentConfig(optimizer="rmsprop")
 
 
+@pytest.mark.parametrize(
+    "name,value",
+    [("lr", float("nan")), ("lr", float("inf")), ("retrain_lr", float("nan")), ("momentum", float("nan")),
+     ("momentum", float("-inf")), ("weight_decay", float("nan")), ("weight_decay", float("inf")),
+     ("gamma", float("nan")), ("gamma", float("inf")), ("alpha_fc", float("nan")),
+     ("early_stop_margin", float("nan")), ("early_stop_margin", float("inf")), ("momentum", 1.5),
+     ("weight_decay", -1e-4), ("gamma", 0.0), ("lr", -0.1)],
+)  # fmt: skip
+def test_every_number_must_be_finite_and_in_range(name, value):
+    with pytest.raises(ConfigError, match=f"setting {name} must be"):
+        ExperimentConfig(**{name: value})
+
+
 def test_config_hash_ignores_only_free_fields():
     base = ExperimentConfig()
     assert base.config_hash() == ExperimentConfig(device="cpu", data_dir="/x", num_iters=3).config_hash()
@@ -329,9 +425,9 @@ def test_later_fields_keep_old_run_folders_valid(tmp_path):
     assert base.config_hash() == digest
     assert ExperimentConfig(lr_schedule="cosine").config_hash() != digest
     (tmp_path / "config.json").write_text(json.dumps(old))
-    _prepare_run_dir(base, tmp_path)
+    claim_run_folder(base, RunFolder(tmp_path))
     with pytest.raises(RunConflictError, match="lr_schedule"):
-        _prepare_run_dir(ExperimentConfig(lr_schedule="cosine"), tmp_path)
+        claim_run_folder(ExperimentConfig(lr_schedule="cosine"), RunFolder(tmp_path))
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):

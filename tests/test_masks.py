@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nnrelief
 from nnrelief.masks import current_mask
-from nnrelief.models import lenet5, resnet20
+from nnrelief.models import lenet5, lenet300_100, resnet20
 
 
 def pruned_lenet5(seed=0):
@@ -78,6 +78,20 @@ def test_round_trip_with_gates_on_resnet():
     nnrelief.restore_masks(fresh, model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+def test_restore_into_another_architecture_changes_nothing_and_lists_every_difference():
+    state = pruned_lenet5().state_dict()
+    other = lenet300_100()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="model left unchanged") as info:
+        nnrelief.restore_masks(other, state)
+    message = str(info.value)
+    assert "fc1.weight_orig: checkpoint (500, 800), model (300, 784)" in message
+    assert "conv1.weight_orig" in message and "conv2.weight_mask" in message and "fc3.bias" in message
+    assert not any(hasattr(m, "weight_mask") or m._forward_pre_hooks for m in other.modules())
+    assert before.keys() == other.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
 def test_make_permanent_leaves_plain_parameters():

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 import nnrelief
-from nnrelief.compact import compact
+from nnrelief.compaction import compact
 from nnrelief.masks import make_permanent, set_mask
 from nnrelief.metrics import (
     MaskMismatchError,
@@ -22,7 +22,6 @@ from nnrelief.metrics import (
     summarize,
 )
 from nnrelief.models import get_model
-
 
 
 def _masked_linear() -> nn.Linear:

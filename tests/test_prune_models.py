@@ -190,6 +190,45 @@ def test_nan_input_is_rejected_and_model_untouched():
     assert not hasattr(model.fc1, "weight_mask")
 
 
+@pytest.mark.parametrize("where", ["fc2.weight", "fc1.bias"])
+def test_non_finite_weights_are_refused_naming_the_layer_and_model_unchanged(where):
+    model = lenet300_100()
+    nnrelief.prune(model, [torch.rand(8, 1, 28, 28)], alpha_fc=0.9, progress=False)
+    module, _, leaf = where.rpartition(".")
+    with torch.no_grad():
+        getattr(model.get_submodule(module), f"{leaf}_orig")[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"NaN or inf values in {where}; the model was left unchanged"):
+        nnrelief.prune(model, [torch.rand(8, 1, 28, 28)], alpha_fc=0.5, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != f"{where}_orig")
+
+
+def test_pass_removing_every_weight_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="nnrelief"):
+        report = nnrelief.prune(lenet300_100(), [torch.zeros(4, 1, 28, 28)], progress=False)
+    assert report.kept == 0
+    assert "removed every weight" in caplog.text
+
+
+def test_shape_error_names_the_users_layer_not_tracing_internals():
+    with pytest.raises(ValueError) as info:
+        nnrelief.prune(lenet5(), [torch.rand(4, 1, 20, 20)], progress=False)
+    message = str(info.value)
+    assert "in layer fc1 (Linear)" in message and "mat1 and mat2 shapes cannot be multiplied" in message
+    assert "ShapeProp" not in message and "call_module" not in message
+
+
+def test_a_loader_error_is_not_blamed_on_the_model():
+    def batches():
+        yield torch.rand(4, 1, 28, 28)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        nnrelief.prune(lenet300_100(), batches(), progress=False)
+
+
 def test_shape_the_model_rejects():
     with pytest.raises(ValueError, match=r"rejected a pruning batch of shape \(4, 3, 32, 32\)"):
         nnrelief.prune(lenet300_100(), [torch.rand(4, 3, 32, 32)])

@@ -1,4 +1,4 @@
-"""``nnrelief report`` and the figures of :mod:`nnrelief.plots` on tiny demo runs."""
+"""``nnrelief report`` and the figures of :mod:`nnrelief.reporting` on tiny demo runs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 
 from nnrelief import prune
 from nnrelief.cli import main
-from nnrelief.experiment import load_weights
+from nnrelief.experiments.experiment import load_weights
 from nnrelief.models import get_model
-from nnrelief.plots import (
+from nnrelief.reporting import (
     MissingPlotDependencyError,
     connection_scores,
     load_run,

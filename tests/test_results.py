@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from nnrelief.cli import build_parser, main
-from nnrelief.experiment import ConfigError, ExperimentConfig, resolve_config
-from nnrelief.history import History
-from nnrelief.results import load_results, reproduce_command, results_markdown, run_results, validate_results
+from nnrelief.experiments.config import ConfigError, ExperimentConfig, resolve_config
+from nnrelief.experiments.history import History
+from nnrelief.reporting.results import load_results, reproduce_command, results_markdown, run_results, validate_results
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--num-iters", "2",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import copy
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 

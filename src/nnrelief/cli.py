@@ -2,7 +2,7 @@
 and ``compact``.
 
 Every experiment command takes its settings from, in increasing priority: the defaults
-of :class:`~nnrelief.experiment.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
+of :class:`~nnrelief.experiments.config.ExperimentConfig`, a ``--preset``, a ``--config`` TOML
 file and the individual flags. Runs live in ``<runs-root>/<preset or model-dataset>-<hash
 of the settings>`` and resume when the same command is run again.
 
@@ -33,35 +33,31 @@ from typing import Any, NoReturn
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import __version__
 from . import data as nndata
-from .compact import (
-    compact,
-    compaction_summary,
-    export_onnx,
-    export_program,
-    export_torchscript,
-    format_summary,
-    save_sparse,
-)
-from .experiment import (
-    PRESETS,
-    ConfigError,
-    Experiment,
-    ExperimentConfig,
-    load_weights,
-    resolve_config,
-    run_name,
-)
+from .compaction import compact, compaction_summary, format_summary
+from .experiments import runfolder as files
+from .experiments.compare import BASELINES, run_comparison
+from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
+from .experiments.experiment import Experiment, device_of, load_weights
+from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
 from .metrics import file_size, summarize
-from .results import load_results, plot_results, results_markdown, run_results, save_results
 from .models import MODELS
-from .training import evaluate, resolve_device
+from .reporting.results import load_results, plot_results, results_markdown, run_results, save_results
+from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
 
-# Errors caused by the user's input: reported in one line (traceback with -v).
-_USER_ERRORS = (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError)
+_EXPORTERS: dict[str, Callable[..., Path]] = {
+    ".pt": export_torchscript, ".ts": export_torchscript, ".pt2": export_program, ".onnx": export_onnx,
+    ".sparse": lambda model, _example, path: save_sparse(model, path),
+}  # fmt: skip
+_FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .onnx (ONNX), .sparse (sparse format)"
+
+# Errors caused by the user's input or environment: reported in one line (traceback with -vv).
+# Anything else is a bug and shows its traceback.
+_USER_ERRORS = (ConfigError, ValueError, OSError)
 
 FIELD_HELP: dict[str, str] = {
     "model": "network architecture: " + ", ".join(sorted(MODELS)),
@@ -155,9 +151,9 @@ def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
         return value if top_level else argparse.SUPPRESS
 
     group.add_argument("-v", "--verbose", action="count", default=default(0),
-                       help="more log messages on stderr (debug)")
+                       help="log progress on stderr (-v: per-epoch and per-iteration lines, -vv: debug)")
     group.add_argument("-q", "--quiet", action="count", default=default(0),
-                       help="fewer log messages (-q: warnings only, -qq: errors only)")
+                       help="errors and results only (no warnings, no progress bars)")
     group.add_argument("--threads", type=int, metavar="N", default=default(None),
                        help="CPU threads used by torch (default: torch's choice; demo: 1)")
 
@@ -186,9 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_prune, _add_eval, _add_demo, _add_report, _add_results, _add_compare, _add_compact):
+        add(commands)
+    return parser
 
+
+def _add_train(commands: Any) -> None:
     train = commands.add_parser(
         "train", help="train the dense model of an experiment",
         description="Train the dense model (saving initial and trained weights in the run "
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(train, top_level=False)
     train.set_defaults(handler=_cmd_train)
 
+
+def _add_prune(commands: Any) -> None:
     prune = commands.add_parser(
         "prune", help="run the iterative NNrelief procedure (training first if needed)",
         description="Dense training (unless the run folder has it), then the iterations "
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prune, top_level=False)
     prune.set_defaults(handler=_cmd_prune)
 
+
+def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
         description="Evaluate a saved state_dict (e.g. runs/<run>/model-iter3.pt). Inside a "
@@ -225,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate_cmd, top_level=False)
     evaluate_cmd.set_defaults(handler=_cmd_eval)
 
+
+def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
         description="Train LeNet-300-100 briefly on the MNIST sample shipped with the package "
@@ -234,100 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_options(demo, preset="demo")
     _add_common(demo, top_level=False)
     demo.set_defaults(handler=_cmd_demo)
-    # Further subcommands (e.g. `compact`) register here in the same way.
-    # --- report and compare (nnrelief.plots, nnrelief.compare) ---
-    _add_report_and_compare(commands)
-    # --- end report and compare ---
-
-    compact_cmd = commands.add_parser(
-        "compact", help="physically remove pruned neurons/channels and export the smaller model",
-        description="Build a dense model without the removed neurons and channels (same "
-        "outputs as the masked model), save it as TorchScript (.pt) or a torch.export "
-        "ExportedProgram (.pt2), optionally also as ONNX and in the sparse format, and print "
-        "parameters, MACs, architecture and file sizes before and after.",
-    )  # fmt: skip
-    compact_cmd.add_argument("checkpoint", type=Path, help="a pruned state_dict, e.g. runs/<run>/model-iter5.pt")
-    compact_cmd.add_argument("-o", "--output", type=Path, required=True,
-                             help="output file: .pt2 = ExportedProgram, anything else = TorchScript")
-    compact_cmd.add_argument("--onnx", type=Path, metavar="FILE", help="also export ONNX (needs nnrelief[export])")
-    compact_cmd.add_argument("--sparse", type=Path, metavar="FILE",
-                             help="also save in the sparse format (size grows with the remaining weights)")
-    compact_cmd.add_argument("--model", help="architecture (default: the run's)")
-    compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
-    _add_common(compact_cmd, top_level=False)
-    compact_cmd.set_defaults(handler=_cmd_compact)
-    return parser
 
 
-# ----------------------------------------------------------------------------- commands
-
-
-def _experiment(args: argparse.Namespace) -> Experiment:
-    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
-    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    cfg, label = resolve_config(args.preset, args.config, overrides)
-    run_dir = args.run_dir if args.run_dir is not None else args.runs_root / run_name(cfg, label)
-    experiment = Experiment(cfg, run_dir, download=args.download, progress=not args.no_progress)
-    logger.info("run folder: %s", run_dir)
-    return experiment
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    experiment = _experiment(args)
-    model = experiment.train_dense()
-    accuracy = experiment.accuracies(model)
-    cfg = experiment.cfg
-    print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
-          f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
-    print(f"initial weights: {experiment.run_dir / 'init.pt'}")
-    print(f"trained weights: {experiment.run_dir / 'trained.pt'}")
-    return 0
-
-
-def _cmd_prune(args: argparse.Namespace) -> int:
-    experiment = _experiment(args)
-    history = experiment.run()
-    print(history.table())
-    print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")
-    print(f"selected model: {experiment.run_dir / f'model-iter{history.selected_iteration}.pt'}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.threads is None:
-        torch.set_num_threads(1)  # the demo's small model is fastest on one thread
-    start = time.perf_counter()
-    code = _cmd_prune(args)
-    print(f"demo finished in {time.perf_counter() - start:.1f} s")
-    return code
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
-    dataset = args.dataset or cfg.dataset  # load_weights ensured one of them exists
-    data_dir = args.data_dir if args.data_dir is not None else (cfg.data_dir if cfg else None)
-    split = nndata.load_dataset(dataset, data_dir, args.split, download=args.download)
-    device = resolve_device(args.device)
-    model.to(device)
-    batches = nndata.BatchLoader(split, args.batch_size, shuffle=False, seed=0, device=device)
-    result = evaluate(model, batches, device)
-    summary = summarize(model, split.image_shape)
-    kept, total = summary.params_nonzero, summary.params_total
-    print(f"checkpoint: {args.checkpoint}")
-    print(f"model: {type(model).__name__} ({args.model or cfg.model}), {dataset} {args.split} split, {result.n} samples")
-    print(f"accuracy: {100 * result.accuracy:.2f}%   loss: {result.loss:.4f}")
-    print(f"parameters (Linear/conv): {kept:,} / {total:,} remaining ({100 * kept / total:.2f}%), "
-          f"compression {total / kept if kept else float('inf'):.2f}x")  # fmt: skip
-    print(f"MACs per sample: {summary.macs_sparse:,} counting unpruned weights, {summary.macs_dense:,} dense")
-    print(summary.table())
-    return 0
-
-
-# ----------------------------------------------------------------------------- report and compare
-
-
-def _add_report_and_compare(commands: Any) -> None:
-    """The ``report`` and ``compare`` subcommands."""
+def _add_report(commands: Any) -> None:
     report = commands.add_parser(
         "report", help="figures and a Markdown report of run folders (needs matplotlib)",
         description="Draw the connection picture (dense vs pruned), the architecture per iteration and "
@@ -355,6 +272,8 @@ def _add_report_and_compare(commands: Any) -> None:
     _add_common(report, top_level=False)
     report.set_defaults(handler=_cmd_report)
 
+
+def _add_results(commands: Any) -> None:
     results = commands.add_parser(
         "results", help="tables and a figure from results files (nnrelief report RUN --json FILE)",
         description="Read results files and write results.md (one table per file: remaining weights, "
@@ -366,6 +285,8 @@ def _add_report_and_compare(commands: Any) -> None:
     _add_common(results, top_level=False)
     results.set_defaults(handler=_cmd_results)
 
+
+def _add_compare(commands: Any) -> None:
     compare = commands.add_parser(
         "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
         description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
@@ -374,16 +295,102 @@ def _add_report_and_compare(commands: Any) -> None:
         "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
     )  # fmt: skip
     _add_experiment_options(compare, preset=None)
-    from .compare import BASELINES
-
     compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
                          help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
     _add_common(compare, top_level=False)
     compare.set_defaults(handler=_cmd_compare)
 
 
+def _add_compact(commands: Any) -> None:
+    compact_cmd = commands.add_parser(
+        "compact", help="physically remove pruned neurons/channels and export the smaller model",
+        description="Build a dense model without the removed neurons and channels (same "
+        "outputs as the masked model), save it as TorchScript (.pt) or a torch.export "
+        "ExportedProgram (.pt2), optionally also as ONNX and in the sparse format, and print "
+        "parameters, MACs, architecture and file sizes before and after.",
+    )  # fmt: skip
+    compact_cmd.add_argument("checkpoint", type=Path, help="a pruned state_dict, e.g. runs/<run>/model-iter5.pt")
+    compact_cmd.add_argument("-o", "--output", type=Path, required=True,
+                             help="output file; its extension chooses the format: " + _FORMAT_HELP)
+    compact_cmd.add_argument("--onnx", type=Path, metavar="FILE", help="also export ONNX (needs nnrelief[export])")
+    compact_cmd.add_argument("--sparse", type=Path, metavar="FILE",
+                             help="also save in the sparse format (size grows with the remaining weights)")
+    compact_cmd.add_argument("--model", help="architecture (default: the run's)")
+    compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
+    _add_common(compact_cmd, top_level=False)
+    compact_cmd.set_defaults(handler=_cmd_compact)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _experiment(args: argparse.Namespace) -> Experiment:
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    cfg, label = resolve_config(args.preset, args.config, overrides)
+    run_dir = args.run_dir if args.run_dir is not None else args.runs_root / run_name(cfg, label)
+    experiment = Experiment(cfg, run_dir, download=args.download, progress=_progress(args))
+    logger.info("run folder: %s", run_dir)
+    return experiment
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.quiet)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    model = experiment.train_dense()
+    accuracy = experiment.accuracies(model)
+    cfg = experiment.cfg
+    print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
+          f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
+    print(f"initial weights: {experiment.folder / files.INIT}")
+    print(f"trained weights: {experiment.folder / files.TRAINED}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    experiment = _experiment(args)
+    history = experiment.run()
+    print(history.table())
+    print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")
+    print(f"selected model: {experiment.folder / files.model_file(history.selected_iteration)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.threads is None:
+        torch.set_num_threads(1)  # the demo's small model is fastest on one thread
+    start = time.perf_counter()
+    code = _cmd_prune(args)
+    print(f"demo finished in {time.perf_counter() - start:.1f} s")
+    return code
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
+    dataset = args.dataset or cfg.dataset  # load_weights ensured one of them exists
+    data_dir = args.data_dir if args.data_dir is not None else (cfg.data_dir if cfg else None)
+    split = nndata.load_dataset(dataset, data_dir, args.split, download=args.download)
+    device = device_of(args.device)
+    model.to(device)
+    batches = nndata.BatchLoader(split, args.batch_size, shuffle=False, seed=0, device=device)
+    result = evaluate(model, batches, device)
+    summary = summarize(model, split.image_shape)
+    kept, total = summary.params_nonzero, summary.params_total
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"model: {type(model).__name__} ({args.model or cfg.model}), {dataset} {args.split} split, {result.n} samples")
+    print(f"accuracy: {100 * result.accuracy:.2f}%   loss: {result.loss:.4f}")
+    print(f"parameters (Linear/conv): {kept:,} / {total:,} remaining ({100 * kept / total:.2f}%), "
+          f"compression {total / kept if kept else float('inf'):.2f}x")  # fmt: skip
+    print(f"MACs per sample: {summary.macs_sparse:,} counting unpruned weights, {summary.macs_dense:,} dense")
+    print(summary.table())
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .plots import write_report
+    from .reporting import write_report
 
     if args.json is not None:
         if len(args.run_dirs) != 1:
@@ -415,22 +422,20 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_comparison
-
-    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=not args.no_progress)
+    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=_progress(args))
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
     return 0
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
+    if args.output.suffix.lower() not in _EXPORTERS:
+        raise ConfigError(f"-o {args.output}: unknown extension {args.output.suffix!r}; use {_FORMAT_HELP}")
     model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
     shape = nndata.get_spec(args.dataset or cfg.dataset).image_shape
     example = torch.zeros(2, *shape)
     smaller = compact(model, example)
-    save = export_program if args.output.suffix == ".pt2" else export_torchscript
-    save(smaller, example, args.output)
-    written = [args.output]
+    written = [_EXPORTERS[args.output.suffix.lower()](smaller, example, args.output)]
     if args.onnx is not None:
         written.append(export_onnx(smaller, example, args.onnx))
     if args.sparse is not None:
@@ -446,9 +451,10 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
-    """Send the ``nnrelief`` loggers to stderr (INFO by default) while the command runs,
-    with tqdm bars kept intact; the previous logging setup is restored afterwards."""
-    level = min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.ERROR)
+    """Send the ``nnrelief`` loggers to stderr while the command runs (warnings by default,
+    INFO with -v, DEBUG with -vv, errors only with -q), with tqdm bars kept intact; the
+    previous logging setup is restored afterwards."""
+    level = min(max(logging.WARNING + 10 * (min(quiet, 1) - verbose), logging.DEBUG), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("nnrelief")
@@ -481,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         except _USER_ERRORS as error:
             logger.debug("details:", exc_info=True)
-            message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+            message = str(error)
             first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
             print(f"nnrelief {args.command}: error: {first}", file=sys.stderr)
             return 1

@@ -76,9 +76,12 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
 
     Re-creates the masks (``*_orig`` / ``*_mask`` entries) and shortcut gates found in the
     state dict, then loads every value. Use it instead of ``model.load_state_dict`` for
-    checkpoints saved after ``nnrelief.prune``.
+    checkpoints saved after ``nnrelief.prune``. All or nothing: a state dict that does not
+    fit (missing or unexpected keys with ``strict``, other shapes) raises ``ValueError``
+    listing every difference, and ``model`` is left unchanged.
     """
     modules = dict(model.named_modules())
+    masked, gated = [], []
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
         module = modules.get(prefix)
@@ -87,11 +90,43 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
         if leaf.endswith("_mask") and not is_masked(module, leaf[: -len("_mask")]):
             name = leaf[: -len("_mask")]
             if isinstance(getattr(module, name, None), Tensor):
-                prune.custom_from_mask(module, name, torch.ones_like(getattr(module, name)))
+                masked.append((module, name))
         elif leaf == GATE and not hasattr(module, GATE):
-            set_gate(module, torch.ones_like(value, dtype=torch.bool))
+            gated.append((module, key, value))
+    _check_fits(model, state_dict, masked, {key: value.shape for _, key, value in gated}, strict)
+    for module, name in masked:
+        prune.custom_from_mask(module, name, torch.ones_like(getattr(module, name)))
+    for module, _, value in gated:
+        set_gate(module, torch.ones_like(value, dtype=torch.bool))
     model.load_state_dict(state_dict, strict=strict)
     refresh_masked(model)
+
+
+def _check_fits(
+    model: nn.Module, state_dict: Mapping[str, Tensor], masked: list[tuple[nn.Module, str]],
+    gates: dict[str, torch.Size], strict: bool,
+) -> None:  # fmt: skip
+    """Compare ``state_dict`` with the keys and shapes ``model`` will have once the ``masked``
+    tensors are masked and the ``gates`` added."""
+    owner = {id(module): prefix for prefix, module in model.named_modules()}
+    renamed = {f"{owner[id(module)]}.{name}".lstrip("."): name for module, name in masked}
+    expected: dict[str, torch.Size] = dict(gates)
+    for key, value in model.state_dict().items():
+        if key in renamed:
+            expected[f"{key}_orig"] = expected[f"{key}_mask"] = value.shape
+        else:
+            expected[key] = value.shape
+    problems = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key])}"
+                for key, value in state_dict.items() if key in expected and value.shape != expected[key]]  # fmt: skip
+    if strict:
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in expected]
+        problems += [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
+        problems += [f"not in the model: {', '.join(unexpected)}"] if unexpected else []
+    if problems:
+        raise ValueError(
+            f"the state dict does not fit {type(model).__name__} (model left unchanged): " + "; ".join(problems)
+        )
 
 
 def refresh_masked(model: nn.Module) -> None:

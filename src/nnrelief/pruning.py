@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import scores as score_fns
 from .cleaning import LayerMask, clean, residual_decisions
-from .graph import ModelGraph, PrunableLayer, build_graph
+from .graph import ModelGraph, build_graph
 from .masks import current_mask, gate_of, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
@@ -56,28 +56,10 @@ def _connection_mask(module: nn.Module) -> LayerMask:
     return LayerMask(weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(), None if bias is None else bias.clone())
 
 
-def _contributions(layer: PrunableLayer, stats: Statistics, mode: str) -> tuple[Tensor, Tensor | None]:
-    """(a_ij, bias share) of one layer from the pass statistics."""
-    module = layer.module
-    entry = stats[input_key(layer.name)]
-    count = float(entry["count"])
-    weight = module.weight.detach().float()
-    if layer.kind == "linear":
-        contrib = score_fns.linear_contributions(weight, (entry["abs_input"].double() / count).float())
-        return contrib, score_fns.bias_term(module.bias)
-    positions = int(round(float(entry["positions"]) / count))
-    if mode == "paper":
-        contrib = (entry["norms"].double() / count).float()
-    else:
-        mean_map = (entry["abs_map"].double() / count).float()
-        contrib = score_fns.conv_mean_map_norms(mean_map, weight.abs(), module)
-    return contrib, score_fns.bias_term(module.bias, positions)
-
-
 def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float) -> dict[str, LayerMask]:
     masks = {}
     for layer in graph.layers.values():
-        contrib, bias_share = _contributions(layer, stats, mode)
+        contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode)
         alpha = alpha_fc if layer.kind == "linear" else alpha_conv
         keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
         old = _connection_mask(layer.module)
@@ -149,6 +131,7 @@ def prune(
     alpha_conv = check_alpha(alpha_conv, "alpha_conv")
     if score not in SCORE_MODES:
         raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    _check_finite(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     modes = {module: module.training for module in model.modules()}
@@ -162,7 +145,8 @@ def prune(
         if not graph.layers:
             raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
         total = len(batches) if hasattr(batches, "__len__") else None
-        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch", disable=None if progress else True, leave=False)
+        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
+                    disable=None if progress else True, leave=False)  # fmt: skip
         stats = _run(model, graph, feed, score)
         all_reduce_statistics(stats)
         masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)
@@ -185,29 +169,93 @@ def prune(
         alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=int(next(iter(stats.values()))["count"]),
     )
     report.skipped = dict(graph.skipped)
+    if report.kept == 0:
+        log.warning(
+            "nnrelief pass removed every weight and bias of %s: the model now outputs a constant. "
+            "Check the pruning batches (are they all zero?) or raise alpha_fc/alpha_conv", type(model).__name__,
+        )  # fmt: skip
     log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
     return report
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN/inf parameters or buffers (a diverged training), naming them."""
+    named = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return
+    checks = [t.detach().isfinite().all() for _, t in named]
+    one_device = len({check.device for check in checks}) == 1
+    finite = torch.stack(checks).tolist() if one_device else [bool(check) for check in checks]  # one host sync
+    bad = [name.replace("_orig", "") for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise ValueError(
+            f"{type(model).__name__} has NaN or inf values in {', '.join(bad)}; the model was left unchanged. "
+            "Its training probably diverged: prune a model with finite weights (an earlier checkpoint, "
+            "or retrain with a lower learning rate)"
+        )
+
+
+def _failing_layer(model: nn.Module, x: Tensor) -> tuple[str, BaseException] | None:
+    """Run ``model`` on ``x`` plainly; the innermost module that raised, and its error."""
+    entered: list[str] = []
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        entered.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)))
+            hooks.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as error:  # noqa: BLE001 - reported to the user with its layer
+        return (entered[-1] if entered else "", error)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None
 
 
 def _build(model: nn.Module, first: Tensor) -> ModelGraph:
     try:
         return build_graph(model, first)
     except Exception as error:
+        failure = _failing_layer(model, first[:1])
+        if failure is None:
+            raise
+        name, cause = failure
+        where = f" in layer {name} ({type(model.get_submodule(name)).__name__})" if name else ""
         raise ValueError(
-            f"the model rejected a pruning batch of shape {tuple(first.shape)}: {type(error).__name__}: {error}"
+            f"the model rejected a pruning batch of shape {tuple(first.shape)}{where}: {type(cause).__name__}: "
+            f"{cause}; give batches of the inputs the model was built for"
         ) from error
+
+
+class _FeedError(Exception):
+    """An error raised by the user's batches themselves (their loader), not by the model."""
 
 
 def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[Tensor], mode: str) -> Statistics:
     position = {"index": 0, "shape": None}
 
     def tracked() -> Iterator[Tensor]:
-        for index, x in enumerate(feed):
+        batches = iter(feed)
+        for index in itertools.count():
+            try:
+                x = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise _FeedError() from error
             position["index"], position["shape"] = index, tuple(x.shape)
             yield x
 
     try:
         return collect(model, graph, tracked(), mode)
+    except _FeedError as error:
+        raise error.__cause__ from None
     except (ValueError, TypeError):
         raise
     except Exception as error:

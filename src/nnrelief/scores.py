@@ -11,6 +11,7 @@ shards of a pruning set can simply be added up before the scores are formed.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,24 @@ def bias_term(bias: Tensor | None, positions: int = 1) -> Tensor | None:
     if bias is None:
         return None
     return bias.detach().abs().to(torch.float32) * math.sqrt(positions)
+
+
+def contributions(module: torch.nn.Module, kind: str, entry: Mapping[str, Tensor], mode: str) -> tuple[Tensor, Tensor | None]:
+    """(a_ij, bias share) of one Linear (``kind="linear"``) or Conv2d layer from the sums
+    of its input statistics (``entry``: ``count`` and ``abs_input``, or ``positions`` and
+    ``norms`` (``mode="paper"``) / ``abs_map`` (``mode="authors"``), see :mod:`nnrelief.stats`)."""
+    count = float(entry["count"])
+    weight = module.weight.detach().float()
+    if kind == "linear":
+        contrib = linear_contributions(weight, (entry["abs_input"].double() / count).float())
+        return contrib, bias_term(module.bias)
+    positions = int(round(float(entry["positions"]) / count))
+    if mode == "paper":
+        contrib = (entry["norms"].double() / count).float()
+    else:
+        mean_map = (entry["abs_map"].double() / count).float()
+        contrib = conv_mean_map_norms(mean_map, weight.abs(), module)
+    return contrib, bias_term(module.bias, positions)
 
 
 def relative_scores(contrib: Tensor, bias_share: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -5,25 +5,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .fileio import save_text
-from .metrics import summarize
+from ..metrics import summarize
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------- history
 
 
 @dataclass
@@ -157,12 +150,9 @@ class History:
             writer.writerow(record.flat())
         return out.getvalue()
 
-    def write(self, run_dir: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> None:
-        """Write ``history.csv`` and ``history.json`` (plus ``extra`` keys) atomically."""
-        run_dir = Path(run_dir)
-        save_text(self.to_csv(), run_dir / "history.csv")
-        payload = {**(extra or {}), **self.to_dict()}
-        save_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", run_dir / "history.json")
+    def to_json(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The content of ``history.json``: :meth:`to_dict` plus the ``extra`` keys."""
+        return {**(extra or {}), **self.to_dict()}
 
     def table(self) -> str:
         """A fixed-width text table of the iterations (accuracies in percent)."""
@@ -212,10 +202,8 @@ def _human(count: float) -> str:
     return str(int(count))
 
 
-# ----------------------------------------------------------------------------- relieve
-
-
 def measure(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The counts and MACs of an :class:`IterationRecord` for ``model`` on inputs of ``shape``."""
     summary = summarize(model, shape)
     return {
         "params_remaining": summary.params_nonzero,

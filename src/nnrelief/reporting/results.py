@@ -26,9 +26,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .experiment import CONFIG_FILE, ConfigError, ExperimentConfig
-from .fileio import save_text
-from .history import History
+from ..experiments import runfolder as files
+from ..experiments.config import ConfigError, ExperimentConfig
+from ..experiments.history import History
+from ..experiments.runfolder import RunFolder
+from ..fileio import save_text
+from .figures import pyplot, save
+from .runs import load_run
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -68,21 +72,19 @@ def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
     return shlex.join(words)
 
 
-def _read_json(path: Path, in_run: bool = True) -> Any:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        where = f": {path.parent} is not a finished run folder" if in_run else ""
-        raise ConfigError(f"{path} not found{where}") from None
+        raise ConfigError(f"{path} not found") from None
     except json.JSONDecodeError as error:
-        what = "the run folder is damaged" if in_run else "not a results file"
-        raise ConfigError(f"{path} is not valid JSON ({error}); {what}") from None
+        raise ConfigError(f"{path} is not valid JSON ({error}): not a results file") from None
 
 
 def _wall_time(run_dir: Path, history: History) -> float:
     """Dense training (from writing ``init.pt`` to writing ``trained.pt``) plus the
     iterations' own wall times (pauses between resumed iterations are not counted)."""
-    init, trained = run_dir / "init.pt", run_dir / "trained.pt"
+    init, trained = run_dir / files.INIT, run_dir / files.TRAINED
     dense = trained.stat().st_mtime - init.stat().st_mtime if init.exists() and trained.exists() else 0.0
     return max(dense, 0.0) + sum(record.seconds for record in history.records)
 
@@ -92,8 +94,8 @@ def _baselines(run_dir: Path) -> list[dict[str, Any]]:
     compare = run_dir / "compare"
     if not compare.is_dir():
         return rows
-    for method_dir in sorted(p for p in compare.iterdir() if (p / "history.json").is_file()):
-        history = History.from_dict(_read_json(method_dir / "history.json"))
+    for method_dir in sorted(p for p in compare.iterdir() if (p / files.HISTORY_JSON).is_file()):
+        history = RunFolder(method_dir).read_history()
         for record in history.records[1:]:
             rows.append({
                 "method": method_dir.name,
@@ -115,9 +117,8 @@ def run_results(
         command: the exact command that made the run (default: :func:`reproduce_command`).
         device: where it ran, e.g. ``"cpu (2 cores)"`` (default: the config's device).
     """
-    run_dir = Path(run_dir)
-    cfg = ExperimentConfig.from_dict(_read_json(run_dir / CONFIG_FILE))
-    history = History.from_dict(_read_json(run_dir / "history.json"))
+    run = load_run(run_dir)
+    run_dir, cfg, history = run.path, run.config, run.history
     iterations = []
     for record in history.records:
         iterations.append({
@@ -186,7 +187,7 @@ def save_results(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a results file."""
     path = Path(path)
-    return validate_results(_read_json(path, in_run=False), str(path))
+    return validate_results(_read_json(path), str(path))
 
 
 def _percent(fraction: float) -> str:
@@ -231,9 +232,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Test accuracy against remaining weights (log x) for each results file: NNrelief's
     iterations as a line, each baseline method as its own line; dense accuracy dotted."""
-    from .plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
     for data in results:
         label = f"{data['model']} / {data['dataset']}"
@@ -252,5 +251,5 @@ def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     path = Path(path)
-    _save(fig, path)
+    save(fig, path)
     return path

@@ -11,19 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.compact import (
-    compact,
-    compaction_summary,
-    export_onnx,
-    export_program,
-    export_torchscript,
-    format_summary,
-    load_sparse,
-    save_sparse,
-)
+from nnrelief.compaction import compact, compaction_summary, format_summary
+from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
-
 
 
 def _calibrate_and_dim(model: nn.Module, x: torch.Tensor) -> None:
@@ -174,7 +165,7 @@ def test_plain_model_with_zero_rows_and_no_example() -> None:
     with torch.no_grad():
         model[0].weight[1:3] = 0
         model[0].bias[1:3] = 0
-    compacted = compact(model)
+    compacted = nnrelief.compact(model)  # the top-level name is the function
     assert compacted.get_submodule("0").out_features == 3
     assert compacted.get_submodule("2").in_features == 3
     _assert_same(model, compacted, torch.randn(4, 6))

@@ -1,6 +1,6 @@
 """NNrelief against magnitude and random pruning at equal remaining weights.
 
-:func:`run_comparison` takes an :class:`~nnrelief.experiment.Experiment` and runs, from the
+:func:`run_comparison` takes an :class:`~nnrelief.experiments.experiment.Experiment` and runs, from the
 same dense trained weights (``trained.pt``) and with the same retraining (rewind or
 fine-tune, same epochs, batches and seeds per iteration):
 
@@ -15,10 +15,8 @@ fine-tune, same epochs, batches and seeds per iteration):
 NNrelief always runs, since its counts are the targets of the others. The baselines need
 no pruning set. Files (under ``<run folder>/compare``, all written atomically)::
 
-    <method>/state.pt           loop state after the last finished iteration (resume point)
-    <method>/model-iter<k>.pt   weights and masks after iteration k
-    <method>/history.csv/.json  the method's history (same format as a run's)
-    <method>/retrain-<k>.ckpt   per-epoch checkpoint of the running retraining (removed)
+    <method>/                   the method's run (the files of a run folder: relief_state.pt,
+                                model-iter<k>.pt, history.csv/.json, retrain-<k>.ckpt)
     compare.csv                 one row per method and iteration
     compare.json                the same rows plus the settings
     compare.md                  test accuracy per iteration, one column per method
@@ -32,10 +30,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..report import PruneReport
+from . import runfolder as files
 from .baselines import global_magnitude_prune, magnitude_prune, random_prune
-from .experiment import ConfigError, Experiment, derive_seed
-from .fileio import cpu_state, save_text, save_torch
-from .history import History, IterationRecord, measure
-from .iterative import rewind
-from .masks import refresh_masked, restore_masks
-from .report import PruneReport
-from .training import fit
+from .config import ConfigError, derive_seed
+from .experiment import Experiment
+from .history import History, IterationRecord
+from .iterative import PruneStep, relieve
+from .runfolder import RunFolder
 
 __all__ = ["BASELINES", "METHODS", "Comparison", "layer_targets", "run_baseline", "run_comparison"]
 
@@ -60,7 +56,6 @@ METHODS = ("nnrelief", "magnitude", "global-magnitude", "random")
 """All methods; ``nnrelief`` is the reference whose counts the others follow."""
 BASELINES = METHODS[1:]
 COMPARE_DIR = "compare"
-_STATE_FORMAT = 1
 
 
 def layer_targets(record: IterationRecord) -> dict[str, int]:
@@ -70,15 +65,22 @@ def layer_targets(record: IterationRecord) -> dict[str, int]:
     return {layer["name"]: layer["weights_kept"] + layer["bias_kept"] for layer in record.report["layers"]}
 
 
-def _prune(method: str, model: nn.Module, targets: dict[str, int], seed: int, iteration: int) -> PruneReport:
-    if method == "magnitude":
-        return magnitude_prune(model, targets)
-    if method == "global-magnitude":
-        return global_magnitude_prune(model, sum(targets.values()), list(targets))
-    if method == "random":
+def baseline_step(method: str, targets: Sequence[Mapping[str, int]], seed: int) -> PruneStep:
+    """The prune step of baseline ``method`` whose iteration k prunes to ``targets[k - 1]``
+    (per layer, or in total for ``global-magnitude``)."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
+
+    def step(model: nn.Module, iteration: int) -> PruneReport:
+        kept = targets[iteration - 1]
+        if method == "magnitude":
+            return magnitude_prune(model, kept)
+        if method == "global-magnitude":
+            return global_magnitude_prune(model, sum(kept.values()), list(kept))
         generator = torch.Generator().manual_seed(derive_seed(seed, "random-prune", iteration))
-        return random_prune(model, targets, generator)
-    raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
+        return random_prune(model, kept, generator)
+
+    return step
 
 
 def run_baseline(
@@ -89,65 +91,35 @@ def run_baseline(
     Starts from the experiment's dense trained weights; at iteration k prunes to the
     counts of ``reference.records[k]`` (per layer, or in total for ``global-magnitude``),
     evaluates, rewinds if the experiment does, retrains exactly like NNrelief's iteration
-    k and evaluates again. State is stored in ``folder`` after every iteration and an
-    interrupted run resumes from it.
+    k and evaluates again: :func:`relieve` with the baseline's prune step, in ``folder``
+    (a run folder of its own, resumable like any run).
     """
     cfg = experiment.cfg
     targets = [layer_targets(record) for record in reference.records[1:]]
-    shape = tuple(experiment.train_set.image_shape)
-    init = torch.load(experiment.run_dir / "init.pt", map_location="cpu", weights_only=True) if cfg.rewind else None
-    model = experiment.train_dense()
-    state_path = folder / "state.pt"
-    extra = {"method": method, "config": cfg.to_dict()}
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        done = len(state["targets"])
-        if state.get("format") != _STATE_FORMAT or state["method"] != method or state["targets"] != targets[:done]:
-            raise ConfigError(f"{state_path} belongs to another comparison; delete {folder} to start it again")
-        restore_masks(model, state["model"])
-        history = History.from_dict(state["history"])
-        logger.info("%s: resuming after iteration %d", method, done)
-    else:
-        accuracy = experiment.accuracies(model)
-        history = History([IterationRecord(0, dict(accuracy), dict(accuracy), **measure(model, shape))])
-        _store(folder, model, history, [], method, extra)
-    for iteration in range(len(history.records), len(targets) + 1):
-        start = time.perf_counter()
-        report = _prune(method, model, targets[iteration - 1], cfg.seed, iteration)
-        prune_seconds = time.perf_counter() - start
-        record = IterationRecord(iteration, experiment.accuracies(model), {}, **measure(model, shape),
-                                 prune_seconds=prune_seconds, report=report.to_dict())  # fmt: skip
-        retrain_start = time.perf_counter()
-        if init is not None:
-            rewind(model, init)
-        checkpoint = folder / f"retrain-{iteration}.ckpt"
-        fit(model, experiment.train_loader("retrain", iteration), experiment.val_batches,
-            cfg.train_config(retrain_iteration=iteration), checkpoint_path=checkpoint, progress=progress)  # fmt: skip
-        refresh_masked(model)
-        record.retrain_seconds = time.perf_counter() - retrain_start
-        record.accuracy_after = experiment.accuracies(model)
-        record.seconds = time.perf_counter() - start
-        history.records.append(record)
-        history.selected_iteration = iteration
-        _store(folder, model, history, targets[:iteration], method, extra)
-        checkpoint.unlink(missing_ok=True)
+    method_folder = RunFolder(folder)
+
+    def finished(record: IterationRecord) -> None:
+        method_folder.remove(files.retrain_checkpoint(record.iteration))
         logger.info(
             "%s iteration %d: test accuracy %.4f before / %.4f after retraining, %d/%d weights",
-            method, iteration, record.accuracy_before["test"], record.accuracy_after["test"],
+            method, record.iteration, record.accuracy_before["test"], record.accuracy_after["test"],
             record.params_remaining, record.params_total,
         )  # fmt: skip
-    return history
 
-
-def _store(folder: Path, model: nn.Module, history: History, targets: list[dict[str, int]], method: str,
-           extra: dict[str, Any]) -> None:  # fmt: skip
-    """Weights of the last iteration, history files, then the state (the commit point)."""
-    weights = cpu_state(model)
-    save_torch(weights, folder / f"model-iter{history.records[-1].iteration}.pt")
-    history.write(folder, extra)
-    state = {"format": _STATE_FORMAT, "method": method, "targets": targets, "model": weights,
-             "history": history.to_dict()}  # fmt: skip
-    save_torch(state, folder / "state.pt")
+    return relieve(
+        experiment.train_dense(),
+        prune_step=baseline_step(method, targets, cfg.seed),
+        step_settings={"method": method, "seed": cfg.seed},
+        train_fn=lambda model, iteration: experiment.retrain(model, iteration, method_folder),
+        eval_fns=experiment.eval_fns(),
+        num_iters=len(targets),
+        rewind_state=experiment.initial_state(),
+        run_dir=folder,
+        input_shape=tuple(experiment.train_set.image_shape),
+        progress=progress,
+        on_iteration_end=finished,
+        history_extra={"method": method, "config": cfg.to_dict()},
+    )
 
 
 @dataclass
@@ -226,11 +198,12 @@ class Comparison:
         writer.writeheader()
         writer.writerows(rows)
         paths = {"csv": folder / "compare.csv", "json": folder / "compare.json", "md": folder / "compare.md"}
-        save_text(text.getvalue(), paths["csv"])
+        out = RunFolder(folder)
+        out.write_text(paths["csv"].name, text.getvalue())
         cfg = self.experiment.cfg
         payload = {"run_dir": str(self.experiment.run_dir), "config": cfg.to_dict(), "methods": list(self.histories),
                    "layer_totals": self.layer_totals(), "rows": rows}  # fmt: skip
-        save_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", paths["json"])
+        out.write_json(paths["json"].name, payload)
         retrain = "rewind to init" if cfg.rewind else "fine-tune"
         header = [
             "# Pruning methods at equal remaining weights", "",
@@ -240,7 +213,7 @@ class Comparison:
              "to NNrelief's total; all start from the same dense weights and retrain identically."), "",
         ]  # fmt: skip
         try:
-            from .plots import MissingPlotDependencyError, plot_comparison
+            from ..reporting import MissingPlotDependencyError, plot_comparison
 
             curves = {
                 method: [(r.remaining_percent, 100 * r.accuracy_after["test"], 100 * r.accuracy_before["test"])
@@ -253,7 +226,7 @@ class Comparison:
         except MissingPlotDependencyError as error:
             paths.pop("png")
             logger.warning("no compare.png: %s", error)
-        save_text("\n".join(header) + "\n" + self.markdown(), paths["md"])
+        out.write_text(paths["md"].name, "\n".join(header) + "\n" + self.markdown())
         return paths
 
 

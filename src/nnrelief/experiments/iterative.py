@@ -1,0 +1,357 @@
+"""The iterative NNrelief procedure for any model and training function.
+
+:func:`relieve` runs ``num_iters`` times one pruning pass (:func:`nnrelief.prune`), measures
+the accuracies before retraining, optionally rewinds the surviving weights to their initial
+values (:func:`rewind`), calls the user's ``train_fn`` and measures again. Every iteration
+becomes an :class:`~nnrelief.experiments.history.IterationRecord` of a :class:`~nnrelief.experiments.history.History`.
+With ``run_dir`` it stores its state after every step (pruned, retrained), atomically, and
+resumes from it. The paper's experiments end to end (data, dense training, this loop, run
+folders, presets) are in :mod:`nnrelief.experiments.experiment`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..fileio import cpu_state
+from ..masks import GATE, refresh_masked, restore_masks
+from ..pruning import SCORE_MODES, prune
+from ..report import PruneReport
+from . import runfolder as files
+from .history import History, IterationRecord, measure
+from .runfolder import RunFolder
+
+logger = logging.getLogger(__name__)
+
+_STATE_FORMAT = 1
+
+
+def rewind(model: nn.Module, init_state: Mapping[str, Tensor]) -> None:
+    """Reset the surviving weights of ``model`` to their initial values, keeping the masks.
+
+    Every masked tensor gets ``<name>_orig = init[<name>] * <name>_mask``; every other
+    parameter and buffer found in ``init_state`` (e.g. unmasked layers, BatchNorm running
+    statistics) is copied back as is. Masks and shortcut gates are left untouched.
+    ``init_state`` is the ``state_dict`` of the model before training (with or without
+    masks).
+    """
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.endswith("_orig"):
+                base = key[: -len("_orig")]
+                init = init_state.get(base, init_state.get(key))
+                if init is None:
+                    raise KeyError(f"rewind: initial state has no entry for {base!r}")
+                mask = state[f"{base}_mask"]
+                value.copy_(init.to(value.device, value.dtype) * mask)
+            elif key.endswith("_mask") or key.rpartition(".")[2] == GATE:
+                continue
+            elif key in init_state:
+                value.copy_(init_state[key].to(value.device, value.dtype))
+    refresh_masked(model)
+
+
+def _load_earlier(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a state saved before the latest pruning pass into the (now more masked) model:
+    masks the earlier state lacks are all ones."""
+    loaded = {}
+    for key, value in model.state_dict().items():
+        if key in state:
+            loaded[key] = state[key]
+        elif key.endswith("_orig") and key[: -len("_orig")] in state:
+            loaded[key] = state[key[: -len("_orig")]]
+        elif key.endswith("_mask") or key.rpartition(".")[2] == GATE:
+            loaded[key] = torch.ones_like(value)
+        else:
+            raise KeyError(f"earlier state has no entry for {key!r}")
+    model.load_state_dict(loaded)
+    refresh_masked(model)
+
+
+def _input_shape(batches: Iterable[Any]) -> tuple[int, ...]:
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return tuple(x.shape[1:])
+    raise ValueError("no pruning batches: pass a non-empty iterable of inputs")
+
+
+def _check_state(state: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
+    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        raise ValueError(f"{path} is not a nnrelief loop state (format {_STATE_FORMAT})")
+    diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: stored={a!r} now={b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was written with other settings ({details}); use another run_dir")
+
+
+PruneStep = Callable[[nn.Module, int], PruneReport]
+"""Prunes a model in place for an iteration (1, 2, ...) and returns the pass's report."""
+
+
+def relieve(
+    model: nn.Module,
+    *,
+    prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]] | None = None,
+    train_fn: Callable[[nn.Module, int], object],
+    eval_fns: Mapping[str, Callable[[nn.Module], float]],
+    num_iters: int,
+    alpha_fc: float = 0.95,
+    alpha_conv: float = 0.9,
+    score: str = "paper",
+    prune_step: PruneStep | None = None,
+    step_settings: Mapping[str, Any] | None = None,
+    rewind_state: Mapping[str, Tensor] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    early_stop_margin: float | None = None,
+    early_stop_metric: str = "val",
+    input_shape: tuple[int, ...] | None = None,
+    progress: bool = True,
+    on_iteration_end: Callable[[IterationRecord], None] | None = None,
+    history_extra: Mapping[str, Any] | None = None,
+) -> History:
+    """Iterative NNrelief on a trained ``model``, in place: prune, retrain, repeat.
+
+    Iteration 0 records the model as given. Then ``num_iters`` times: one pruning pass on
+    the pruning set, evaluation ("before"), rewinding to ``rewind_state`` if given,
+    ``train_fn(model, iteration)``, evaluation ("after"). The masks hold during training
+    (PyTorch pruning reparametrisation), so ``train_fn`` may be any ordinary loop over
+    ``model.parameters()``, e.g. :func:`nnrelief.training.fit`.
+
+    Args:
+        model: the trained dense (or already pruned) model.
+        prune_batches: pruning set batches (inputs or ``(input, target)`` pairs), or a
+            function of the 1-based iteration returning them (to draw a new set per
+            iteration reproducibly).
+        train_fn: retrains the model in place; called with the iteration number.
+        eval_fns: named accuracy functions (fraction in [0, 1]), e.g. ``{"val": ...,
+            "test": ...}``.
+        num_iters: number of pruning iterations.
+        alpha_fc: kept signal fraction of Linear layers.
+        alpha_conv: kept signal fraction of Conv2d layers.
+        score: ``"paper"`` or ``"authors"`` (see :func:`nnrelief.prune`).
+        prune_step: another pruning rule instead of NNrelief's pass, e.g. a baseline
+            (:mod:`nnrelief.experiments.baselines`); ``prune_batches`` and the alphas are
+            then unused and ``input_shape`` is required.
+        step_settings: what identifies ``prune_step`` (stored with the run state, so a run
+            folder is never resumed with another rule).
+        rewind_state: initial ``state_dict``; when given, surviving weights are reset to
+            it before each retraining (:func:`rewind`), as the paper does for LeNets.
+        run_dir: folder for the loop state, per-iteration weights and history files.
+            If it holds a state from an interrupted call with the same settings, the loop
+            continues from there (``num_iters`` may be raised to extend a finished run).
+            ``train_fn`` should then resume its own work too (``fit(checkpoint_path=...)``).
+        early_stop_margin: stop when ``eval_fns[early_stop_metric]`` after retraining falls
+            more than this (a fraction, 0.01 = 1 point) below the iteration-0 value; the
+            model is then set back to the previous iteration's weights.
+        early_stop_metric: the evaluation used by the early stop.
+        input_shape: shape of one input (no batch dimension) for counting MACs; default:
+            that of the first pruning batch.
+        progress: tqdm bars.
+        on_iteration_end: called with each finished record after its state is stored.
+        history_extra: extra keys written into ``history.json`` (e.g. the configuration).
+
+    Returns:
+        The :class:`History`; ``model`` holds the weights of ``history.selected_iteration``.
+    """
+    _check_arguments(num_iters, eval_fns, score, early_stop_margin, early_stop_metric)
+    if prune_step is None:
+        if prune_batches is None:
+            raise ValueError("give prune_batches (the pruning set) or a prune_step")
+        prune_step = _nnrelief_step(prune_batches, alpha_fc, alpha_conv, score, progress)
+        shape = tuple(input_shape) if input_shape is not None else _input_shape(_batches_for(prune_batches, 1))
+        settings: dict[str, Any] = {"alpha_fc": alpha_fc, "alpha_conv": alpha_conv, "score": score}
+    else:
+        if input_shape is None:
+            raise ValueError("give input_shape with a prune_step (the shape of one input, for counting MACs)")
+        shape, settings = tuple(input_shape), {"prune_step": dict(step_settings or {})}
+    settings.update(rewind=rewind_state is not None, early_stop_margin=early_stop_margin,
+                    early_stop_metric=early_stop_metric, eval=sorted(eval_fns))  # fmt: skip
+    folder = RunFolder(run_dir).open_for_writing() if run_dir is not None else None
+    try:
+        loop = _Loop(model, prune_step, train_fn, eval_fns, shape, settings, rewind_state, folder, history_extra)
+        loop.start()
+        return loop.run(num_iters, early_stop_margin, early_stop_metric, progress, on_iteration_end)
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _check_arguments(num_iters: int, eval_fns: Mapping[str, Any], score: str, margin: float | None, metric: str) -> None:
+    if num_iters < 0:
+        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+    if not eval_fns:
+        raise ValueError("eval_fns must name at least one evaluation, e.g. {'val': ...}")
+    if score not in SCORE_MODES:
+        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    if margin is not None:
+        if margin < 0:
+            raise ValueError(f"early_stop_margin must be >= 0, got {margin}")
+        if metric not in eval_fns:
+            raise ValueError(f"early_stop_metric {metric!r} is not one of {sorted(eval_fns)}")
+
+
+def _batches_for(prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], iteration: int) -> Iterable[Any]:
+    return prune_batches(iteration) if callable(prune_batches) else prune_batches
+
+
+def _nnrelief_step(
+    prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], alpha_fc: float, alpha_conv: float, score: str, progress: bool
+) -> PruneStep:
+    def step(model: nn.Module, iteration: int) -> PruneReport:
+        # prune() shows its bar whenever asked, even when stderr is not a terminal
+        return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
+                     score=score, progress=progress and sys.stderr.isatty())  # fmt: skip
+
+    return step
+
+
+class _Loop:
+    """The state of one :func:`relieve` call and its phases: start (or resume), prune,
+    retrain, early stop; each phase ends by storing the state (its commit point)."""
+
+    def __init__(
+        self, model: nn.Module, prune_step: PruneStep, train_fn: Callable[[nn.Module, int], object],
+        eval_fns: Mapping[str, Callable[[nn.Module], float]], shape: tuple[int, ...], settings: dict[str, Any],
+        rewind_state: Mapping[str, Tensor] | None, folder: RunFolder | None, extra: Mapping[str, Any] | None,
+    ) -> None:  # fmt: skip
+        self.model, self.prune_step, self.train_fn, self.eval_fns = model, prune_step, train_fn, eval_fns
+        self.shape, self.settings, self.rewind_state = shape, settings, rewind_state
+        self.folder, self.extra = folder, extra
+        self.history = History()
+        self.phase = "retrained"
+        self.pending: IterationRecord | None = None
+        self.previous: dict[str, Tensor] | None = None
+
+    def evaluate(self) -> dict[str, float]:
+        return {name: float(fn(self.model)) for name, fn in self.eval_fns.items()}
+
+    def save(self) -> None:
+        """Store the loop state after the files it names (weights, history)."""
+        if self.folder is None:
+            return
+        if self.phase == "retrained":
+            self.folder.save(files.model_file(self.history.records[-1].iteration), cpu_state(self.model))
+        if self.phase != "pruned":
+            self.folder.write_history(self.history, self.extra)
+        pending = self.pending.to_dict() if self.pending is not None else None
+        self.folder.save(files.STATE, {
+            "format": _STATE_FORMAT, "settings": self.settings, "phase": self.phase, "model": cpu_state(self.model),
+            "previous": self.previous, "history": self.history.to_dict(), "pending": pending,
+        })  # fmt: skip
+
+    def start(self) -> None:
+        """Resume from the folder's state, or record iteration 0."""
+        if self.folder is not None and self.folder.exists(files.STATE):
+            self._resume()
+            return
+        start = time.perf_counter()
+        accuracy = self.evaluate()
+        record = IterationRecord(0, dict(accuracy), dict(accuracy), **measure(self.model, self.shape))
+        record.seconds = time.perf_counter() - start
+        self.history = History([record])
+        self.save()
+        logger.info("iteration 0 (dense): %s", _describe(record))
+
+    def _resume(self) -> None:
+        assert self.folder is not None
+        state = self.folder.load(files.STATE)
+        _check_state(state, self.settings, self.folder / files.STATE)
+        restore_masks(self.model, state["model"])
+        self.history = History.from_dict(state["history"])
+        self.phase, self.previous = state["phase"], state["previous"]
+        self.pending = IterationRecord.from_dict(state["pending"]) if state["pending"] else None
+        if self.phase != "pruned":
+            self.folder.write_history(self.history, self.extra)  # repairs damaged history files
+        logger.info(
+            "resuming %s: %d iteration(s) done%s", self.folder.path, self.history.records[-1].iteration,
+            f", iteration {self.pending.iteration} pruned but not retrained" if self.pending else "",
+        )  # fmt: skip
+
+    def run(
+        self, num_iters: int, margin: float | None, metric: str, progress: bool,
+        on_iteration_end: Callable[[IterationRecord], None] | None,
+    ) -> History:  # fmt: skip
+        done = self.history.records[-1].iteration
+        bar = tqdm(total=num_iters, initial=min(done, num_iters), desc="nnrelief iterations",
+                   unit="iter", disable=None if progress else True)  # fmt: skip
+        try:
+            while not self.history.stopped_early and (self.phase == "pruned" or done < num_iters):
+                if self.phase != "pruned":
+                    self.prune(done + 1, keep_previous=margin is not None)
+                finished = self.retrain()
+                done = finished.iteration
+                self.phase = "stopped" if margin is not None and self.stop_early(finished, margin, metric) else "retrained"
+                self.save()
+                self.previous = None
+                bar.update(1)
+                if on_iteration_end is not None:
+                    on_iteration_end(finished)
+        finally:
+            bar.close()
+        return self.history
+
+    def prune(self, iteration: int, keep_previous: bool) -> None:
+        start = time.perf_counter()
+        self.previous = cpu_state(self.model) if keep_previous else None
+        report = self.prune_step(self.model, iteration)
+        prune_seconds = time.perf_counter() - start
+        accuracy = self.evaluate()
+        self.pending = IterationRecord(
+            iteration, accuracy, {}, **measure(self.model, self.shape), prune_seconds=prune_seconds, report=report.to_dict(),
+        )  # fmt: skip
+        self.pending.seconds = time.perf_counter() - start
+        self.phase = "pruned"
+        self.save()
+        logger.info("iteration %d pruned: %s", iteration, _describe(self.pending, before=True))
+
+    def retrain(self) -> IterationRecord:
+        record = self.pending
+        assert record is not None
+        start = time.perf_counter()
+        if self.rewind_state is not None:
+            rewind(self.model, self.rewind_state)
+        self.train_fn(self.model, record.iteration)
+        refresh_masked(self.model)
+        record.retrain_seconds = time.perf_counter() - start
+        record.accuracy_after = self.evaluate()
+        record.seconds += time.perf_counter() - start
+        self.history.records.append(record)
+        self.history.selected_iteration = record.iteration
+        self.pending = None
+        logger.info("iteration %d retrained: %s", record.iteration, _describe(record))
+        return record
+
+    def stop_early(self, record: IterationRecord, margin: float, metric: str) -> bool:
+        """Whether ``record`` fell below the margin; if so, go back to the previous iteration."""
+        reference = self.history.records[0].accuracy_after[metric]
+        if record.accuracy_after[metric] >= reference - margin:
+            return False
+        if self.folder is not None:
+            self.folder.save(files.model_file(record.iteration), cpu_state(self.model))
+        assert self.previous is not None
+        _load_earlier(self.model, self.previous)
+        self.history.stopped_early = True
+        self.history.selected_iteration = record.iteration - 1
+        logger.info(
+            "early stop: %s accuracy %.4f is more than %.4f below the dense %.4f; keeping iteration %d",
+            metric, record.accuracy_after[metric], margin, reference, record.iteration - 1,
+        )  # fmt: skip
+        return True
+
+
+def _describe(record: IterationRecord, before: bool = False) -> str:
+    accuracy = record.accuracy_before if before else record.accuracy_after
+    parts = [f"{name} acc {value:.4f}" for name, value in accuracy.items()]
+    parts.append(f"{record.params_remaining}/{record.params_total} params ({record.remaining_percent:.2f}%)")
+    return ", ".join(parts)
