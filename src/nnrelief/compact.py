@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import Tensor
 
-from .cleaning import LayerMask, clean, live_channels, used_channels
+from .cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
 from .fileio import atomic_path
 from .graph import ModelGraph, NodeRule, Rule, build_graph
 from .masks import _GATE_HOOK, GATE, make_permanent
@@ -139,18 +139,10 @@ def _effective_masks(graph: ModelGraph) -> dict[str, LayerMask]:
         weight = layer.module.weight.detach() != 0
         weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
         bias = layer.module.bias
-        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu())
+        shift = None if layer.batchnorm is None else batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+        groups = getattr(layer.module, "groups", 1)
+        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu(), shift, groups)
     return masks
-
-
-def _zero_response(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """Channels where the BatchNorm maps a zero input to a nonzero output (eval or train)."""
-    bias = module.bias.detach()
-    nonzero = bias != 0
-    if module.running_mean is not None:
-        shift = module.weight.detach() * module.running_mean / torch.sqrt(module.running_var + module.eps)
-        nonzero |= (bias - shift) != 0
-    return nonzero.cpu()
 
 
 def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -168,7 +160,7 @@ def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Ten
         changed = False
         for node, module_name in graph.batchnorms.items():
             rule = graph.rules[node]
-            if rule.zero_preserving and bool((~live[rule.inputs[0]] & _zero_response(modules[module_name])).any()):
+            if rule.zero_preserving and bool((~live[rule.inputs[0]] & batchnorm_constant(modules[module_name])).any()):
                 rule.zero_preserving = False
                 changed = True
         if not changed:
@@ -253,6 +245,11 @@ class _Plan:
                     forced.update([name, *inputs])
                 if _has_literal_shape(node):
                     forced.update([name, *inputs])
+            elif rule.rule is Rule.LAYER and getattr(self.modules[rule.layer], "groups", 1) > 1:
+                if _is_depthwise(self.modules[rule.layer]):
+                    self.groups.union(name, inputs[0])  # channel c reads input channel c only
+                else:
+                    forced.update([name, *inputs])  # whole groups only: kept as they are
             elif rule.rule is Rule.FLATTEN and _has_literal_shape(node):
                 forced.update([name, *inputs])
             elif rule.rule in (Rule.OPAQUE, Rule.OUTPUT):
@@ -359,7 +356,13 @@ class _Plan:
     def _slice_layer(self, module: nn.Module, rows: Tensor, cols: Tensor) -> None:
         rows_idx, cols_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
         device = module.weight.device
-        weight = module.weight.detach()[rows_idx.to(device)][:, cols_idx.to(device)].clone()
+        weight = module.weight.detach()[rows_idx.to(device)]
+        if getattr(module, "groups", 1) > 1:
+            if _is_depthwise(module):  # rows and cols are the same channels (coupled)
+                module.groups = len(rows_idx)
+        else:
+            weight = weight[:, cols_idx.to(device)]
+        weight = weight.clone()
         module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
         if module.bias is not None:
             module.bias = nn.Parameter(module.bias.detach()[rows_idx.to(device)].clone(), requires_grad=module.bias.requires_grad)
@@ -401,6 +404,12 @@ class _Plan:
     def _device(self) -> torch.device:
         parameter = next(self.gm.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every output channel reads exactly the input channel of the same index."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and module.in_channels == groups and module.out_channels == groups
 
 
 def _slice_batchnorm(module: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:

@@ -104,6 +104,7 @@ class PrunableLayer:
     chain_end: str | None = None
     structured: bool = False
     input_hw: tuple[int, int] | None = None
+    batchnorm: str | None = None  # an affine BatchNorm reading this layer's output alone
 
 
 @dataclass
@@ -141,8 +142,6 @@ def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
     if isinstance(module, nn.Linear):
         return "linear", None
     if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
-        if module.groups != 1:
-            return None, f"grouped/depthwise Conv2d (groups={module.groups}) is not scored"
         return "conv", None
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)):
         return None, f"{type(module).__name__} is not scored (only Linear and Conv2d are)"
@@ -401,6 +400,8 @@ def _find_chains(graph: ModelGraph) -> None:
         if not layer.structured:
             continue
         current = nodes[layer.node]
+        if len(current.users) == 1 and next(iter(current.users)).name in graph.batchnorms:
+            layer.batchnorm = graph.batchnorms[next(iter(current.users)).name]
         while len(current.users) == 1:
             user = next(iter(current.users))
             rule = graph.rules[user.name]

@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import scores as score_fns
-from .cleaning import LayerMask, clean, residual_decisions
+from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
 from .graph import ModelGraph, PrunableLayer, build_graph
 from .masks import current_mask, gate_of, set_gate, set_mask
 from .report import PruneReport, build_report
@@ -53,7 +53,11 @@ def _inputs(batches: Iterable[Any], device: torch.device) -> Iterator[Tensor]:
 def _connection_mask(module: nn.Module) -> LayerMask:
     weight = current_mask(module, "weight")
     bias = current_mask(module, "bias")
-    return LayerMask(weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(), None if bias is None else bias.clone())
+    return LayerMask(
+        weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(),
+        None if bias is None else bias.clone(),
+        groups=getattr(module, "groups", 1),
+    )
 
 
 def _contributions(layer: PrunableLayer, stats: Statistics, mode: str) -> tuple[Tensor, Tensor | None]:
@@ -81,7 +85,12 @@ def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float
         alpha = alpha_fc if layer.kind == "linear" else alpha_conv
         keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
         old = _connection_mask(layer.module)
-        masks[layer.name] = LayerMask(keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu())
+        shift = None
+        if layer.batchnorm is not None:
+            shift = batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+        masks[layer.name] = LayerMask(
+            keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), shift, old.groups
+        )
     return masks
 
 

@@ -70,7 +70,7 @@ class ConvInputObserver(Observer):
         if self.mode == "paper":
             abs_weight = conv.weight.detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
-                self.products = scores.kernel_products(abs_weight)
+                self.products = scores.kernel_products(abs_weight, conv.groups)
             self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products))
         else:
             self.accumulate("abs_map", abs_x.sum(0).double())
