@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .chains import LayerChain
 from .graph import ModelGraph, Rule
 
 
@@ -106,6 +107,10 @@ def live_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
             value = live[rule.inputs[0]].clone() if rule.zero_preserving else torch.ones(rule.channels, dtype=torch.bool)
         elif rule.rule is Rule.FLATTEN:
             value = live[rule.inputs[0]].repeat_interleave(rule.spatial)
+        elif rule.rule is Rule.MERGE and rule.product:
+            value = torch.ones(rule.channels, dtype=torch.bool)
+            for source in rule.inputs:
+                value &= live[source]
         elif rule.rule is Rule.MERGE:
             value = torch.zeros(rule.channels, dtype=torch.bool)
             for source in rule.inputs:
@@ -186,3 +191,19 @@ def clean(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tenso
             break
     live = live_channels(graph, masks, gates)
     return {module: live[graph.rules[node].inputs[0]].clone() for node, module in graph.batchnorms.items()}
+
+
+def clean_chains(chains: list[LayerChain], masks: dict[str, LayerMask]) -> None:
+    """Cleaning along producer -> consumer chains (models without channel rules), to a
+    fixpoint: a producer neuron without consumer connections is removed; a removed producer
+    neuron's consumer connections go where the path between them maps zero to zero."""
+    changed = True
+    while changed:
+        changed = False
+        for chain in chains:
+            producer, consumer = masks[chain.producer], masks[chain.consumer]
+            if chain.zero_preserving:
+                changed |= consumer.clear_inputs(producer.alive())
+            before = producer.alive()
+            producer.remove_neurons(~consumer.used_inputs())
+            changed |= not torch.equal(before, producer.alive())

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import scores
 from .graph import ModelGraph, PrunableLayer
+from .inputs import ModelInput, example_input
 from .masks import GATE
 
 log = logging.getLogger(__name__)
@@ -190,11 +191,12 @@ def _pre_hook(observer: Observer):
 def collect(
     model: nn.Module,
     graph: ModelGraph,
-    inputs: Iterable[Tensor],
+    inputs: Iterable[Tensor | ModelInput],
     mode: str,
     progress: Iterator | None = None,
 ) -> Statistics:
-    """Stream ``inputs`` through the model once (no grad) and return the statistics."""
+    """Stream ``inputs`` (tensors or :class:`ModelInput` calls) through the model once (no
+    grad) and return the statistics."""
     if graph.traced:
         watch = _observers(graph, mode)
         runner = _instrument(model, graph, watch)
@@ -209,7 +211,7 @@ def collect(
     try:
         with torch.no_grad():
             for x in inputs:
-                runner(x)
+                example_input(x)(runner)
     finally:
         for handle in handles:
             handle.remove()
