@@ -271,3 +271,37 @@ def test_grouped_conv_is_pruned_per_group_and_compacts_exactly():
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-5)
         assert torch.allclose(compact(model, x[:2])(x), before, atol=1e-5)
+
+
+class ShapeBranchMLP(nn.Module):
+    """Untraceable by torch.fx (control flow on a shape), captured by torch.export."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 3), act
+
+    def forward(self, x):
+        if x.size(0) > 0:
+            x = x * 1.0
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_export_chains_remove_whole_neurons_only_where_exact():
+    for act, zero_preserving in ((nn.GELU(), True), (nn.Sigmoid(), False)):
+        torch.manual_seed(0)
+        model = ShapeBranchMLP(act)
+        with torch.no_grad():
+            model.fc1.weight[2] = 0.0
+            model.fc1.bias[2] = 0.0  # neuron 2 outputs act(0): 0 for GELU, 0.5 for the sigmoid
+            model.fc2.weight[:, 4] = 0.0  # neuron 4 feeds nothing
+        x = torch.randn(16, 4)
+        with torch.no_grad():
+            before = model(x)
+        nnrelief.prune(model, [x], alpha_fc=1.0, progress=False)
+        assert alive_rows(model.fc1).tolist() == [True, True, False, True, False, True]
+        assert bool(model.fc2.weight[:, 2].any()) != zero_preserving  # the sigmoid's 0.5 still counts
+        with torch.no_grad():
+            assert torch.allclose(model(x), before, atol=1e-6)
+            small = compact(model, x[:2])
+            assert small.fc1.out_features == small.fc2.in_features == (4 if zero_preserving else 5)
+            assert torch.allclose(small(x), before, atol=1e-6)
