@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import nnrelief
 from nnrelief.cleaning import residual_decisions
+from nnrelief.compaction import compact
 from nnrelief.masks import current_mask, gate_of
 
 
@@ -154,3 +155,153 @@ def test_residual_rule_prunes_weak_branch_and_gates_weak_shortcut():
     model.block.shortcut.register_forward_hook(lambda m, i, o: shortcut_out.setdefault("o", o))
     model(x)
     assert not shortcut_out["o"][:, 1].any() and shortcut_out["o"][:, 0].any()
+
+
+class ConvBNNoBias(nn.Module):
+    """conv (no bias) -> BN -> ReLU, twice, then global pooling and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _engineered_bn_shift_model(seed):
+    """Filters without kernels whose BatchNorm shift is a constant, some positive (alive
+    after the ReLU), some negative (dead)."""
+    torch.manual_seed(seed)
+    model = ConvBNNoBias()
+    with torch.no_grad():
+        for conv, bn in ((model.conv1, model.bn1), (model.conv2, model.bn2)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 1.0)
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            conv.weight[:4] = 0.0  # four filters without any kernel
+    return model.eval()
+
+
+def test_bn_shift_counts_as_bias_so_removing_dead_filters_never_changes_outputs():
+    for seed in range(5):
+        model = _engineered_bn_shift_model(seed)
+        constants = [
+            bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps) for bn in (model.bn1, model.bn2)
+        ]
+        x = torch.randn(64, 3, 8, 8)
+        with torch.no_grad():
+            before = model(x)
+        nnrelief.prune(model, [x], alpha_fc=1.0, alpha_conv=1.0, progress=False)  # outputs compared on the pruning set
+        with torch.no_grad():
+            assert torch.allclose(model(x), before, atol=1e-5), f"seed {seed}"
+            # a kernel-less filter survives exactly when relu(its constant) is nonzero
+            for bn, constant in zip((model.bn1, model.bn2), constants):
+                assert current_mask(bn, "bias")[:4].tolist() == (constant[:4] > 0).tolist()
+            small = compact(model, x[:2])
+            assert torch.allclose(small(x), before, atol=1e-5)
+            assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+class DepthwiseBlock(nn.Module):
+    """pointwise expand -> depthwise 3x3 -> pointwise project, no BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 6, 1)
+        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.project = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.depthwise(F.relu(self.expand(x))))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+def test_depthwise_channel_dies_with_its_input_channel_and_the_other_way_round():
+    torch.manual_seed(0)
+    model = DepthwiseBlock()
+    with torch.no_grad():
+        model.expand.weight[2] = 0.0
+        model.expand.bias[2] = 0.0  # expand channel 2 carries nothing
+        model.project.weight[:, 4] = 0.0  # depthwise channel 4 feeds nothing
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    nnrelief.prune(model, [x], alpha_fc=1.0, alpha_conv=1.0, progress=False)
+    assert alive_rows(model.depthwise).tolist() == [True, True, False, True, False, True]
+    assert alive_rows(model.expand).tolist() == [True, True, False, True, False, True]
+    assert not model.project.weight[:, [2, 4]].any()
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+        small = compact(model, x[:2])
+        assert small.depthwise.weight.shape == (4, 1, 3, 3) and small.depthwise.groups == 4
+        assert torch.allclose(small(x), before, atol=1e-5)
+
+
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.grouped(F.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_grouped_conv_is_pruned_per_group_and_compacts_exactly():
+    torch.manual_seed(0)
+    model = GroupedConvNet()
+    with torch.no_grad():
+        model.grouped.weight[4:, 1] = 0.0  # conv1 channel 5 (group 1, slot 1) feeds nothing
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    nnrelief.prune(model, [x], alpha_fc=1.0, alpha_conv=1.0, progress=False)
+    assert alive_rows(model.conv1).tolist() == [True] * 5 + [False] + [True] * 2
+    assert current_mask(model.grouped, "weight")[:4].all()  # group 0 untouched
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)
+        assert torch.allclose(compact(model, x[:2])(x), before, atol=1e-5)
+
+
+class ShapeBranchMLP(nn.Module):
+    """Untraceable by torch.fx (control flow on a shape), captured by torch.export."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 3), act
+
+    def forward(self, x):
+        if x.size(0) > 0:
+            x = x * 1.0
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_export_chains_remove_whole_neurons_only_where_exact():
+    for act, zero_preserving in ((nn.GELU(), True), (nn.Sigmoid(), False)):
+        torch.manual_seed(0)
+        model = ShapeBranchMLP(act)
+        with torch.no_grad():
+            model.fc1.weight[2] = 0.0
+            model.fc1.bias[2] = 0.0  # neuron 2 outputs act(0): 0 for GELU, 0.5 for the sigmoid
+            model.fc2.weight[:, 4] = 0.0  # neuron 4 feeds nothing
+        x = torch.randn(16, 4)
+        with torch.no_grad():
+            before = model(x)
+        nnrelief.prune(model, [x], alpha_fc=1.0, progress=False)
+        assert alive_rows(model.fc1).tolist() == [True, True, False, True, False, True]
+        assert bool(model.fc2.weight[:, 2].any()) != zero_preserving  # the sigmoid's 0.5 still counts
+        with torch.no_grad():
+            assert torch.allclose(model(x), before, atol=1e-6)
+            small = compact(model, x[:2])
+            assert small.fc1.out_features == small.fc2.in_features == (4 if zero_preserving else 5)
+            assert torch.allclose(small(x), before, atol=1e-6)

@@ -365,6 +365,8 @@ def test_presets_are_valid_and_follow_the_paper():
     assert cfg.rewind and cfg.batch_size == 120 and cfg.num_classes == 10
     assert resolve_config("resnet56-cifar100")[0].prune_samples == 2000
     assert resolve_config("resnet56-cifar100")[0].num_classes == 100
+    cfg, _ = resolve_config("mobilenetv2-cifar10")
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.lr_schedule, cfg.epochs) == ("mobilenetv2_cifar", "sgd", 0.1, "cosine", 200)
 
 
 def test_config_precedence_and_file_errors(tmp_path):

@@ -17,6 +17,7 @@ from nnrelief.models import (
     input_shape,
     lenet5,
     lenet300_100,
+    mobilenetv2_cifar,
     resnet20,
     resnet_cifar,
     vgg,
@@ -25,7 +26,7 @@ from nnrelief.models import (
 
 EXPECTED_NAMES = {
     "lenet300_100", "lenet5", "vgg_like", "vgg11", "vgg13", "vgg16", "vgg19",
-    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_tiny",
+    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_tiny", "mobilenetv2_cifar",
 }
 HEAVY = {"vgg19", "resnet110", "resnet18_tiny"}
 
@@ -61,7 +62,8 @@ def test_unknown_name_lists_valid_names() -> None:
 
 @pytest.mark.parametrize(
     ("builder", "expected"),
-    [(lenet300_100, 266_610), (lenet5, 431_080), (resnet20, 269_722)],
+    # MobileNetV2: torchvision's mobilenet_v2(num_classes=10) has 2,236,682 too (strides differ only).
+    [(lenet300_100, 266_610), (lenet5, 431_080), (resnet20, 269_722), (mobilenetv2_cifar, 2_236_682)],
 )
 def test_exact_parameter_counts(builder, expected: int) -> None:
     assert n_trainable(builder(num_classes=10)) == expected

@@ -81,9 +81,8 @@ def test_unusual_user_model(caplog):
     x = torch.randn(20, 3, 8, 8)
     with caplog.at_level(logging.WARNING, logger="nnrelief"):
         report = nnrelief.prune(model, [x[:7], x[7:]], alpha_fc=0.8, alpha_conv=0.8, progress=False)
-    assert "depthwise" in caplog.text and "depthwise" in report.skipped
-    assert not hasattr(model.depthwise, "weight_mask")
-    assert {layer.name for layer in report.layers} == {"left", "right.0", "squeeze", "down", "tokens", "head"}
+    assert "left unpruned" not in caplog.text and not report.skipped
+    assert {layer.name for layer in report.layers} == {"left", "right.0", "depthwise", "squeeze", "down", "tokens", "head"}
     check_pruned(model, report)
     before = model.eval()(x)
     assert torch.isfinite(before).all()
@@ -238,7 +237,20 @@ def test_shape_the_model_rejects():
 
 def test_wrong_batch_type():
     with pytest.raises(TypeError, match="expected an input tensor"):
-        nnrelief.prune(lenet300_100(), [{"x": torch.rand(2, 784)}])
+        nnrelief.prune(lenet300_100(), ["not a tensor"])
+    with pytest.raises(ValueError, match="rejected a pruning batch of shape \\(image="):
+        nnrelief.prune(lenet300_100(), [{"image": torch.rand(2, 784)}])  # forward has no 'image'
+
+
+def test_keyword_and_positional_batches():
+    torch.manual_seed(0)
+    model, x = lenet300_100(), torch.rand(8, 784)
+    twin = lenet300_100()
+    twin.load_state_dict(model.state_dict())
+    nnrelief.prune(model, [x], progress=False)
+    nnrelief.prune(twin, [{"x": x[:3]}, ((x[3:],), torch.zeros(5))], progress=False)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_model_without_prunable_layers():

@@ -43,15 +43,19 @@ def test_conv_norm_by_hand():
 
 
 def _slow_norm_sum(x, weight, conv):
-    """The paper's a_ij * N straight from the formula: one single-channel conv per (n, j, i)."""
+    """The paper's a_ij * N straight from the formula: one single-channel conv per (n, j, i).
+
+    With groups, filter j reads input channels j's group * C/g + i for i < C/g."""
     filters, channels = weight.shape[:2]
+    per_group = filters // conv.groups
     total = torch.zeros(filters, channels, dtype=torch.float64)
     padded = F.pad(x, conv._reversed_padding_repeated_twice) if any(conv._reversed_padding_repeated_twice) else x
     for n in range(x.shape[0]):
         for j in range(filters):
             for i in range(channels):
+                source = (j // per_group) * channels + i
                 out = F.conv2d(
-                    padded[n : n + 1, i : i + 1].abs().double(),
+                    padded[n : n + 1, source : source + 1].abs().double(),
                     weight[j : j + 1, i : i + 1].abs().double(),
                     stride=conv.stride,
                     dilation=conv.dilation,
@@ -70,6 +74,18 @@ def test_conv_norm_sum_matches_slow_loop(stride, padding, kernel):
     x = torch.randn(5, 3, 9, 9)
     fast = sum(scores.conv_norm_sum(part.abs(), conv.weight.detach().abs(), conv) for part in x.split([2, 3]))
     slow = _slow_norm_sum(x, conv.weight.detach(), conv)
+    assert torch.allclose(fast.double(), slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,groups,stride", [(4, 6, 2, 1), (6, 6, 6, 2), (3, 6, 3, 1), (8, 4, 4, 1)])
+def test_grouped_conv_norm_sum_matches_slow_loop(in_channels, out_channels, groups, stride):
+    """Grouped and depthwise convs: a filter's kernels pair with its own group's channels."""
+    torch.manual_seed(groups * 10 + stride)
+    conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias=False)
+    x = torch.randn(4, in_channels, 7, 7)
+    fast = sum(scores.conv_norm_sum(part.abs(), conv.weight.detach().abs(), conv) for part in x.split([1, 3]))
+    slow = _slow_norm_sum(x, conv.weight.detach(), conv)
+    assert fast.shape == conv.weight.shape[:2]
     assert torch.allclose(fast.double(), slow, rtol=1e-4, atol=1e-5)
 
 

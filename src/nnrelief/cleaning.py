@@ -12,28 +12,70 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
+from .chains import LayerChain
 from .graph import ModelGraph, Rule
 
 
 @dataclass
 class LayerMask:
-    """Connection-level keep mask of one layer."""
+    """Connection-level keep mask of one layer.
+
+    For a conv with ``groups`` = g the weight mask is (J, C/g), like the kernel's first two
+    dims. ``shift`` (J,) marks the neurons whose following affine BatchNorm turns a zero input
+    into a nonzero constant (``beta - gamma * mean / sqrt(var + eps)``): that constant
+    counts as a bias kept by cleaning, so a filter without kernels still outputs it and is
+    not removed for lacking incoming connections (only when dead or unused, which is exact).
+    """
 
     weight: Tensor
     bias: Tensor | None
+    shift: Tensor | None = None
+    groups: int = 1  # of a grouped conv: filter j reads input channels of group j // (J / groups)
 
     def alive(self) -> Tensor:
-        """(J,) which neurons/filters still have a kept connection or bias."""
+        """(J,) which neurons/filters still have a kept connection, bias or BN shift."""
         alive = self.weight.any(dim=1)
-        return alive | self.bias if self.bias is not None else alive
+        if self.bias is not None:
+            alive = alive | self.bias
+        return alive | self.shift if self.shift is not None else alive
+
+    def used_inputs(self) -> Tensor:
+        """(C,) which input channels still feed a kept connection."""
+        filters, group_channels = self.weight.shape
+        return self.weight.view(self.groups, filters // self.groups, group_channels).any(dim=1).reshape(-1)
+
+    def clear_inputs(self, live: Tensor) -> bool:
+        """Drop the connections from input channels not in ``live`` (C,); whether any changed."""
+        filters, group_channels = self.weight.shape
+        per_group = live.view(self.groups, 1, group_channels).expand(self.groups, filters // self.groups, group_channels)
+        cleared = self.weight & per_group.reshape(filters, group_channels)
+        changed = not torch.equal(cleared, self.weight)
+        self.weight.copy_(cleared)
+        return changed
 
     def remove_neurons(self, remove: Tensor) -> None:
-        """Drop every incoming connection and the bias of the neurons in ``remove``."""
+        """Drop every incoming connection, the bias and the BN shift of the neurons in ``remove``."""
         self.weight &= ~remove.unsqueeze(1)
         if self.bias is not None:
             self.bias &= ~remove
+        if self.shift is not None:
+            self.shift &= ~remove
+
+
+def batchnorm_constant(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """(C,) channels where ``module`` maps a zero input to a nonzero output, in eval mode
+    (``beta - gamma * mean / sqrt(var + eps)``) or in train mode (``beta``)."""
+    if not module.affine:
+        return torch.ones(module.num_features, dtype=torch.bool)
+    bias = module.bias.detach()
+    nonzero = bias != 0
+    if module.running_mean is not None:
+        shift = module.weight.detach() * module.running_mean / torch.sqrt(module.running_var + module.eps)
+        nonzero |= (bias - shift) != 0
+    return nonzero.cpu()
 
 
 def residual_decisions(branch_map: Tensor, shortcut_map: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
@@ -65,6 +107,10 @@ def live_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
             value = live[rule.inputs[0]].clone() if rule.zero_preserving else torch.ones(rule.channels, dtype=torch.bool)
         elif rule.rule is Rule.FLATTEN:
             value = live[rule.inputs[0]].repeat_interleave(rule.spatial)
+        elif rule.rule is Rule.MERGE and rule.product:
+            value = torch.ones(rule.channels, dtype=torch.bool)
+            for source in rule.inputs:
+                value &= live[source]
         elif rule.rule is Rule.MERGE:
             value = torch.zeros(rule.channels, dtype=torch.bool)
             for source in rule.inputs:
@@ -100,7 +146,7 @@ def used_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
             out = out & gates[name]
         if rule.rule is Rule.LAYER:
             mask = masks.get(rule.layer)
-            mark(rule.inputs[0], mask.weight.any(dim=0) if mask is not None else None)
+            mark(rule.inputs[0], mask.used_inputs() if mask is not None else None)
         elif rule.rule in (Rule.PASS, Rule.MERGE):
             for source in rule.inputs:
                 mark(source, out)
@@ -132,10 +178,7 @@ def clean(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tenso
             layer = graph.layers[name]
             if not layer.structured:
                 continue
-            cleared = mask.weight & live[layer.input_node].unsqueeze(0)
-            if not torch.equal(cleared, mask.weight):
-                mask.weight.copy_(cleared)
-                changed = True
+            changed |= mask.clear_inputs(live[layer.input_node])
         used = used_channels(graph, masks, gates)
         for name, mask in masks.items():
             layer = graph.layers[name]
@@ -148,3 +191,19 @@ def clean(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tenso
             break
     live = live_channels(graph, masks, gates)
     return {module: live[graph.rules[node].inputs[0]].clone() for node, module in graph.batchnorms.items()}
+
+
+def clean_chains(chains: list[LayerChain], masks: dict[str, LayerMask]) -> None:
+    """Cleaning along producer -> consumer chains (models without channel rules), to a
+    fixpoint: a producer neuron without consumer connections is removed; a removed producer
+    neuron's consumer connections go where the path between them maps zero to zero."""
+    changed = True
+    while changed:
+        changed = False
+        for chain in chains:
+            producer, consumer = masks[chain.producer], masks[chain.consumer]
+            if chain.zero_preserving:
+                changed |= consumer.clear_inputs(producer.alive())
+            before = producer.alive()
+            producer.remove_neurons(~consumer.used_inputs())
+            changed |= not torch.equal(before, producer.alive())

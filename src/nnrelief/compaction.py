@@ -39,35 +39,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cleaning import LayerMask, clean, live_channels, used_channels
+from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, live_channels, used_channels
 from .export import save_sparse
-from .graph import ModelGraph, NodeRule, Rule, build_graph
+from .graph import ModelGraph, NodeRule, Rule, build_graph, is_transposed_linear, weight_matrix
+from .inputs import example_input
 from .masks import _GATE_HOOK, GATE, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
 
 log = logging.getLogger(__name__)
 
 
-def compact(model: nn.Module, example: Tensor | None = None) -> nn.Module:
+def compact(model: nn.Module, example: Any = None) -> nn.Module:
     """A new, physically smaller model giving the same outputs as ``model`` in eval mode.
 
     ``model`` may carry nnrelief masks and shortcut gates (or plain zero weights); it is
-    not modified. ``example`` is one input batch used to trace shapes; it may be omitted
+    not modified. ``example`` is one input batch used to trace shapes: a tensor, a tuple of
+    positional inputs or a dict of keyword inputs (a Hugging Face batch); it may be omitted
     when the first Linear layer reads the raw (N, features) input. Returns a
     ``torch.fx.GraphModule`` with plain parameters (zeros where unstructured sparsity
-    remains), no hooks and no masks. A model that ``torch.fx`` cannot trace is returned
-    with its masks folded in but no channel removed (a warning says so).
+    remains), no hooks and no masks. A model that ``torch.fx`` cannot trace (Hugging Face
+    transformers) is returned as a copy of its own class with its masks folded in and the
+    Linear -> elementwise -> Linear chains (FFN intermediate neurons) narrowed; the model's
+    config still names the old sizes. Without such chains no channel is removed (a warning
+    says so).
     """
     work = _clone(model).eval()  # tracing runs a forward: no BN statistics update
     gates = _take_gates(work)
     make_permanent(work)
-    if example is None:
-        example = _default_example(work)
+    example = example_input(example if example is not None else _default_example(work))
     graph = build_graph(work, example)
     if not graph.traced:
         if gates:
             raise ValueError("model carries shortcut gates but torch.fx cannot trace it; cannot bake them in")
-        log.warning("compact: %s is not traceable; masks folded in, no channel removed", type(model).__name__)
+        if graph.chains:
+            _shrink_chains(graph)
+            log.info("compact: %s is not fx-traceable; %d layer chains (FFNs) narrowed in place", type(model).__name__, len(graph.chains))
+        else:
+            log.warning("compact: %s is not traceable; masks folded in, no channel removed", type(model).__name__)
         return work.train(model.training)
     node_gates = _gates_by_node(graph, gates)
     plan = _Plan(graph, node_gates)
@@ -121,21 +129,14 @@ def _effective_masks(graph: ModelGraph) -> dict[str, LayerMask]:
     """Connection-level masks read off the actual nonzero weights and biases."""
     masks = {}
     for name, layer in graph.layers.items():
-        weight = layer.module.weight.detach() != 0
+        weight = weight_matrix(layer.module).detach() != 0
         weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
         bias = layer.module.bias
-        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu())
+        shift = None if layer.batchnorm is None else batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+
+        groups = getattr(layer.module, "groups", 1)
+        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu(), shift, groups)
     return masks
-
-
-def _zero_response(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
-    """Channels where the BatchNorm maps a zero input to a nonzero output (eval or train)."""
-    bias = module.bias.detach()
-    nonzero = bias != 0
-    if module.running_mean is not None:
-        shift = module.weight.detach() * module.running_mean / torch.sqrt(module.running_var + module.eps)
-        nonzero |= (bias - shift) != 0
-    return nonzero.cpu()
 
 
 def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -153,11 +154,42 @@ def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Ten
         changed = False
         for node, module_name in graph.batchnorms.items():
             rule = graph.rules[node]
-            if rule.zero_preserving and bool((~live[rule.inputs[0]] & _zero_response(modules[module_name])).any()):
+            if rule.zero_preserving and bool((~live[rule.inputs[0]] & batchnorm_constant(modules[module_name])).any()):
                 rule.zero_preserving = False
                 changed = True
         if not changed:
             return live, used_channels(graph, masks, gates)
+
+
+def _shrink_chains(graph: ModelGraph) -> None:
+    """Narrow every producer -> consumer chain to the neurons the consumer still reads."""
+    masks = _effective_masks(graph)
+    clean_chains(graph.chains, masks)
+    keep = {chain.producer: masks[chain.consumer].used_inputs() for chain in graph.chains}
+    with torch.no_grad():
+        for chain in graph.chains:
+            index = keep[chain.producer].nonzero().flatten()
+            if len(index) == 0:
+                index = index.new_zeros(1)  # never build zero-width layers; an extra neuron is exact
+            _slice_linear(graph.layers[chain.producer].module, index, outputs=True)
+            _slice_linear(graph.layers[chain.consumer].module, index, outputs=False)
+
+
+def _slice_linear(module: nn.Module, index: Tensor, outputs: bool) -> None:
+    """Keep the output neurons (``outputs``) or the input features ``index`` of a Linear or
+    a transposed Conv1D."""
+    transposed = is_transposed_linear(module)
+    index = index.to(module.weight.device)
+    dim = (1 if transposed else 0) if outputs else (0 if transposed else 1)
+    module.weight = nn.Parameter(module.weight.detach().index_select(dim, index).clone(), requires_grad=module.weight.requires_grad)
+    if outputs and module.bias is not None:
+        module.bias = nn.Parameter(module.bias.detach()[index].clone(), requires_grad=module.bias.requires_grad)
+    if transposed:
+        attribute = "nf" if outputs else "nx"
+    else:
+        attribute = "out_features" if outputs else "in_features"
+    if hasattr(module, attribute):
+        setattr(module, attribute, len(index))
 
 
 class _Groups:
@@ -238,6 +270,11 @@ class _Plan:
                     forced.update([name, *inputs])
                 if _has_literal_shape(node):
                     forced.update([name, *inputs])
+            elif rule.rule is Rule.LAYER and getattr(self.modules[rule.layer], "groups", 1) > 1:
+                if _is_depthwise(self.modules[rule.layer]):
+                    self.groups.union(name, inputs[0])  # channel c reads input channel c only
+                else:
+                    forced.update([name, *inputs])  # whole groups only: kept as they are
             elif rule.rule is Rule.FLATTEN and _has_literal_shape(node):
                 forced.update([name, *inputs])
             elif rule.rule in (Rule.OPAQUE, Rule.OUTPUT):
@@ -344,7 +381,13 @@ class _Plan:
     def _slice_layer(self, module: nn.Module, rows: Tensor, cols: Tensor) -> None:
         rows_idx, cols_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
         device = module.weight.device
-        weight = module.weight.detach()[rows_idx.to(device)][:, cols_idx.to(device)].clone()
+        weight = module.weight.detach()[rows_idx.to(device)]
+        if getattr(module, "groups", 1) > 1:
+            if _is_depthwise(module):  # rows and cols are the same channels (coupled)
+                module.groups = len(rows_idx)
+        else:
+            weight = weight[:, cols_idx.to(device)]
+        weight = weight.clone()
         module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
         if module.bias is not None:
             module.bias = nn.Parameter(module.bias.detach()[rows_idx.to(device)].clone(), requires_grad=module.bias.requires_grad)
@@ -386,6 +429,12 @@ class _Plan:
     def _device(self) -> torch.device:
         parameter = next(self.gm.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every output channel reads exactly the input channel of the same index."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and module.in_channels == groups and module.out_channels == groups
 
 
 def _slice_batchnorm(module: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:

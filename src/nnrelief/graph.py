@@ -10,11 +10,14 @@ these rules drive structure cleaning:
 
 Unknown operations are treated conservatively (everything live and used), so an
 unrecognised model part can only make cleaning remove less, never produce a wrong mask.
-When tracing fails the model is still pruned layer by layer, without structure cleaning.
+When tracing fails the model is still pruned layer by layer; structure cleaning then covers
+only the Linear -> elementwise -> Linear chains a ``torch.export`` capture finds
+(:mod:`nnrelief.chains`: transformer FFNs).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -28,6 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .chains import LayerChain, find_chains
+from .inputs import ModelInput, example_input
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,8 @@ _RESHAPES_METHODS = {"flatten", "view", "reshape"}
 _REDUCTION_FUNCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax}
 _REDUCTION_METHODS = {"mean", "sum", "amax"}
 _ADDITIVE = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_MULTIPLICATIVE = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul}
+_MULTIPLICATIVE = _PRODUCTS | {operator.truediv, operator.itruediv, torch.div}
 _SHAPE_QUERIES = {"size", "dim"}
 
 
@@ -90,20 +97,23 @@ class NodeRule:
     spatial: int = 1
     pad: tuple[int, int] = (0, 0)
     layer: str | None = None
+    product: bool = False  # a MERGE that multiplies: a channel is zero if any factor is
 
 
 @dataclass
 class PrunableLayer:
-    """A Linear or Conv2d layer that NNrelief scores and masks."""
+    """A Linear (or transposed Conv1D) or Conv2d layer that NNrelief scores and masks."""
 
     name: str
     module: nn.Module
     kind: str  # "linear" or "conv"
+    transposed: bool = False  # weight stored (in, out): a Hugging Face Conv1D (GPT-2)
     node: str | None = None
     input_node: str | None = None
     chain_end: str | None = None
     structured: bool = False
     input_hw: tuple[int, int] | None = None
+    batchnorm: str | None = None  # an affine BatchNorm reading this layer's output alone
 
 
 @dataclass
@@ -128,6 +138,7 @@ class ModelGraph:
     joins: list[ResidualJoin] = field(default_factory=list)
     batchnorms: dict[str, str] = field(default_factory=dict)
     gates: dict[str, str] = field(default_factory=dict)
+    chains: list[LayerChain] = field(default_factory=list)
 
     @property
     def traced(self) -> bool:
@@ -135,14 +146,26 @@ class ModelGraph:
         return self.module is not None
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2): a Linear layer whose weight is stored (in, out)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor)
+        and weight.dim() == 2 and weight.shape[1] == module.nf
+    )
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight laid out (out, in, *kernel): transposed for a Conv1D."""
+    return module.weight.t() if is_transposed_linear(module) else module.weight
+
+
 def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
     """('linear'|'conv', None) for a scorable layer, (None, reason) for a layer with weights
     that NNrelief cannot score, (None, None) for anything else."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return "linear", None
     if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
-        if module.groups != 1:
-            return None, f"grouped/depthwise Conv2d (groups={module.groups}) is not scored"
         return "conv", None
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)):
         return None, f"{type(module).__name__} is not scored (only Linear and Conv2d are)"
@@ -153,32 +176,46 @@ def find_layers(model: nn.Module) -> tuple[dict[str, PrunableLayer], dict[str, s
     """All scorable layers by qualified name, and the skipped weighted layers with reasons."""
     layers: dict[str, PrunableLayer] = {}
     skipped: dict[str, str] = {}
+    owners: dict[int, list[str]] = {}
+    for qualified, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(qualified.rpartition(".")[0])
     for name, module in model.named_modules():
         kind, reason = prunable_kind(module)
-        if kind is not None:
-            layers[name] = PrunableLayer(name, module, kind)
+        weight = getattr(module, "weight_orig", getattr(module, "weight", None))
+        tied = [owner for owner in owners.get(id(weight), []) if owner != name]
+        if kind is not None and tied:
+            skipped[name] = f"weight tied to {tied[0]} (e.g. an embedding): left unpruned"
+        elif kind is not None:
+            layers[name] = PrunableLayer(name, module, kind, transposed=is_transposed_linear(module))
         elif reason is not None:
             skipped[name] = reason
     return layers, skipped
 
 
-def build_graph(model: nn.Module, example: Tensor) -> ModelGraph:
+def build_graph(model: nn.Module, example: Tensor | ModelInput) -> ModelGraph:
     """Trace ``model`` and derive channel rules, using ``example`` (one input batch) for shapes.
 
-    If the model cannot be traced, a graph without channel rules is returned (a warning
-    says so): layers are then pruned one by one, without dead-neuron or backward cleaning.
+    If ``torch.fx`` cannot trace the model (Hugging Face transformers, for instance), a graph
+    without channel rules is returned: layers are then pruned one by one, and only the
+    Linear -> elementwise -> Linear chains found by a ``torch.export`` capture
+    (:mod:`nnrelief.chains`, e.g. transformer FFNs) get structure cleaning.
     """
+    example = example_input(example).head(1)
+    positional = _positional(model, example)  # a keyword the model lacks is the caller's error
     layers, skipped = find_layers(model)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure means "no graph"
         log.warning(
-            "torch.fx could not trace %s (%s: %s); pruning layer by layer without structure "
-            "cleaning (dead neurons, backward pruning and the residual rule are skipped)",
+            "torch.fx could not trace %s (%s: %s); pruning layer by layer; structure cleaning "
+            "only for Linear -> elementwise -> Linear chains found by torch.export",
             type(model).__name__, type(error).__name__, error,
         )
-        return ModelGraph(layers, skipped)
-    ShapeProp(gm).propagate(example[:1])
+        features = {
+            name: tuple(weight_matrix(layer.module).shape[1::-1]) for name, layer in layers.items() if layer.kind == "linear"
+        }
+        return ModelGraph(layers, skipped, chains=find_chains(model, example, features))
+    ShapeProp(gm).propagate(*positional)
     graph = ModelGraph(layers, skipped, module=gm)
     _check_single_use(graph)
     _derive_rules(graph)
@@ -187,6 +224,18 @@ def build_graph(model: nn.Module, example: Tensor) -> ModelGraph:
     for name, reason in graph.skipped.items():
         log.warning("layer %s left unpruned: %s", name, reason)
     return graph
+
+
+def _positional(model: nn.Module, example: ModelInput) -> tuple[Any, ...]:
+    """The example as positional arguments of ``model.forward`` (defaults filled in)."""
+    if not example.kwargs:
+        return example.args
+    try:
+        bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
+    except TypeError as error:
+        raise TypeError(f"{type(model).__name__}.forward does not take these inputs {example.describe()}: {error}") from error
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
 
 
 def _check_single_use(graph: ModelGraph) -> None:
@@ -292,7 +341,7 @@ def _function_rule(node: fx.Node, inputs: list[str], channels: int | None) -> No
     if target in _REDUCTION_FUNCTIONS:
         return _reduction_rule(node, inputs, channels)
     if target in _ADDITIVE or target in _MULTIPLICATIVE:
-        return _merge_rule(node, inputs, channels, additive=target in _ADDITIVE)
+        return _merge_rule(node, inputs, channels, additive=target in _ADDITIVE, product=target in _PRODUCTS)
     if target is operator.getitem:
         index = node.args[1]
         full = _is_full_slice(index) or (
@@ -321,7 +370,7 @@ def _method_rule(node: fx.Node, inputs: list[str], channels: int | None) -> Node
     if name in ("add", "add_", "sub", "sub_"):
         return _merge_rule(node, inputs, channels, additive=True)
     if name in ("mul", "mul_", "div", "div_"):
-        return _merge_rule(node, inputs, channels, additive=False)
+        return _merge_rule(node, inputs, channels, additive=False, product=name in ("mul", "mul_"))
     return NodeRule(Rule.OPAQUE, inputs, channels)
 
 
@@ -345,7 +394,7 @@ def _reduction_rule(node: fx.Node, inputs: list[str], channels: int | None) -> N
     return NodeRule(Rule.OPAQUE, inputs, channels)
 
 
-def _merge_rule(node: fx.Node, inputs: list[str], channels: int | None, additive: bool) -> NodeRule:
+def _merge_rule(node: fx.Node, inputs: list[str], channels: int | None, additive: bool, product: bool = False) -> NodeRule:
     """Elementwise op: same-channel tensor operands merge; anything else is a constant."""
     if channels is None:
         return NodeRule(Rule.OPAQUE, inputs, channels)
@@ -364,7 +413,7 @@ def _merge_rule(node: fx.Node, inputs: list[str], channels: int | None, additive
             constant = True
     if not merged:
         return NodeRule(Rule.OPAQUE, inputs, channels)
-    return NodeRule(Rule.MERGE, merged, channels, zero_preserving=not (additive and constant))
+    return NodeRule(Rule.MERGE, merged, channels, zero_preserving=not (additive and constant), product=product)
 
 
 def _cat_rule(node: fx.Node, inputs: list[str], channels: int | None) -> NodeRule:
@@ -401,6 +450,8 @@ def _find_chains(graph: ModelGraph) -> None:
         if not layer.structured:
             continue
         current = nodes[layer.node]
+        if len(current.users) == 1 and next(iter(current.users)).name in graph.batchnorms:
+            layer.batchnorm = graph.batchnorms[next(iter(current.users)).name]
         while len(current.users) == 1:
             user = next(iter(current.users))
             rule = graph.rules[user.name]

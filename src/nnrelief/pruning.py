@@ -12,8 +12,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import scores as score_fns
-from .cleaning import LayerMask, clean, residual_decisions
-from .graph import ModelGraph, build_graph
+from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, residual_decisions
+from .graph import ModelGraph, build_graph, is_transposed_linear, weight_matrix
+from .inputs import ModelInput, batch_input
 from .masks import current_mask, gate_of, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
@@ -31,39 +32,45 @@ log = logging.getLogger(__name__)
 SCORE_MODES = ("paper", "authors")
 
 
-def _model_input(batch: Any, index: int) -> Tensor:
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(
-            f"pruning batch {index} is a {type(batch).__name__}; expected an input tensor or an "
-            "(input, target) pair, e.g. the batches of a DataLoader"
-        )
-    # Fast path: a finite sum means finite entries; only an inf/NaN sum needs the full check.
-    if batch.is_floating_point() and not bool(torch.isfinite(batch.sum())) and not bool(torch.isfinite(batch).all()):
-        raise ValueError(f"pruning batch {index} (shape {tuple(batch.shape)}) contains NaN or inf values; clean the data first")
-    return batch
+def _model_input(batch: Any, index: int) -> ModelInput:
+    model_input = batch_input(batch, index)
+    for tensor in model_input.tensors():
+        # Fast path: a finite sum means finite entries; only an inf/NaN sum needs the full check.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"pruning batch {index} (shape {tuple(tensor.shape)}) contains NaN or inf values; clean the data first")
+    return model_input
 
 
-def _inputs(batches: Iterable[Any], device: torch.device) -> Iterator[Tensor]:
+def _inputs(batches: Iterable[Any], device: torch.device) -> Iterator[ModelInput]:
     for index, batch in enumerate(batches):
         yield _model_input(batch, index).to(device)
 
 
 def _connection_mask(module: nn.Module) -> LayerMask:
     weight = current_mask(module, "weight")
+    weight = weight.t() if is_transposed_linear(module) else weight
     bias = current_mask(module, "bias")
-    return LayerMask(weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(), None if bias is None else bias.clone())
+    return LayerMask(
+        weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(),
+        None if bias is None else bias.clone(),
+        groups=getattr(module, "groups", 1),
+    )
 
 
 def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float) -> dict[str, LayerMask]:
     masks = {}
     for layer in graph.layers.values():
-        contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode)
+        weight = weight_matrix(layer.module).detach()
+        contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode, weight)
         alpha = alpha_fc if layer.kind == "linear" else alpha_conv
         keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
         old = _connection_mask(layer.module)
-        masks[layer.name] = LayerMask(keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu())
+        shift = None
+        if layer.batchnorm is not None:
+            shift = batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+        masks[layer.name] = LayerMask(
+            keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), shift, old.groups
+        )
     return masks
 
 
@@ -72,6 +79,10 @@ def _remove_dead(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMas
         entry = stats.get(activity_key(layer.name))
         if entry is not None:
             masks[layer.name].remove_neurons(entry["activity"].cpu() == 0)
+    for chain in graph.chains:  # the consumer's input statistic is the producer's activity
+        dead = stats[input_key(chain.consumer)]["abs_input"].cpu() == 0
+        masks[chain.producer].remove_neurons(dead)
+        masks[chain.consumer].clear_inputs(~dead)
 
 
 def _residual_rule(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha: float) -> None:
@@ -91,9 +102,9 @@ def _apply(model: nn.Module, graph: ModelGraph, masks: dict[str, LayerMask], gat
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
-        shape = module.weight.shape
+        shape = weight_matrix(module).shape
         weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-        set_mask(module, "weight", weight)
+        set_mask(module, "weight", weight.t() if graph.layers[name].transposed else weight)
         if mask.bias is not None:
             set_mask(module, "bias", mask.bias)
     for name, keep in bn_masks.items():
@@ -116,10 +127,13 @@ def prune(
 ) -> PruneReport:
     """Run one NNrelief pruning pass on ``model`` in place.
 
-    ``batches`` is any iterable of input tensors or (input, target) pairs (a DataLoader
-    works): the pruning set, streamed once. Every Linear and Conv2d layer is scored on its
-    own input; per neuron/filter the connections (kernels for conv) and the bias carrying a
-    fraction ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
+    ``batches`` is any iterable of input tensors, dicts of keyword inputs (called as
+    ``model(**batch)``, e.g. Hugging Face batches) or (inputs, target) pairs whose inputs are a
+    tensor, a tuple of positional inputs or a dict (a DataLoader works): the pruning set,
+    streamed once. Every Linear (and GPT-2 ``Conv1D``) and Conv2d layer is scored on its own
+    input (for token sequences, mean |x| over samples and token positions); per
+    neuron/filter the connections (kernels for conv) and the bias carrying a fraction
+    ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
     without outgoing connections and weak residual branches/shortcuts are removed. Masks
     are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
 
@@ -160,6 +174,9 @@ def prune(
             _remove_dead(graph, stats, masks)
             _residual_rule(graph, stats, masks, gates, alpha_conv)
             bn_masks = clean(graph, masks, gates)
+        elif graph.chains:
+            _remove_dead(graph, stats, masks)
+            clean_chains(graph.chains, masks)
         _apply(model, graph, masks, gates, bn_masks)
     finally:
         for module, training in modes.items():
@@ -195,7 +212,7 @@ def _check_finite(model: nn.Module) -> None:
         )
 
 
-def _failing_layer(model: nn.Module, x: Tensor) -> tuple[str, BaseException] | None:
+def _failing_layer(model: nn.Module, x: ModelInput) -> tuple[str, BaseException] | None:
     """Run ``model`` on ``x`` plainly; the innermost module that raised, and its error."""
     entered: list[str] = []
 
@@ -209,7 +226,7 @@ def _failing_layer(model: nn.Module, x: Tensor) -> tuple[str, BaseException] | N
             hooks.append(module.register_forward_hook(leave))
     try:
         with torch.no_grad():
-            model(x)
+            x(model)
     except Exception as error:  # noqa: BLE001 - reported to the user with its layer
         return (entered[-1] if entered else "", error)
     finally:
@@ -218,29 +235,34 @@ def _failing_layer(model: nn.Module, x: Tensor) -> tuple[str, BaseException] | N
     return None
 
 
-def _build(model: nn.Module, first: Tensor) -> ModelGraph:
+def _build(model: nn.Module, first: ModelInput) -> ModelGraph:
     try:
         return build_graph(model, first)
     except Exception as error:
-        failure = _failing_layer(model, first[:1])
+        failure = _failing_layer(model, first.head(1))
         if failure is None:
             raise
         name, cause = failure
         where = f" in layer {name} ({type(model.get_submodule(name)).__name__})" if name else ""
         raise ValueError(
-            f"the model rejected a pruning batch of shape {tuple(first.shape)}{where}: {type(cause).__name__}: "
+            f"the model rejected a pruning batch of shape {_shape_text(first)}{where}: {type(cause).__name__}: "
             f"{cause}; give batches of the inputs the model was built for"
         ) from error
+
+
+def _shape_text(model_input: ModelInput) -> str:
+    tensor = model_input.single_tensor
+    return str(tuple(tensor.shape)) if tensor is not None else model_input.describe()
 
 
 class _FeedError(Exception):
     """An error raised by the user's batches themselves (their loader), not by the model."""
 
 
-def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[Tensor], mode: str) -> Statistics:
+def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[ModelInput], mode: str) -> Statistics:
     position = {"index": 0, "shape": None}
 
-    def tracked() -> Iterator[Tensor]:
+    def tracked() -> Iterator[ModelInput]:
         batches = iter(feed)
         for index in itertools.count():
             try:
@@ -249,7 +271,7 @@ def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[Tensor], mode: str)
                 return
             except Exception as error:
                 raise _FeedError() from error
-            position["index"], position["shape"] = index, tuple(x.shape)
+            position["index"], position["shape"] = index, _shape_text(x)
             yield x
 
     try:

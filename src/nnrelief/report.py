@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
+from .graph import is_transposed_linear
 from .masks import current_mask
 
 
@@ -100,11 +101,13 @@ class PruneReport:
 def layer_report(name: str, module: nn.Module) -> LayerReport:
     """Counts read off the masks of one Linear/Conv2d module."""
     weight = current_mask(module, "weight")
+    transposed = is_transposed_linear(module)
+    weight = weight.t() if transposed else weight
     bias = current_mask(module, "bias")
     rows = weight.flatten(1).any(dim=1)
     if bias is not None:
         rows = rows | bias
-    kind = "linear" if isinstance(module, nn.Linear) else "conv"
+    kind = "linear" if isinstance(module, nn.Linear) or transposed else "conv"
     return LayerReport(
         name=name,
         kind=kind,

@@ -61,48 +61,55 @@ def conv_patches(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     return view.reshape(batch, channels, kh * kw, rows * cols)
 
 
-def kernel_products(abs_weight: Tensor) -> Tensor:
-    """For a (J, C, kh, kw) |kernel|, the products ``|K|_t |K|_t'`` of every pair of taps
-    t <= t' (off-diagonal pairs doubled), laid out (C, T, J) with T = k2 (k2 + 1) / 2.
+def kernel_products(abs_weight: Tensor, groups: int = 1) -> Tensor:
+    """For a (J, C/g, kh, kw) |kernel| of a conv with ``groups`` = g, the products
+    ``|K|_t |K|_t'`` of every pair of taps t <= t' (off-diagonal pairs doubled), laid out
+    (C, T, J/g) with T = k2 (k2 + 1) / 2: input channel c pairs with the J/g filters of its
+    group (c // (C/g)).
 
     Depends on the weights only: compute it once per pass and reuse it for every batch.
     """
-    filters, channels = abs_weight.shape[:2]
+    filters, group_channels = abs_weight.shape[:2]
     taps = abs_weight.shape[2] * abs_weight.shape[3]
-    w = abs_weight.reshape(filters, channels, taps).permute(1, 2, 0).contiguous()  # (C, k2, J)
+    w = abs_weight.reshape(groups, filters // groups, group_channels, taps)
+    w = w.permute(0, 2, 3, 1).reshape(groups * group_channels, taps, filters // groups)  # (C, k2, J/g)
     iu, ju = torch.triu_indices(taps, taps, device=w.device)
     factor = torch.where(iu == ju, 1.0, 2.0).to(w.dtype).view(1, -1, 1)
     return torch.index_select(w, 1, iu).mul_(torch.index_select(w, 1, ju)).mul_(factor)
 
 
 def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, products: Tensor | None = None) -> Tensor:
-    """Sum over samples of ``|| |K_ji| * |x_ni| ||_F`` for every (filter j, input channel i).
+    """Sum over samples of ``|| |K_ji| * |x_ni| ||_F`` for every (filter j, input channel i
+    of j's group).
 
-    ``abs_x`` is (B, C, H, W) = |layer input|, ``abs_weight`` (J, C, kh, kw) = |kernel|;
+    ``abs_x`` is (B, C, H, W) = |layer input|, ``abs_weight`` (J, C/g, kh, kw) = |kernel|
+    (g = ``conv.groups``; filter j reads the C/g input channels of its group);
     ``*`` is the layer's own convolution (stride, padding, dilation) of one input channel
     map with one kernel slice. The squared norm is the quadratic form
     ``vec|K_ji|^T G_ni vec|K_ji|`` with ``G_ni`` the k^2 x k^2 Gram matrix of the shifted
     copies of channel i; it is evaluated as one batched matrix product over channels of the
     Gram matrices' upper triangles with the kernel products (``kernel_products``, pass it
     in to reuse it across batches), so no per-(j, i) output map is ever built.
-    Returns a (J, C) float64 tensor.
+    Returns a (J, C/g) float64 tensor, laid out like the kernel's first two dims.
     """
     batch, channels = abs_x.shape[:2]
-    filters = abs_weight.shape[0]
+    groups = conv.groups
+    filters, group_channels = abs_weight.shape[:2]
     taps = abs_weight.shape[2] * abs_weight.shape[3]
     if products is None:
-        products = kernel_products(abs_weight.to(abs_x.dtype))
+        products = kernel_products(abs_weight.to(abs_x.dtype), groups)
     iu, ju = torch.triu_indices(taps, taps, device=abs_x.device)
     positions = _output_positions(abs_x, conv)
-    step = max(1, min(_PATCH_ELEMENTS // max(channels * taps * positions, 1), _PRODUCT_ELEMENTS // max(channels * filters, 1)))
-    total = torch.zeros(channels, filters, dtype=torch.float64, device=abs_x.device)
+    per_group = filters // groups
+    step = max(1, min(_PATCH_ELEMENTS // max(channels * taps * positions, 1), _PRODUCT_ELEMENTS // max(channels * per_group, 1)))
+    total = torch.zeros(channels, per_group, dtype=torch.float64, device=abs_x.device)
     for start in range(0, batch, step):
         patches = conv_patches(abs_x[start : start + step], conv)  # (b, C, k2, L)
         gram = patches @ patches.transpose(-1, -2)  # (b, C, k2, k2)
         upper = gram[:, :, iu, ju].transpose(0, 1)  # (C, b, T)
-        squared = torch.bmm(upper, products)  # (C, b, J)
+        squared = torch.bmm(upper, products)  # (C, b, J/g)
         total += squared.clamp_(min=0).sqrt_().sum(1).double()
-    return total.t().contiguous()
+    return total.view(groups, group_channels, per_group).permute(0, 2, 1).reshape(filters, group_channels).contiguous()
 
 
 def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d) -> Tensor:
@@ -133,12 +140,16 @@ def bias_term(bias: Tensor | None, positions: int = 1) -> Tensor | None:
     return bias.detach().abs().to(torch.float32) * math.sqrt(positions)
 
 
-def contributions(module: torch.nn.Module, kind: str, entry: Mapping[str, Tensor], mode: str) -> tuple[Tensor, Tensor | None]:
+def contributions(
+    module: torch.nn.Module, kind: str, entry: Mapping[str, Tensor], mode: str, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """(a_ij, bias share) of one Linear (``kind="linear"``) or Conv2d layer from the sums
     of its input statistics (``entry``: ``count`` and ``abs_input``, or ``positions`` and
-    ``norms`` (``mode="paper"``) / ``abs_map`` (``mode="authors"``), see :mod:`nnrelief.stats`)."""
+    ``norms`` (``mode="paper"``) / ``abs_map`` (``mode="authors"``), see :mod:`nnrelief.stats`).
+    ``weight`` is the layer's weight laid out (out, in, *kernel) when ``module.weight`` is
+    stored otherwise (GPT-2's transposed ``Conv1D``)."""
     count = float(entry["count"])
-    weight = module.weight.detach().float()
+    weight = (module.weight if weight is None else weight).detach().float()
     if kind == "linear":
         contrib = linear_contributions(weight, (entry["abs_input"].double() / count).float())
         return contrib, bias_term(module.bias)

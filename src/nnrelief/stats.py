@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import scores
 from .graph import ModelGraph, PrunableLayer
+from .inputs import ModelInput, example_input
 from .masks import GATE
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ConvInputObserver(Observer):
         if self.mode == "paper":
             abs_weight = conv.weight.detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
-                self.products = scores.kernel_products(abs_weight)
+                self.products = scores.kernel_products(abs_weight, conv.groups)
             self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products))
         else:
             self.accumulate("abs_map", abs_x.sum(0).double())
@@ -190,11 +191,12 @@ def _pre_hook(observer: Observer):
 def collect(
     model: nn.Module,
     graph: ModelGraph,
-    inputs: Iterable[Tensor],
+    inputs: Iterable[Tensor | ModelInput],
     mode: str,
     progress: Iterator | None = None,
 ) -> Statistics:
-    """Stream ``inputs`` through the model once (no grad) and return the statistics."""
+    """Stream ``inputs`` (tensors or :class:`ModelInput` calls) through the model once (no
+    grad) and return the statistics."""
     if graph.traced:
         watch = _observers(graph, mode)
         runner = _instrument(model, graph, watch)
@@ -209,7 +211,7 @@ def collect(
     try:
         with torch.no_grad():
             for x in inputs:
-                runner(x)
+                example_input(x)(runner)
     finally:
         for handle in handles:
             handle.remove()

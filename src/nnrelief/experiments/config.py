@@ -255,6 +255,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vgg16-cifar10": dict(model="vgg16", dataset="cifar10", **_CIFAR_ADAM),
     "resnet20-cifar10": dict(model="resnet20", dataset="cifar10", **_RESNET_CIFAR10),
     "resnet32-cifar10": dict(model="resnet32", dataset="cifar10", **_RESNET_CIFAR10),
+    # Not in the paper: the common MobileNetV2 CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4,
+    # batch 128, 200 epochs cosine), retraining and alphas as for the ResNets.
+    "mobilenetv2-cifar10": {
+        "model": "mobilenetv2_cifar", "dataset": "cifar10", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+        "weight_decay": 5e-4, "batch_size": 128, "epochs": 200, "lr_schedule": "cosine", "milestones": [],
+        "retrain_epochs": 60, "retrain_milestones": [], "alpha_conv": 0.95, "alpha_fc": 0.99, "num_iters": 10,
+        "rewind": False,
+    },
     "resnet56-cifar100": {
         "model": "resnet56", "dataset": "cifar100", "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-4,
         "batch_size": 120, "epochs": 200, "milestones": [120, 160], "retrain_epochs": 80,

@@ -1,4 +1,4 @@
-"""Model zoo: the networks used in the NNrelief paper, all ``torch.fx``-traceable.
+"""Model zoo: the networks used in the NNrelief paper and MobileNetV2, all ``torch.fx``-traceable.
 
 All constructors use Kaiming-normal initialisation of conv/linear weights with
 ``mode="fan_in"``, ``nonlinearity="relu"``, zero biases, BatchNorm weight 1 and bias 0.
@@ -11,6 +11,7 @@ from typing import Callable
 from torch import nn
 
 from .lenet import LeNet5, LeNet300100, lenet5, lenet300_100
+from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenetv2_cifar
 from .resnet_cifar import (
     BasicBlock,
     PadShortcut,
@@ -39,6 +40,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "resnet110": resnet110,
     "resnet18_tiny": resnet18_tiny,
+    "mobilenetv2_cifar": mobilenetv2_cifar,
 }
 
 _MNIST_SHAPE = (1, 28, 28)
@@ -59,6 +61,7 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "resnet56": _CIFAR_SHAPE,
     "resnet110": _CIFAR_SHAPE,
     "resnet18_tiny": _TINY_SHAPE,
+    "mobilenetv2_cifar": _CIFAR_SHAPE,
 }
 
 
@@ -85,9 +88,11 @@ def input_shape(name: str) -> tuple[int, int, int]:
 __all__ = [
     "BasicBlock",
     "INPUT_SHAPES",
+    "InvertedResidual",
     "LeNet300100",
     "LeNet5",
     "MODELS",
+    "MobileNetV2",
     "PadShortcut",
     "ProjBasicBlock",
     "ResNet18Tiny",
@@ -97,6 +102,7 @@ __all__ = [
     "input_shape",
     "lenet300_100",
     "lenet5",
+    "mobilenetv2_cifar",
     "resnet110",
     "resnet18_tiny",
     "resnet20",
