@@ -2,6 +2,10 @@
 
 A crash mid-write never leaves a half-written checkpoint, history or results file: the
 target either keeps its old content or gets the complete new one.
+
+One writer: in a torch.distributed run of several processes (``torchrun``) only rank 0
+writes; :func:`atomic_write` returns at once on the other ranks. Every file of a run
+folder is written through here, so the ranks never race on the same file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
+
+from .distributed import is_main
 
 
 @contextmanager
@@ -34,7 +40,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` atomically through ``write(binary file)``, synced to disk."""
+    """Write ``path`` atomically through ``write(binary file)``, synced to disk (on rank 0
+    only when distributed)."""
+    if not is_main():
+        return
     with atomic_path(path) as temp, open(temp, "wb") as file:
         write(file)
         file.flush()

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import scores as score_fns
 from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, residual_decisions
+from .distributed import check_same_on_all_ranks
 from .graph import ModelGraph, build_graph, is_transposed_linear, weight_matrix
 from .inputs import ModelInput, batch_input
 from .masks import current_mask, gate_of, set_gate, set_mask
@@ -98,6 +99,17 @@ def _residual_rule(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerM
             gates[join.shortcut] = gates[join.shortcut] & ~mask_shortcut
 
 
+def _flat(masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every mask :func:`_apply` applies, by name (to compare them across processes)."""
+    flat = {f"gate:{name}": gate for name, gate in gates.items()}
+    flat.update({f"bn:{name}": keep for name, keep in bn_masks.items()})
+    for name, mask in masks.items():
+        flat[f"weight:{name}"] = mask.weight
+        if mask.bias is not None:
+            flat[f"bias:{name}"] = mask.bias
+    return flat
+
+
 def _apply(model: nn.Module, graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
     modules = dict(model.named_modules())
     for name, mask in masks.items():
@@ -140,6 +152,11 @@ def prune(
     ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
     Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
     The model's train/eval mode and requires_grad flags are left as they were.
+
+    Under ``torchrun`` (a torch.distributed group of several processes) each process
+    passes its own part of the pruning set: the statistics are summed over processes,
+    and the masks are compared (by hash) before they are applied; ranks that disagree
+    raise :class:`nnrelief.distributed.DistributedError`.
     """
     alpha_fc = check_alpha(alpha_fc, "alpha_fc")
     alpha_conv = check_alpha(alpha_conv, "alpha_conv")
@@ -177,6 +194,7 @@ def prune(
         elif graph.chains:
             _remove_dead(graph, stats, masks)
             clean_chains(graph.chains, masks)
+        check_same_on_all_ranks(_flat(masks, gates, bn_masks), "pruning masks")  # torchrun
         _apply(model, graph, masks, gates, bn_masks)
     finally:
         for module, training in modes.items():

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sums, broadcast_buffers, from_main, wrap_model
 from .fileio import save_torch
 
 __all__ = [
@@ -272,6 +273,16 @@ def _refresh_pruning_reparam(model: nn.Module) -> None:
                 hook(module, ())
 
 
+def _mean_result(total_loss: torch.Tensor, correct: torch.Tensor, n: int, caller: str) -> EvalResult:
+    """Mean loss and accuracy from a pass's sums; under torch.distributed the sums of every
+    rank are added first (DDP hook: one process is unchanged)."""
+    total_loss, correct, count = all_reduce_sums(total_loss, correct, torch.tensor(n, device=total_loss.device))
+    n = int(count)
+    if n == 0:
+        raise ValueError(f"{caller}() got no samples")
+    return EvalResult(loss=total_loss.item() / n, accuracy=correct.item() / n, n=n)
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -303,9 +314,7 @@ def evaluate(
                 n += y.numel()
     finally:
         model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate() got no samples")
-    return EvalResult(loss=total_loss.item() / n, accuracy=correct.item() / n, n=n)
+    return _mean_result(total_loss, correct, n, "evaluate")
 
 
 def train_epoch(
@@ -360,9 +369,7 @@ def train_epoch(
             n += y.numel()
     finally:
         model.train(was_training)
-    if n == 0:
-        raise ValueError("train_epoch() got no samples")
-    return EvalResult(loss=total_loss.item() / n, accuracy=correct.item() / n, n=n)
+    return _mean_result(total_loss, correct, n, "train_epoch")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -389,6 +396,11 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _load_checkpoint_if_any(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or ``None`` if there is none (DDP hook: run on rank 0)."""
+    return _load_checkpoint(path, cfg) if path.exists() else None
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
@@ -460,6 +472,12 @@ def fit(
         progress: show tqdm bars (quiet anyway when stderr is not a terminal).
         on_epoch_end: called with each new :class:`EpochRecord`, after the checkpoint
             of that epoch has been written.
+
+    In a torch.distributed group of several processes (``torchrun``, see
+    :mod:`nnrelief.distributed`) the model trains through ``DistributedDataParallel``;
+    each process should get its part of every batch (``BatchLoader(rank=, world_size=,
+    even_shards=True)``). Losses and accuracies are summed over processes, rank 0 alone
+    reads and writes the checkpoint, and BatchNorm statistics are rank 0's after each epoch.
     """
     torch.set_flush_denormal(True)
     seed_everything(cfg.seed)
@@ -476,9 +494,8 @@ def fit(
     start = 0
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        if checkpoint_path.exists():
-            ckpt = _load_checkpoint(checkpoint_path, cfg)
+        ckpt = from_main(_load_checkpoint_if_any, checkpoint_path, cfg)  # DDP hook: rank 0 reads, all get it
+        if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -495,6 +512,7 @@ def fit(
             start = ckpt["epoch"]
             logger.info("resuming from %s after epoch %d", checkpoint_path, start)
 
+    train_model = wrap_model(model)  # DDP hook: DistributedDataParallel under torchrun
     try:
         epochs = tqdm(
             range(start, cfg.epochs),
@@ -508,7 +526,7 @@ def fit(
             lr = optimizer.param_groups[0]["lr"]
             _set_epoch(train_batches, epoch)
             train = train_epoch(
-                model,
+                train_model,
                 train_batches,
                 optimizer,
                 device,
@@ -519,6 +537,7 @@ def fit(
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
             )
             scheduler.step()
+            broadcast_buffers(model)  # DDP hook: BatchNorm statistics of rank 0
             _set_epoch(val_batches, epoch)
             val = evaluate(model, val_batches, device, amp=cfg.amp)
             record = EpochRecord(

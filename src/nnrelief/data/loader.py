@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..distributed import shard_bounds
 from ._seed import seeded_generator
 from .dataset import TensorDataset
 from .registry import DATASETS
@@ -43,6 +44,20 @@ class BatchLoader:
         normalize: pixel normalisation; ``None`` uses the registry's default for
             ``dataset.name``.
         drop_last: skip the last, incomplete batch.
+        rank: this process's rank (see below).
+        world_size: number of processes sharing the batches (``torchrun``).
+        even_shards: with ``world_size > 1``, cut the last batch to a multiple of
+            ``world_size`` (at most ``world_size - 1`` samples of an epoch are left out,
+            other ones each epoch when shuffling), so that every rank gets the same number
+            of samples in every batch; ``batch_size`` must then be a multiple of
+            ``world_size``. Needed for training with DistributedDataParallel, whose
+            averaged gradients then equal those of one process on the whole batch.
+
+    With ``world_size > 1`` the batches are those of one process (the same order), and
+    each is split into ``world_size`` contiguous parts, rank ``r`` yielding part ``r``:
+    ``batch_size`` is the global batch, ``batch_size / world_size`` the batch per rank.
+    Every rank yields ``len(self)`` batches; without ``even_shards`` a part may be one
+    sample shorter than the others or, in the last batch, empty (then skipped).
 
     Yields:
         ``(x, y)``: float32 images (B, C, H, W) and int64 labels (B,) on ``device``.
@@ -59,9 +74,18 @@ class BatchLoader:
         augment: bool = False,
         normalize: Normalize | None = None,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        even_shards: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        shard_bounds(batch_size, rank, world_size)  # validates rank and world_size
+        if even_shards and batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the {world_size} processes "
+                "(the batch is split evenly over them)"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -70,6 +94,9 @@ class BatchLoader:
         self.augment = augment
         self.normalize = normalize if normalize is not None else default_normalize(dataset.name)
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.even_shards = even_shards
         self.epoch = 0
         self._images = dataset.images.to(self.device)
         self._labels = dataset.labels.to(self.device)
@@ -79,8 +106,10 @@ class BatchLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        if self.even_shards:
+            rest -= rest % self.world_size
+        return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = seeded_generator("batches", self.seed, self.epoch)
@@ -89,7 +118,16 @@ class BatchLoader:
         order = order.to(self.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self._images[index]
-            if self.augment:
-                x = random_crop_flip(x, generator)
-            yield self.normalize(x), self._labels[index]
+            start, stop = self._shard(len(index))
+            if self.augment:  # drawn for the whole batch: each sample as in one process
+                x = random_crop_flip(self._images[index], generator)[start:stop]
+            else:
+                x = self._images[index[start:stop]]
+            if stop > start:
+                yield self.normalize(x), self._labels[index[start:stop]]
+
+    def _shard(self, size: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's part of a batch of ``size`` samples."""
+        if self.even_shards:
+            size -= size % self.world_size
+        return shard_bounds(size, self.rank, self.world_size)
