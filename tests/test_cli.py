@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import torch
 
 import nnrelief
 from nnrelief.cli import FIELD_HELP, main
-from nnrelief.experiments.config import ExperimentConfig
+from nnrelief.experiments.config import RECORDED_FIELDS, ExperimentConfig
 from nnrelief.experiments.experiment import load_weights
 from nnrelief.export import load_sparse
 
@@ -56,7 +57,14 @@ def test_version(capsys):
 
 
 def test_every_setting_has_a_flag_with_help():
-    assert set(FIELD_HELP) == {f.name for f in __import__("dataclasses").fields(ExperimentConfig)}
+    fields = {f.name for f in __import__("dataclasses").fields(ExperimentConfig)}
+    assert set(FIELD_HELP) == fields - RECORDED_FIELDS
+
+
+def test_recorded_fields_have_no_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--world-size", "2"])
+    assert "unrecognized arguments: --world-size" in capsys.readouterr().err
 
 
 def test_unknown_preset_is_one_line(capsys, tmp_path):
@@ -142,6 +150,8 @@ def test_prune_prints_table_and_writes_run(small_run, capsys):
 
 def test_train_then_prune_share_the_run_folder(small_run, capsys):
     assert main(["train", *SMALL, "--runs-root", str(small_run.parent)]) == 0
+    with open(small_run / ".lock") as lock:  # released when the command ends (another process may go on)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     out = capsys.readouterr().out
     assert "test accuracy" in out and str(small_run / "trained.pt") in out
 

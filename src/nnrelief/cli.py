@@ -15,6 +15,10 @@ Examples::
     nnrelief prune --config my_experiment.toml --seed 1
     nnrelief eval runs/demo-<hash>/model-iter5.pt
     nnrelief compact runs/demo-<hash>/model-iter5.pt -o small.pt --onnx small.onnx
+    torchrun --standalone --nproc-per-node 4 -m nnrelief prune --preset resnet20-cifar10 --data-dir data
+
+``train``, ``prune`` and ``demo`` run under ``torchrun`` (see :mod:`nnrelief.distributed`):
+rank 0 alone prints and writes the run folder; the other commands need one process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 import typing
@@ -33,12 +38,12 @@ from typing import Any, NoReturn
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import __version__
+from . import __version__, distributed
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, run_comparison
-from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
+from .experiments.config import PRESETS, RECORDED_FIELDS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
@@ -55,9 +60,11 @@ _EXPORTERS: dict[str, Callable[..., Path]] = {
 }  # fmt: skip
 _FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .onnx (ONNX), .sparse (sparse format)"
 
-# Errors caused by the user's input or environment: reported in one line (traceback with -vv).
-# Anything else is a bug and shows its traceback.
-_USER_ERRORS = (ConfigError, ValueError, OSError)
+# Commands that run under torchrun with several processes (the others need one).
+_DISTRIBUTED_COMMANDS = frozenset({"train", "prune", "demo"})
+# Errors caused by the user's input or environment, or another rank's failure under torchrun:
+# reported in one line (traceback with -vv). Anything else is a bug and shows its traceback.
+_USER_ERRORS = (ConfigError, ValueError, OSError, distributed.DistributedError)
 
 FIELD_HELP: dict[str, str] = {
     "model": "network architecture: " + ", ".join(sorted(MODELS)),
@@ -125,6 +132,8 @@ def _add_field_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiment settings (override preset and config file)")
     hints = typing.get_type_hints(ExperimentConfig)
     for f in dataclasses.fields(ExperimentConfig):
+        if f.name in RECORDED_FIELDS:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = typing.get_args(hint)
@@ -339,9 +348,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    experiment = _experiment(args)
-    model = experiment.train_dense()
-    accuracy = experiment.accuracies(model)
+    with _experiment(args) as experiment:  # the run folder's lock is released at the end
+        model = experiment.train_dense()
+        accuracy = experiment.accuracies(model)
     cfg = experiment.cfg
     print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
           f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
@@ -351,8 +360,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    experiment = _experiment(args)
-    history = experiment.run()
+    with _experiment(args) as experiment:
+        history = experiment.run()
     print(history.table())
     print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")
     print(f"selected model: {experiment.folder / files.model_file(history.selected_iteration)}")
@@ -422,7 +431,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    comparison = run_comparison(_experiment(args), ["nnrelief", *args.methods], progress=_progress(args))
+    with _experiment(args) as experiment:
+        comparison = run_comparison(experiment, ["nnrelief", *args.methods], progress=_progress(args))
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
     return 0
@@ -479,9 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    with _logging_to_stderr(args.verbose, args.quiet):
+    # torchrun: rank 0 alone prints; the other ranks log errors only (warnings with -v).
+    world, launch_rank = distributed.env_world_size(), distributed.env_rank()
+    if world > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+        parser.error(f"'{args.command}' runs in one process: start it without torchrun")
+    quiet = args.quiet + (1 if launch_rank != 0 else 0)
+    silent = open(os.devnull, "w") if launch_rank != 0 else None  # closed in the finally below
+    with _logging_to_stderr(args.verbose, quiet), contextlib.redirect_stdout(silent or sys.stdout):
         try:
-            return args.handler(args)
+            with distributed.failing_together():
+                return args.handler(args)
         except KeyboardInterrupt:
             print("nnrelief: interrupted; run the same command again to resume", file=sys.stderr)
             return 130
@@ -489,5 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.debug("details:", exc_info=True)
             message = str(error)
             first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
-            print(f"nnrelief {args.command}: error: {first}", file=sys.stderr)
+            where = f"[rank {launch_rank}/{world}] " if world > 1 else ""
+            print(f"nnrelief {args.command}: error: {where}{first}", file=sys.stderr)
             return 1
+        finally:
+            distributed.shutdown()
+            if silent is not None:
+                silent.close()

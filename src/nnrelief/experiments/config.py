@@ -41,7 +41,9 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
-FREE_FIELDS = frozenset({"data_dir", "device", "num_iters"})
+FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
+# Recorded from the environment (torchrun's WORLD_SIZE), not settings: no command-line flag.
+RECORDED_FIELDS = frozenset({"world_size"})
 # Settings added after the first release: left out of the folder hash while at these
 # defaults, and assumed to have them in run folders written before they existed.
 LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step"}
@@ -53,7 +55,7 @@ _RANGES: dict[str, str] = {
     "alpha_fc": "(0, 1]", "alpha_conv": "(0, 1]", "lr": "(0, inf)", "retrain_lr": "(0, inf)",
     "momentum": "[0, 1)", "weight_decay": "[0, inf)", "gamma": "(0, inf)", "early_stop_margin": "[0, inf)",
     "num_iters": "[0, inf)", "epochs": "[1, inf)", "retrain_epochs": "[1, inf)", "batch_size": "[1, inf)",
-    "prune_samples": "[1, inf)", "val_size": "[1, inf)", "train_subset": "[1, inf)",
+    "prune_samples": "[1, inf)", "val_size": "[1, inf)", "train_subset": "[1, inf)", "world_size": "[1, inf)",
 }  # fmt: skip
 
 
@@ -100,6 +102,12 @@ class ExperimentConfig:
         early_stop_margin: stop when validation accuracy falls more than this fraction
             below the dense model's (``None``: run all iterations).
         train_subset: train on this many samples of the training split only (quick runs).
+        world_size: processes running the experiment (``torchrun``; set by
+            :class:`~nnrelief.experiments.experiment.Experiment`, not a setting: no flag, not
+            in the folder hash). ``batch_size`` is the global batch, split evenly over them,
+            so the learning rate and the results do not depend on it; a run may be resumed
+            with another number of processes. ``config.json`` holds the number of the
+            invocation that created the run, ``history.json`` that of the latest one.
     """
 
     model: str = "lenet300_100"
@@ -129,6 +137,7 @@ class ExperimentConfig:
     device: str = "auto"
     early_stop_margin: float | None = None
     train_subset: int | None = None
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -156,7 +165,8 @@ class ExperimentConfig:
             raise ConfigError(str(error)) from None
 
     def _check_numbers(self) -> None:
-        """Every number finite and in its range (NaN fails every comparison, so check first)."""
+        """Every number finite and in its range (NaN fails every comparison, so check first); the
+        batch and the pruning set large enough to split over the processes."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -165,6 +175,13 @@ class ExperimentConfig:
             value = getattr(self, name)
             if value is not None and not _in_interval(value, interval):
                 raise ConfigError(f"setting {name} must be in {interval}, got {value}")
+        if self.batch_size % self.world_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is the global batch, split evenly over the {self.world_size} "
+                f"processes: choose a multiple of {self.world_size}, or another number of processes"
+            )
+        if self.prune_samples < self.world_size:
+            raise ConfigError(f"prune_samples must be >= the {self.world_size} processes, got {self.prune_samples}")
 
     @property
     def num_classes(self) -> int:

@@ -9,6 +9,7 @@ any point.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import data as nndata
+from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
 from ..masks import restore_masks
 from ..models import get_model
@@ -109,7 +111,10 @@ class Experiment:
     folder), then runs :func:`relieve` with :func:`nnrelief.training.fit` as the training
     function, each phase with its own per-epoch checkpoint. Killing the process at any
     moment and running again continues after the last finished epoch and yields the same
-    history as an uninterrupted run (on CPU).
+    history as an uninterrupted run (on CPU). Under ``torchrun`` the processes join one
+    group here (:func:`nnrelief.distributed.init_from_env`) and share every batch (the
+    training batch ``cfg.batch_size`` is the global one); rank 0 alone reads and writes
+    the run folder, and ``cfg.world_size`` becomes the number of processes.
 
     Args:
         cfg: the settings.
@@ -126,11 +131,12 @@ class Experiment:
         download: bool = False,
         progress: bool = True,
     ) -> None:
-        self.cfg = cfg
+        self.device = device_of(cfg.device)
+        init_from_env(cfg.device)  # torchrun: join the other processes
+        self.cfg = cfg = dataclasses.replace(cfg, world_size=world_size())
         self.folder = RunFolder(run_dir)
         self.download = download
-        self.progress = progress
-        self.device = device_of(cfg.device)
+        self.progress = progress and is_main()
         spec = nndata.get_spec(cfg.dataset)
         if cfg.data_dir is None and not spec.packaged:
             raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory (data_dir)")
@@ -138,7 +144,7 @@ class Experiment:
         self.train_set, self.val_set, self.test_set = self._load_data()
         self.folder.open_for_writing()
         try:
-            claim_run_folder(cfg, self.folder)
+            from_main(claim_run_folder, cfg, self.folder)  # torchrun: rank 0 checks, every rank learns
         except BaseException:
             self.folder.close()
             raise
@@ -177,7 +183,8 @@ class Experiment:
         return train, val, test
 
     def _eval_loader(self, dataset: nndata.TensorDataset) -> nndata.BatchLoader:
-        return nndata.BatchLoader(dataset, _EVAL_BATCH, shuffle=False, seed=0, device=self.device)
+        return nndata.BatchLoader(dataset, _EVAL_BATCH, shuffle=False, seed=0, device=self.device,
+                                  rank=rank(), world_size=world_size())  # fmt: skip
 
     def train_loader(self, *phase: object) -> nndata.BatchLoader:
         """Shuffled training batches of a phase (e.g. ("retrain", k)): the same for every
@@ -185,7 +192,7 @@ class Experiment:
         return nndata.BatchLoader(
             self.train_set, self.cfg.batch_size, shuffle=True,
             seed=derive_seed(self.cfg.seed, "batches", *phase), device=self.device,
-            augment=self.augment,
+            augment=self.augment, rank=rank(), world_size=world_size(), even_shards=True,
         )  # fmt: skip
 
     def pruning_batches(self, iteration: int) -> nndata.BatchLoader:

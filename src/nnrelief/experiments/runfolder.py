@@ -21,6 +21,12 @@ is told which process holds it; the kernel drops the lock of a killed process, s
 stale lock file never blocks) and removes temporary files left by killed writes. Files
 whose content would not change are not rewritten, so resuming a finished run writes
 nothing.
+
+Under ``torchrun`` (several processes, :mod:`nnrelief.distributed`) rank 0 alone touches
+the folder: it alone takes the lock, removes files and writes; every read runs on rank 0
+and its result (or error) reaches all ranks (:func:`~nnrelief.distributed.from_main`), so
+the reading methods must be called on every rank alike, and the folder need exist on rank
+0's machine only.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import from_main, is_main
 from ..fileio import save_text, save_torch
 from .history import History
 
@@ -98,10 +105,13 @@ class RunFolder:
 
     def exists(self, name: str) -> bool:
         """Whether the folder holds ``name``."""
-        return (self.path / name).exists()
+        return from_main((self.path / name).exists)
 
     def is_unused(self) -> bool:
         """Whether the folder is missing or holds nothing but a lock and temporary files."""
+        return from_main(self._is_unused)
+
+    def _is_unused(self) -> bool:
         if not self.path.exists():
             return True
         temporary = set(self.path.glob(_TEMP_GLOB))
@@ -109,6 +119,9 @@ class RunFolder:
 
     def read_json(self, name: str) -> Any:
         """The JSON content of ``name``; a damaged file raises :class:`RunFolderError`."""
+        return from_main(self._read_json, name)
+
+    def _read_json(self, name: str) -> Any:
         path = self.path / name
         remedy = "run the same command again to rewrite it from the run's state" if name == HISTORY_JSON else "restore it"
         try:
@@ -132,6 +145,9 @@ class RunFolder:
 
     def load(self, name: str) -> Any:
         """A tensor file of the folder (``torch.load``, tensors only, on CPU)."""
+        return from_main(self._load, name)
+
+    def _load(self, name: str) -> Any:
         path = self.path / name
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -146,8 +162,11 @@ class RunFolder:
     def check_readable(self, name: str) -> None:
         """Raise :class:`RunFolderError` if ``name`` exists but :meth:`load` cannot read it
         (before a checkpoint is handed to code that would fail less clearly)."""
-        if self.exists(name):
-            self.load(name)
+        from_main(self._check_readable, name)
+
+    def _check_readable(self, name: str) -> None:
+        if (self.path / name).exists():
+            self._load(name)  # the tensors stay on rank 0
 
     # ------------------------------------------------------------------ writing
 
@@ -157,8 +176,9 @@ class RunFolder:
         Raises :class:`RunLockedError` naming the process that holds the lock. A folder
         this process may not write is opened without a lock (nobody can write it).
         Returns ``self``; :meth:`close` (or the end of a ``with`` block) releases the lock.
+        Under torchrun only rank 0 opens the folder (the other ranks never write to it).
         """
-        if self._lock_key is None:
+        if self._lock_key is None and is_main():
             self._lock_key = self._lock()
             if self._lock_key is not None:
                 self._remove_temporary()
@@ -180,7 +200,9 @@ class RunFolder:
         self.close()
 
     def write_text(self, name: str, text: str) -> None:
-        """Write ``name`` atomically, unless it already holds exactly ``text``."""
+        """Write ``name`` atomically, unless it already holds exactly ``text`` (rank 0 only)."""
+        if not is_main():
+            return
         path = self.path / name
         try:
             if path.read_text(encoding="utf-8") == text:
@@ -203,7 +225,9 @@ class RunFolder:
         save_torch(obj, self.path / name)
 
     def remove(self, pattern: str, keep: str | None = None) -> None:
-        """Delete the files matching the glob ``pattern`` (but ``keep``)."""
+        """Delete the files matching the glob ``pattern`` (but ``keep``; rank 0 only)."""
+        if not is_main():
+            return
         for path in self._matching(pattern):
             if path.name != keep:
                 path.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments import runfolder as files
-from ..experiments.config import ConfigError, ExperimentConfig
+from ..experiments.config import RECORDED_FIELDS, ConfigError, ExperimentConfig
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 from ..fileio import save_text
@@ -49,7 +49,7 @@ RESULTS_FORMAT = 1
 _REQUIRED = ("model", "dataset", "device", "command", "settings", "wall_time_s", "iterations", "baselines")
 _ITERATION_KEYS = ("iteration", "remaining_percent", "test_accuracy", "val_accuracy", "macs")
 _BASELINE_KEYS = ("method", "remaining_percent", "test_accuracy")
-_COMMAND_SKIP = frozenset({"data_dir", "device"})
+_COMMAND_SKIP = frozenset({"data_dir", "device"}) | RECORDED_FIELDS
 
 
 def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
