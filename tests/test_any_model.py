@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
+from bn_helpers import calibrate_and_dim
 from nnrelief.compaction import compact
 from nnrelief.masks import current_mask
 from nnrelief.models import InvertedResidual
@@ -195,26 +196,12 @@ CONV_FAMILIES = {
 }  # fmt: skip
 
 
-def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """BN statistics from ``x``, and a quarter of each BN's channels dimmed to ~0 (pruned)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for norm in norms:
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-        for norm in norms:
-            norm.weight[: norm.num_features // 4] *= 1e-6
-            norm.bias[: norm.num_features // 4] = 0.0
-    model.eval()
-
-
 @pytest.mark.parametrize("family", list(CONV_FAMILIES))
 def test_depthwise_families_prune_three_passes_then_compact(family: str, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = CONV_FAMILIES[family]()
     x = torch.randn(BATCH, 3, 12, 12)
-    _calibrate(model, x)
+    calibrate_and_dim(model, x, zero_shift=True)
     with caplog.at_level(logging.WARNING, logger="nnrelief"):
         for _ in range(3):
             report = nnrelief.prune(model, [x], alpha_fc=0.9, alpha_conv=0.8, progress=False)

@@ -11,31 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
+from bn_helpers import calibrate_and_dim
 from nnrelief.compaction import compact, compaction_summary, format_summary
 from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
 
 
-def _calibrate_and_dim(model: nn.Module, x: torch.Tensor) -> None:
-    """Set BN running stats from ``x`` (keeps deep untrained nets' outputs in float32 range),
-    then scale the BN weights of a quarter of the channels to ~0 so pruning kills them."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for norm in norms:
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-        for norm in norms:
-            norm.weight[: norm.num_features // 4] *= 1e-6
-    model.eval()
-
-
 def _pruned(name: str, passes: int = 2, samples: int = 4) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = get_model(name, 10)
     x = torch.randn(samples, *input_shape(name))
-    _calibrate_and_dim(model, x)
+    calibrate_and_dim(model, x)
     for _ in range(passes):
         nnrelief.prune(model, [x], alpha_fc=0.7, alpha_conv=0.7, score="authors", progress=False)
     return model.eval(), x
