@@ -97,6 +97,7 @@ def test_bad_flags_are_one_line(argv, needle, capsys):
         (["train", "--dataset", "mnist", "--no-progress"], "needs a data directory"),
         (["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "nowhere", "--no-progress"], "not found"),
         (["train", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
+        (["train", "--amp", "fp8"], "amp must be one of ('off', 'bf16', 'fp16')"),
         (["train", "--model", "resnet20", "--dataset", "mnist-sample"], "expects inputs"),
     ],
 )
@@ -215,7 +216,7 @@ def test_run_folder_collision_is_refused(small_run, capsys):
 
 def test_config_file_and_flags(tmp_path, capsys):
     config = tmp_path / "exp.toml"
-    config.write_text('preset = "demo"\nepochs = 1\nnum_iters = 1\ntrain_subset = 500\nprune_samples = 200\n')
+    config.write_text('preset = "demo"\nepochs = 1\nnum_iters = 1\ntrain_subset = 500\nprune_samples = 200\namp = "bf16"\n')
     argv = ["train", "--config", str(config), "--val-size", "300", "--runs-root", str(tmp_path),
             "--no-progress", "--threads", "1", "-q", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
@@ -224,6 +225,7 @@ def test_config_file_and_flags(tmp_path, capsys):
     stored = json.loads((run_dir / "config.json").read_text())
     assert (stored["epochs"], stored["num_iters"], stored["train_subset"], stored["val_size"]) == (1, 1, 500, 300)
     assert stored["model"] == "lenet300_100" and stored["rewind"] is True
+    assert stored["amp"] == "bf16" and stored["compile"] is False  # bf16 is ignored on the CPU
 
 
 # ----------------------------------------------------------------------------- resume after kill

@@ -138,3 +138,24 @@ def test_methods_flag_is_checked(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "pruneall"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_each_training_phase_is_named_after_its_method(tmp_path, monkeypatch):
+    """fit's phase name (progress bars, logs, divergence errors) says which method retrains."""
+    import nnrelief.experiments.experiment as experiment_module
+    from nnrelief.experiments.config import ExperimentConfig
+    from nnrelief.experiments.experiment import Experiment
+
+    phases: list[str] = []
+    real_fit = experiment_module.fit
+
+    def recording_fit(*args, desc: str = "training", **kwargs):
+        phases.append(desc)
+        return real_fit(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "fit", recording_fit)
+    cfg = ExperimentConfig(model="lenet300_100", dataset="mnist-sample", epochs=1, retrain_epochs=1, milestones=[],
+                           retrain_milestones=[], train_subset=500, val_size=300, prune_samples=200, num_iters=1,
+                           device="cpu")  # fmt: skip
+    run_comparison(Experiment(cfg, tmp_path / "run", progress=False), ["nnrelief", "random"], progress=False)
+    assert phases == ["dense training", "retraining, iteration 1", "random retraining, iteration 1"]

@@ -22,6 +22,7 @@ import nnrelief
 from nnrelief import data as nndata
 from nnrelief.experiments.config import (
     FREE_FIELDS,
+    LATER_FIELDS,
     PRESETS,
     ConfigError,
     ExperimentConfig,
@@ -420,16 +421,20 @@ def test_config_hash_ignores_only_free_fields():
 def test_later_fields_keep_old_run_folders_valid(tmp_path):
     """A setting added after a run folder was written neither renames nor refuses it."""
     base = ExperimentConfig()
-    old = {k: v for k, v in base.to_dict().items() if k != "lr_schedule"}
+    assert {"lr_schedule", "amp", "compile"} <= set(LATER_FIELDS)
+    old = {k: v for k, v in base.to_dict().items() if k not in LATER_FIELDS}
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in old.items() if k not in FREE_FIELDS}, sort_keys=True).encode()
     ).hexdigest()[:8]
     assert base.config_hash() == digest
     assert ExperimentConfig(lr_schedule="cosine").config_hash() != digest
+    assert ExperimentConfig(amp="bf16").config_hash() != digest
     (tmp_path / "config.json").write_text(json.dumps(old))
     claim_run_folder(base, RunFolder(tmp_path))
     with pytest.raises(RunConflictError, match="lr_schedule"):
         claim_run_folder(ExperimentConfig(lr_schedule="cosine"), RunFolder(tmp_path))
+    with pytest.raises(RunConflictError, match="amp"):
+        claim_run_folder(ExperimentConfig(amp="bf16"), RunFolder(tmp_path))
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):

@@ -189,6 +189,26 @@ def test_nan_input_is_rejected_and_model_untouched():
     assert not hasattr(model.fc1, "weight_mask")
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fc(a + b)
+
+
+def test_nan_in_any_input_of_a_multi_input_batch_is_named():
+    """Every tensor of a (positional inputs, target) batch is checked, not only the first."""
+    model = _TwoInputs()
+    a, b = torch.rand(4, 8), torch.rand(4, 8)
+    bad = b.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"batch 1 \(shape \(4, 8\)\) contains NaN or inf"):
+        nnrelief.prune(model, [((a, b), None), ((a, bad), None)], progress=False)
+    assert not hasattr(model.fc, "weight_mask")
+
+
 @pytest.mark.parametrize("where", ["fc2.weight", "fc1.bias"])
 def test_non_finite_weights_are_refused_naming_the_layer_and_model_unchanged(where):
     model = lenet300_100()

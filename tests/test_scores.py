@@ -138,3 +138,25 @@ def test_streamed_statistics_match_formula_over_uneven_batches(kernel, stride, p
     assert bool((fast.double() <= slow + 1e-5).all())
     h1 = (10 + 2 * padding - kernel) // stride + 1
     assert math.isclose(float(paper["positions"]) / 11, h1 * h1)
+
+
+def test_chunk_budget_cpu_constants_and_gpu_share(monkeypatch) -> None:
+    from nnrelief.scores import _GPU_CHUNK_BYTES, ChunkBudget, chunk_budget
+
+    assert chunk_budget(torch.device("cpu")) == ChunkBudget()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (800 * 2**20, 80 * 2**30))
+    assert chunk_budget(torch.device("cuda"), element_size=4) == ChunkBudget(25 * 2**20, 25 * 2**20)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
+    assert chunk_budget(torch.device("cuda"), element_size=4).patch_elements == _GPU_CHUNK_BYTES // 4
+
+
+@pytest.mark.parametrize("in_channels,out_channels,groups", [(3, 5, 1), (4, 6, 2)])
+def test_conv_norm_sum_does_not_depend_on_the_chunking(in_channels: int, out_channels: int, groups: int) -> None:
+    from nnrelief.scores import ChunkBudget, conv_norm_sum
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=2, groups=groups)
+    abs_x, abs_w = torch.rand(7, in_channels, 9, 9), conv.weight.detach().abs()
+    one_at_a_time = conv_norm_sum(abs_x, abs_w, conv, budget=ChunkBudget(1, 1))
+    all_at_once = conv_norm_sum(abs_x, abs_w, conv, budget=ChunkBudget(2**30, 2**30))
+    assert torch.allclose(one_at_a_time, all_at_once, rtol=1e-6)

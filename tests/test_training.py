@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 from nnrelief.training import (
     EpochRecord,
     TrainConfig,
+    TrainingDivergedError,
     evaluate,
     fit,
     make_optimizer,
@@ -120,9 +121,25 @@ def test_config_json_roundtrip_and_validation() -> None:
         {"device": "gpu"},
         {"grad_clip": 0.0},
         {"label_smoothing": 1.0},
+        {"amp": "int8"},
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"momentum": float("nan")},
+        {"weight_decay": float("inf")},
+        {"gamma": float("nan")},
+        {"grad_clip": float("inf")},
     ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_amp_modes_and_the_old_boolean() -> None:
+    assert TrainConfig().amp == "off"
+    assert TrainConfig(amp="bf16").amp == "bf16"
+    assert TrainConfig(amp=True).amp == "fp16"  # type: ignore[arg-type]
+    assert TrainConfig.from_dict({"amp": False}).amp == "off"
+    with pytest.raises(ValueError, match=r"amp must be one of \('off', 'bf16', 'fp16'\)"):
+        TrainConfig(amp="fp8")
 
 
 def test_make_optimizer_and_scheduler() -> None:
@@ -473,6 +490,117 @@ def test_checkpoint_config_mismatch_and_extension(
     torch.save(make_model().state_dict(), other)
     with pytest.raises(ValueError, match="not a nnrelief training checkpoint"):
         fit(make_model(), *data, cfg, checkpoint_path=other, progress=False)
+
+
+def _edit_checkpoint(path: Path, edit) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+
+
+def test_checkpoint_from_before_amp_modes_resumes(tmp_path: Path, data: tuple[Batches, Batches]) -> None:
+    ckpt = tmp_path / "old.pt"
+    fit(make_model(), *data, cpu_cfg(epochs=1), checkpoint_path=ckpt, progress=False)
+
+    def make_old(c: dict) -> None:  # how the first release wrote its config
+        c["config"]["amp"] = False
+        del c["config"]["compile"]
+
+    _edit_checkpoint(ckpt, make_old)
+    res = fit(make_model(), *data, cpu_cfg(epochs=2), checkpoint_path=ckpt, progress=False)
+    assert res.resumed_from == 1 and len(res.history) == 2
+    with pytest.raises(ValueError, match="amp: checkpoint='off' now='bf16'"):
+        fit(make_model(), *data, cpu_cfg(epochs=2, amp="bf16"), checkpoint_path=ckpt, progress=False)
+
+
+def test_checkpoint_of_a_fused_gpu_optimizer_resumes_on_cpu(tmp_path: Path) -> None:
+    """A CUDA run's Adam is fused; its checkpoint (read with map_location='cpu') must resume
+    with this machine's implementation and give the uninterrupted CPU run."""
+    x, y = make_blobs(96, seed=1)
+    val = Batches(*make_blobs(64, seed=2), 32)
+    cfg = cpu_cfg(optimizer="adam", lr=0.01, epochs=3)
+    straight = pruned_model(0, 1)
+    fit(straight, Batches(x, y, 16, seed=4), val, cfg, progress=False)
+
+    ckpt = tmp_path / "gpu.pt"
+    interrupted = InterruptAfter(Batches(x, y, 16, seed=4), limit=6 + 2)
+    with pytest.raises(Interrupted):
+        fit(pruned_model(0, 1), interrupted, val, cfg, checkpoint_path=ckpt, progress=False)
+
+    def as_written_on_gpu(c: dict) -> None:
+        c["config"]["device"] = "cuda:0"
+        for group in c["optimizer"]["param_groups"]:
+            group.update(fused=True, foreach=None)
+
+    _edit_checkpoint(ckpt, as_written_on_gpu)
+    resumed = pruned_model(5, 6)
+    fit(resumed, Batches(x, y, 16, seed=4), val, cfg, checkpoint_path=ckpt, progress=False)
+    assert states_equal(straight.state_dict(), resumed.state_dict())
+
+
+class PoisonEpoch(Batches):
+    """Training batches whose inputs are NaN from epoch ``bad`` (0-based) on."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bad: int) -> None:
+        super().__init__(x, y, 32, seed=0)
+        self.bad = bad
+        self.batches_seen = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xb, yb in super().__iter__():
+            self.batches_seen += 1
+            yield (xb * float("nan") if self.epoch >= self.bad else xb), yb
+
+
+@pytest.mark.parametrize("bad_epoch", [0, 1])
+def test_diverged_training_stops_and_keeps_last_good_weights(
+    tmp_path: Path, data: tuple[Batches, Batches], bad_epoch: int
+) -> None:
+    x, y = make_blobs(256, seed=1)
+    _, val = data
+    good = make_model()
+    fit(good, Batches(x, y, 32), val, cpu_cfg(epochs=1), progress=False)
+    model, entry = make_model(), make_model().state_dict()
+    ckpt = tmp_path / "run.pt"
+    batches = PoisonEpoch(x, y, bad_epoch)
+    with pytest.raises(TrainingDivergedError, match=rf"retraining 2: .*nan in epoch {bad_epoch + 1}/3"):
+        fit(model, batches, val, cpu_cfg(epochs=3), checkpoint_path=ckpt, progress=False, desc="retraining 2")
+    assert batches.batches_seen == (bad_epoch + 1) * len(batches)  # stopped after the bad epoch
+    assert states_equal(model.state_dict(), good.state_dict() if bad_epoch else entry)
+    if bad_epoch:
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    else:
+        assert not ckpt.exists()
+    assert isinstance(TrainingDivergedError("x"), ValueError)
+
+
+def test_compile_runs_the_compiled_model(
+    monkeypatch: pytest.MonkeyPatch, data: tuple[Batches, Batches]
+) -> None:
+    compiled: list[nn.Module] = []
+
+    class Wrapper(nn.Module):  # stands in for torch.compile's OptimizedModule
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.inner(x)
+
+    def fake_compile(model: nn.Module) -> nn.Module:
+        compiled.append(Wrapper(model))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plain, wrapped = make_model(), make_model()
+    fit(plain, *data, cpu_cfg(epochs=1), progress=False)
+    fit(wrapped, *data, cpu_cfg(epochs=1, compile=True), progress=False)
+    train, val = data
+    assert len(compiled) == 1 and compiled[0].inner is wrapped
+    assert compiled[0].calls == len(train) + len(val)
+    assert states_equal(plain.state_dict(), wrapped.state_dict())
 
 
 def test_seed_everything_is_reproducible() -> None:

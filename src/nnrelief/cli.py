@@ -97,6 +97,8 @@ FIELD_HELP: dict[str, str] = {
     "early_stop_margin": "stop when validation accuracy falls more than this fraction "
     "(0.01 = 1 point) below the dense model's; keep the last iteration within it",
     "train_subset": "train on this many training samples only (quick runs)",
+    "amp": "mixed precision of training on CUDA: off, bf16 or fp16 (ignored on the CPU)",
+    "compile": "train through torch.compile (slower first epoch of each phase)",
 }
 
 

@@ -55,14 +55,29 @@ def _gate_hook(module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
     return output * gate.view(shape).to(output.dtype)
 
 
-def set_gate(module: nn.Module, keep: Tensor) -> None:
-    """Mask the output channels of ``module`` (a shortcut path) with ``keep`` (never revives)."""
+def set_gate(module: nn.Module, keep: Tensor, like: Tensor | None = None) -> None:
+    """Mask the output channels of ``module`` (a shortcut path) with ``keep`` (never revives).
+
+    A new gate buffer takes the device and floating dtype of ``like`` (the weights of the
+    model it belongs to; a shortcut module may have none of its own), else of ``keep``'s
+    device and the default dtype. An existing gate keeps its device and dtype.
+    """
     if hasattr(module, GATE):
-        getattr(module, GATE).mul_(keep.to(getattr(module, GATE).dtype))
+        gate = getattr(module, GATE)
+        gate.mul_(keep.to(device=gate.device, dtype=gate.dtype))
     else:
-        module.register_buffer(GATE, keep.float().clone())
+        if like is None:
+            like = torch.empty(0, device=keep.device)
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        module.register_buffer(GATE, keep.to(device=like.device, dtype=dtype, copy=True))
     if not hasattr(module, _GATE_HOOK):
         setattr(module, _GATE_HOOK, module.register_forward_hook(_gate_hook))
+
+
+def model_weights(model: nn.Module) -> Tensor | None:
+    """The first floating parameter of ``model`` (whose device and dtype new nnrelief
+    buffers follow), or None if it has none."""
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
 
 
 def gate_of(module: nn.Module) -> Tensor | None:
@@ -96,8 +111,9 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
     _check_fits(model, state_dict, masked, {key: value.shape for _, key, value in gated}, strict)
     for module, name in masked:
         prune.custom_from_mask(module, name, torch.ones_like(getattr(module, name)))
+    weights = model_weights(model)
     for module, _, value in gated:
-        set_gate(module, torch.ones_like(value, dtype=torch.bool))
+        set_gate(module, torch.ones(value.shape, dtype=torch.bool), value if weights is None else weights)
     model.load_state_dict(state_dict, strict=strict)
     refresh_masked(model)
 

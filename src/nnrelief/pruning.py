@@ -16,7 +16,7 @@ from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, residu
 from .distributed import check_same_on_all_ranks
 from .graph import ModelGraph, build_graph, is_transposed_linear, weight_matrix
 from .inputs import ModelInput, batch_input
-from .masks import current_mask, gate_of, set_gate, set_mask
+from .masks import current_mask, gate_of, model_weights, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
 from .stats import (
@@ -33,18 +33,34 @@ log = logging.getLogger(__name__)
 SCORE_MODES = ("paper", "authors")
 
 
-def _model_input(batch: Any, index: int) -> ModelInput:
-    model_input = batch_input(batch, index)
-    for tensor in model_input.tensors():
-        # Fast path: a finite sum means finite entries; only an inf/NaN sum needs the full check.
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"pruning batch {index} (shape {tuple(tensor.shape)}) contains NaN or inf values; clean the data first")
-    return model_input
+class _Inputs:
+    """The pruning batches moved to the model's device, with a finiteness flag per input
+    tensor kept on the device (read once after the pass: no host synchronisation per batch)."""
 
+    def __init__(self, batches: Iterable[Any], device: torch.device) -> None:
+        self.batches = batches
+        self.device = device
+        self.finite: list[Tensor] = []
+        self.where: list[tuple[int, tuple[int, ...]]] = []
 
-def _inputs(batches: Iterable[Any], device: torch.device) -> Iterator[ModelInput]:
-    for index, batch in enumerate(batches):
-        yield _model_input(batch, index).to(device)
+    def __iter__(self) -> Iterator[ModelInput]:
+        for index, batch in enumerate(self.batches):
+            model_input = batch_input(batch, index).map(lambda tensor: tensor.to(self.device, non_blocking=True))
+            for tensor in model_input.tensors():
+                if tensor.is_floating_point():
+                    # A float64 sum of finite entries is finite (short of float64's own range).
+                    self.finite.append(torch.isfinite(tensor.sum(dtype=torch.float64)))
+                    self.where.append((index, tuple(tensor.shape)))
+            yield model_input
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the first batch that held NaN or inf values."""
+        if not self.finite:
+            return
+        bad = ~torch.stack(self.finite)
+        if bool(bad.any()):
+            index, shape = self.where[int(bad.nonzero()[0, 0])]
+            raise ValueError(f"pruning batch {index} (shape {shape}) contains NaN or inf values; clean the data first")
 
 
 def _connection_mask(module: nn.Module) -> LayerMask:
@@ -125,7 +141,7 @@ def _apply(model: nn.Module, graph: ModelGraph, masks: dict[str, LayerMask], gat
             set_mask(modules[name], "bias", keep)
     for node, module_name in graph.gates.items():
         if not bool(gates[node].all()):
-            set_gate(modules[module_name], gates[node])
+            set_gate(modules[module_name], gates[node], model_weights(model))
 
 
 def prune(
@@ -168,7 +184,8 @@ def prune(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        stream = _inputs(batches, device)
+        inputs = _Inputs(batches, device)
+        stream = iter(inputs)
         first = next(stream, None)
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
@@ -179,6 +196,7 @@ def prune(
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
         stats = _run(model, graph, feed, score)
+        inputs.check_finite()
         all_reduce_statistics(stats)
         masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)
         bn_masks: dict[str, Tensor] = {}

@@ -12,15 +12,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Batches are processed in chunks whose unfolded patches stay around this many floats
-# (a couple of MB: cache-friendly, and memory does not grow with the batch size).
+# On the CPU, batches are processed in chunks whose unfolded patches stay around this many
+# floats (a couple of MB: cache-friendly, and memory does not grow with the batch size).
 _PATCH_ELEMENTS = 1 << 19
 _PRODUCT_ELEMENTS = 1 << 22
+# On a GPU, few large chunks keep it busy: each of the two chunk buffers may take this
+# fraction of the free memory, at most _GPU_CHUNK_BYTES.
+_GPU_FREE_FRACTION = 8
+_GPU_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ChunkBudget:
+    """Largest chunk buffers of :func:`conv_norm_sum`, in tensor elements: the unfolded
+    patches (chunk x C x k^2 x positions) and the per-sample norms (C x chunk x J/groups)."""
+
+    patch_elements: int = _PATCH_ELEMENTS
+    product_elements: int = _PRODUCT_ELEMENTS
+
+
+def chunk_budget(device: torch.device, element_size: int = 4) -> ChunkBudget:
+    """The chunk budget for ``device``: the cache-sized CPU constants, or on CUDA a share of
+    the currently free memory (queried once; call it once per pass, not per batch)."""
+    if device.type != "cuda":
+        return ChunkBudget()
+    free, _total = torch.cuda.mem_get_info(device)
+    elements = max(min(free // _GPU_FREE_FRACTION, _GPU_CHUNK_BYTES) // element_size, _PATCH_ELEMENTS)
+    return ChunkBudget(int(elements), int(elements))
 
 
 def linear_abs_input_sum(x: Tensor) -> tuple[Tensor, int]:
@@ -78,7 +102,13 @@ def kernel_products(abs_weight: Tensor, groups: int = 1) -> Tensor:
     return torch.index_select(w, 1, iu).mul_(torch.index_select(w, 1, ju)).mul_(factor)
 
 
-def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, products: Tensor | None = None) -> Tensor:
+def conv_norm_sum(
+    abs_x: Tensor,
+    abs_weight: Tensor,
+    conv: torch.nn.Conv2d,
+    products: Tensor | None = None,
+    budget: ChunkBudget | None = None,
+) -> Tensor:
     """Sum over samples of ``|| |K_ji| * |x_ni| ||_F`` for every (filter j, input channel i
     of j's group).
 
@@ -89,7 +119,8 @@ def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, prod
     ``vec|K_ji|^T G_ni vec|K_ji|`` with ``G_ni`` the k^2 x k^2 Gram matrix of the shifted
     copies of channel i; it is evaluated as one batched matrix product over channels of the
     Gram matrices' upper triangles with the kernel products (``kernel_products``, pass it
-    in to reuse it across batches), so no per-(j, i) output map is ever built.
+    in to reuse it across batches), so no per-(j, i) output map is ever built. The batch
+    is processed in chunks within ``budget`` (default: the CPU budget).
     Returns a (J, C/g) float64 tensor, laid out like the kernel's first two dims.
     """
     batch, channels = abs_x.shape[:2]
@@ -101,7 +132,8 @@ def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, prod
     iu, ju = torch.triu_indices(taps, taps, device=abs_x.device)
     positions = _output_positions(abs_x, conv)
     per_group = filters // groups
-    step = max(1, min(_PATCH_ELEMENTS // max(channels * taps * positions, 1), _PRODUCT_ELEMENTS // max(channels * per_group, 1)))
+    budget = budget or ChunkBudget()
+    step = max(1, min(budget.patch_elements // max(channels * taps * positions, 1), budget.product_elements // max(channels * per_group, 1)))
     total = torch.zeros(channels, per_group, dtype=torch.float64, device=abs_x.device)
     for start in range(0, batch, step):
         patches = conv_patches(abs_x[start : start + step], conv)  # (b, C, k2, L)
@@ -114,7 +146,7 @@ def conv_norm_sum(abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d, prod
 
 def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     """Authors' variant: ``|| |K_ji| * mean_n |x_ni| ||_F`` from the (C, H, W) mean map."""
-    return conv_norm_sum(mean_abs_x.unsqueeze(0), abs_weight, conv)
+    return conv_norm_sum(mean_abs_x.unsqueeze(0), abs_weight, conv, budget=chunk_budget(mean_abs_x.device, mean_abs_x.element_size()))
 
 
 def _output_positions(x: Tensor, conv: torch.nn.Conv2d) -> int:

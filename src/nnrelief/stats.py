@@ -34,6 +34,8 @@ class Observer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self.device = torch.device("cpu")
 
     def accumulate(self, name: str, value: Tensor) -> None:
         """Add ``value`` to the running sum ``name``."""
@@ -41,6 +43,18 @@ class Observer(nn.Module):
             self.sums[name] += value
         else:
             self.sums[name] = value.clone()
+
+    def add_count(self, name: str, value: float, seen: Tensor) -> None:
+        """Add the number ``value`` to the count ``name`` of tensor ``seen``. Counts stay
+        Python numbers while the batches stream (a device tensor made from a host number
+        per batch would synchronise) and become float64 tensors on ``seen``'s device."""
+        self.counts[name] = self.counts.get(name, 0.0) + value
+        self.device = seen.device
+
+    def statistics(self) -> dict[str, Tensor]:
+        """The sums and counts, all tensors on the observed device."""
+        counts = {name: torch.full((), value, dtype=torch.float64, device=self.device) for name, value in self.counts.items()}
+        return {**self.sums, **counts}
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -52,7 +66,7 @@ class LinearInputObserver(Observer):
     def forward(self, x: Tensor) -> Tensor:
         total, count = scores.linear_abs_input_sum(x)
         self.accumulate("abs_input", total)
-        self.accumulate("count", torch.tensor(float(count), dtype=torch.float64))
+        self.add_count("count", float(count), x)
         return x
 
 
@@ -64,6 +78,7 @@ class ConvInputObserver(Observer):
         self.conv = [conv]  # a list keeps the conv out of this module's children
         self.mode = mode
         self.products: Tensor | None = None
+        self.budget = scores.chunk_budget(conv.weight.device, conv.weight.element_size()) if mode == "paper" else None
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv[0]
@@ -72,14 +87,14 @@ class ConvInputObserver(Observer):
             abs_weight = conv.weight.detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
                 self.products = scores.kernel_products(abs_weight, conv.groups)
-            self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products))
+            self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products, self.budget))
         else:
             self.accumulate("abs_map", abs_x.sum(0).double())
         count = float(x.shape[0])
-        self.accumulate("count", torch.tensor(count, dtype=torch.float64))
+        self.add_count("count", count, x)
         # Stored times the count so that shards still add up; divided by the count when read.
         positions = scores.conv_output_positions((x.shape[2], x.shape[3]), conv)
-        self.accumulate("positions", torch.tensor(count * positions, dtype=torch.float64))
+        self.add_count("positions", count * positions, x)
         return x
 
 
@@ -97,7 +112,7 @@ class MapObserver(Observer):
 
     def forward(self, x: Tensor) -> Tensor:
         self.accumulate("abs_map", x.detach().abs().sum(0).double())
-        self.accumulate("count", torch.tensor(float(x.shape[0]), dtype=torch.float64))
+        self.add_count("count", float(x.shape[0]), x)
         return x
 
 
@@ -215,7 +230,7 @@ def collect(
     finally:
         for handle in handles:
             handle.remove()
-    return {key: dict(observer.sums) for key, (_node, observer) in watch.items()}
+    return {key: observer.statistics() for key, (_node, observer) in watch.items()}
 
 
 def add_statistics(first: Statistics, second: Statistics) -> Statistics:

@@ -11,14 +11,21 @@ Design points:
   whatever the optimizer's momentum or weight decay does to ``weight_orig``.
 * :func:`fit` selects the best epoch on a *validation* split (never the test set), can
   write an atomic checkpoint after every epoch and resume from it bit-exactly on CPU.
-* Mixed precision (``torch.autocast`` + ``GradScaler``) is used only on CUDA with
-  ``TrainConfig.amp``; the CPU path never touches it.
+* On CUDA: mixed precision with ``TrainConfig.amp`` (``"bf16"``: autocast only;
+  ``"fp16"``: autocast + ``GradScaler``), channels_last memory format for conv nets,
+  cuDNN benchmark mode, fused optimizers and optionally ``torch.compile``. The CPU path
+  never touches any of them. Losses and accuracies are summed on the device and read once
+  per epoch: the training step never waits for the device.
+* A training loss that becomes NaN or inf stops :func:`fit` with
+  :class:`TrainingDivergedError` (checked once per epoch); the model keeps its last good
+  weights and the checkpoint stays at the last good epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,18 +38,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sums, broadcast_buffers, from_main, wrap_model
 from .fileio import save_torch
+from .masks import refresh_masked
 
 __all__ = [
+    "AMP_MODES",
     "Batches",
     "EpochRecord",
     "EvalResult",
     "FitResult",
     "TrainConfig",
+    "TrainingDivergedError",
     "evaluate",
     "fit",
     "make_optimizer",
@@ -56,9 +65,12 @@ logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine")
+AMP_MODES = ("off", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CHECKPOINT_FORMAT = 1
-# Config fields that may differ between a checkpoint and the resuming run.
-_RESUME_FREE_FIELDS = frozenset({"epochs"})
+# Config fields that may differ between a checkpoint and the resuming run (a run may be
+# extended, and continued on another device or with(out) torch.compile).
+_RESUME_FREE_FIELDS = frozenset({"epochs", "device", "compile"})
 
 
 class Batches(Protocol):
@@ -85,7 +97,12 @@ class TrainConfig:
         lr_schedule: ``"step"`` (decay by ``gamma`` at each milestone) or ``"cosine"``
             (per-epoch cosine annealing from ``lr`` to 0 over ``epochs``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        amp: mixed precision; only active when the resolved device is CUDA.
+        amp: mixed precision on CUDA: ``"off"``, ``"bf16"`` (bfloat16 autocast) or
+            ``"fp16"`` (float16 autocast with a ``GradScaler``); ignored on the CPU.
+            ``True``/``False`` (checkpoints written before the modes existed) mean
+            ``"fp16"``/``"off"``.
+        compile: run the model through ``torch.compile`` (first epoch slower while it
+            compiles).
         grad_clip: maximal global gradient norm, or ``None`` for no clipping.
         label_smoothing: label smoothing of the training loss (evaluation uses plain CE).
         seed: seed of Python, NumPy and torch RNGs at the start of :func:`fit`.
@@ -100,7 +117,8 @@ class TrainConfig:
     gamma: float = 0.1
     lr_schedule: str = "step"
     device: str = "auto"
-    amp: bool = False
+    amp: str = "off"
+    compile: bool = False
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     seed: int = 0
@@ -108,6 +126,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.optimizer = self.optimizer.lower()
         self.milestones = [int(m) for m in self.milestones]
+        self.amp = amp_mode(self.amp)
+        for name in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.grad_clip is not None and not math.isfinite(self.grad_clip):
+            raise ValueError(f"grad_clip must be a finite number or None, got {self.grad_clip}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -142,6 +166,20 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
         return cls(**dict(data))
+
+
+def amp_mode(value: str | bool) -> str:
+    """Validate a mixed-precision setting; ``True``/``False`` (the old boolean flag) become
+    ``"fp16"``/``"off"``."""
+    if isinstance(value, bool):
+        return "fp16" if value else "off"
+    if value not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {value!r}")
+    return value
+
+
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or inf; the message names the phase and the epoch."""
 
 
 @dataclass(frozen=True)
@@ -225,15 +263,21 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer over all trainable ``model.parameters()`` as described by ``cfg``."""
+    """Optimizer over all trainable ``model.parameters()`` as described by ``cfg``.
+
+    When every parameter is a floating CUDA tensor the fused implementation is used (one
+    kernel per step, and no host synchronisation with a ``GradScaler``).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    options: dict[str, Any] = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **options
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
 
 
 def make_scheduler(
@@ -255,32 +299,35 @@ def _set_epoch(batches: object, epoch: int) -> None:
         set_epoch(epoch)
 
 
-def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+def _autocast(device: torch.device, amp: str) -> Any:
+    if amp != "off" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=_AMP_DTYPES[amp])
     return nullcontext()
 
 
-def _refresh_pruning_reparam(model: nn.Module) -> None:
-    """Recompute ``module.weight = weight_orig * weight_mask`` for prune-style modules.
+def _uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last pays off for conv nets on CUDA (tensor-core convolutions)."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
-    The derived attribute is only refreshed by the forward pre-hook, so after
-    ``load_state_dict`` it would show stale values until the next forward pass.
-    """
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                hook(module, ())
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _mean_result(total_loss: torch.Tensor, correct: torch.Tensor, n: int, caller: str) -> EvalResult:
-    """Mean loss and accuracy from a pass's sums; under torch.distributed the sums of every
-    rank are added first (DDP hook: one process is unchanged)."""
-    total_loss, correct, count = all_reduce_sums(total_loss, correct, torch.tensor(n, device=total_loss.device))
-    n = int(count)
+    """Mean loss and accuracy from a pass's on-device sums, read with one host
+    synchronisation; under torch.distributed the sums of every rank are added first (DDP
+    hook: one process is unchanged)."""
+    count = torch.tensor(n, dtype=torch.float64, device=total_loss.device)
+    total_loss, correct, count = all_reduce_sums(total_loss, correct.double(), count)
+    loss_sum, correct_sum, n_all = torch.stack([total_loss, correct, count]).tolist()
+    n = int(n_all)
     if n == 0:
         raise ValueError(f"{caller}() got no samples")
-    return EvalResult(loss=total_loss.item() / n, accuracy=correct.item() / n, n=n)
+    return EvalResult(loss=loss_sum / n, accuracy=correct_sum / n, n=n)
 
 
 def evaluate(
@@ -288,15 +335,17 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: str | torch.device,
     *,
-    amp: bool = False,
+    amp: str | bool = "off",
 ) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``batches``.
 
     Runs in eval mode under ``torch.no_grad()`` and restores the model's previous
-    train/eval mode afterwards. ``amp`` enables autocast on CUDA only.
+    train/eval mode afterwards. ``amp`` (see :class:`TrainConfig`) applies on CUDA only.
     Raises ``ValueError`` if ``batches`` holds no samples.
     """
     device = resolve_device(device)
+    amp = amp_mode(amp)
+    channels_last = _uses_channels_last(model, device)
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -305,7 +354,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for x, y in batches:
-                x = x.to(device, non_blocking=True)
+                x = _to_device(x, device, channels_last)
                 y = y.to(device, non_blocking=True)
                 with _autocast(device, amp):
                     out = model(x)
@@ -323,6 +372,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: str | torch.device,
     *,
+    amp: str | bool = "off",
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
     label_smoothing: float = 0.0,
@@ -332,13 +382,21 @@ def train_epoch(
     """One pass of training over ``batches``; returns the running mean loss/accuracy.
 
     The model is put in train mode for the pass and its previous mode is restored.
-    Mixed precision is used iff ``scaler`` is given (it must be a CUDA ``GradScaler``
-    and ``device`` a CUDA device). ``progress=False`` disables the tqdm bar, which is
-    also quiet automatically when stderr is not a terminal.
+    ``amp`` (see :class:`TrainConfig`) applies on CUDA only; ``"fp16"`` needs a CUDA
+    ``scaler``, and a ``scaler`` given with ``amp="off"`` means ``"fp16"`` (the former
+    interface). Loss and accuracy are summed on the device and read once at the end.
+    ``progress=False`` disables the tqdm bar, which is also quiet automatically when
+    stderr is not a terminal.
     """
     device = resolve_device(device)
-    if scaler is not None and device.type != "cuda":
-        raise ValueError("a GradScaler (AMP) is only supported on CUDA devices")
+    amp = amp_mode(amp)
+    if scaler is not None:
+        if device.type != "cuda":
+            raise ValueError("a GradScaler (AMP) is only supported on CUDA devices")
+        amp = "fp16" if amp == "off" else amp
+    if amp == "fp16" and device.type == "cuda" and scaler is None:
+        raise ValueError("amp='fp16' needs a GradScaler (fit makes one)")
+    channels_last = _uses_channels_last(model, device)
     was_training = model.training
     model.train()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -346,33 +404,49 @@ def train_epoch(
     n = 0
     try:
         for x, y in tqdm(batches, desc=desc, leave=False, disable=None if progress else True):
-            x = x.to(device, non_blocking=True)
+            x = _to_device(x, device, channels_last)
             y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, scaler is not None):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
-            if scaler is None:
-                loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                if grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            total_loss += loss.detach().double() * y.numel()
-            correct += (out.detach().argmax(dim=1) == y).sum()
+            out, loss = _train_step(model, optimizer, x, y, device, amp, scaler, grad_clip, label_smoothing)
+            total_loss += loss.double() * y.numel()
+            correct += (out.argmax(dim=1) == y).sum()
             n += y.numel()
     finally:
         model.train(was_training)
     return _mean_result(total_loss, correct, n, "train_epoch")
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    amp: str,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the detached logits and loss (still on the device)."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp):
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    if scaler is None:
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    return out.detach(), loss.detach()
+
+
+# ----------------------------------------------------------------------------- fit state
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -394,21 +468,141 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states["cuda"]
+    # A run resumed on a machine with another number of GPUs keeps the fresh CUDA seeds.
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def _load_checkpoint_if_any(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or ``None`` if there is none (DDP hook: run on rank 0)."""
-    return _load_checkpoint(path, cfg) if path.exists() else None
+@dataclass
+class _Progress:
+    """What :func:`fit` carries from epoch to epoch: the records and the best epoch so far."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_val_loss: float = float("inf")
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def add(self, record: EpochRecord, model: nn.Module) -> None:
+        """Append ``record``; keep a CPU copy of the weights if the epoch is the best one
+        (highest validation accuracy, ties: lower validation loss, then earlier)."""
+        self.history.append(record)
+        better_loss = record.val_accuracy == self.best_val_accuracy and record.val_loss < self.best_val_loss
+        if record.val_accuracy > self.best_val_accuracy or better_loss:
+            self.best_epoch = record.epoch
+            self.best_val_accuracy, self.best_val_loss = record.val_accuracy, record.val_loss
+            self.best_state = _cpu_state(model)
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+@dataclass
+class _Session:
+    """The live objects of one :func:`fit` call on its device."""
+
+    model: nn.Module
+    runner: nn.Module  # what trains: the model, its DDP wrapper, compiled or not
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    evaluator: nn.Module  # what validates: the model itself (no DDP), compiled or not
+
+    @classmethod
+    def start(cls, model: nn.Module, cfg: TrainConfig, device: torch.device) -> _Session:
+        """Move ``model`` to ``device`` (channels_last for conv nets on CUDA) and build the
+        optimizer, schedule, scaler and (``cfg.compile``) compiled runner."""
+        model.to(device)
+        if _uses_channels_last(model, device):
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg)
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+        wrapped = wrap_model(model)  # DDP hook: DistributedDataParallel under torchrun
+        runner = torch.compile(wrapped) if cfg.compile else wrapped
+        evaluator = runner if wrapped is model else (torch.compile(model) if cfg.compile else model)
+        return cls(model, runner, device, optimizer, scheduler, scaler, evaluator)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, cfg: TrainConfig, session: _Session, progress: _Progress) -> None:
+    """Write everything needed to resume after the last completed epoch (atomically)."""
+    save_torch(
+        {
+            "format": _CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "epoch": progress.epochs_done,
+            "model": session.model.state_dict(),
+            "optimizer": session.optimizer.state_dict(),
+            "scheduler": session.scheduler.state_dict(),
+            "scaler": session.scaler.state_dict() if session.scaler is not None else None,
+            "best_state": progress.best_state,
+            "best_epoch": progress.best_epoch,
+            "best_val_accuracy": progress.best_val_accuracy,
+            "best_val_loss": progress.best_val_loss,
+            "history": [dataclasses.asdict(r) for r in progress.history],
+            "rng": _rng_states(),
+        },
+        path,
+    )
+
+
+def _read_checkpoint_if_any(path: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (checked against ``cfg``), or ``None`` if there is none
+    (DDP hook: rank 0 reads it for every rank through ``from_main``)."""
+    return _read_checkpoint(path, cfg) if path.exists() else None
+
+
+def _restore_checkpoint(ckpt: dict[str, Any], path: Path, session: _Session) -> _Progress:
+    """Load a checkpoint of :func:`_save_checkpoint` (read from ``path``) into ``session``;
+    the progress it holds.
+
+    Tensors are read onto the CPU and copied to wherever the session's tensors live, so a
+    checkpoint written on a GPU resumes on a CPU-only machine and the other way round.
+    """
+    session.model.load_state_dict(ckpt["model"])
+    session.optimizer.load_state_dict(_with_current_kernels(ckpt["optimizer"], session.optimizer))
+    session.scheduler.load_state_dict(ckpt["scheduler"])
+    if session.scaler is not None and ckpt["scaler"] is not None:
+        session.scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_states(ckpt["rng"])
+    progress = _Progress(
+        history=[EpochRecord(**r) for r in ckpt["history"]],
+        best_state=ckpt["best_state"],
+        best_epoch=ckpt["best_epoch"],
+        best_val_accuracy=ckpt["best_val_accuracy"],
+        best_val_loss=ckpt["best_val_loss"],
+    )
+    if progress.epochs_done != ckpt["epoch"]:
+        raise ValueError(f"checkpoint {path} is inconsistent: {ckpt['epoch']} epochs but {progress.epochs_done} records")
+    return progress
+
+
+def _with_current_kernels(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``saved`` with this optimizer's implementation choices (fused/foreach/capturable):
+    a fused CUDA optimizer's state must resume on a CPU one and the other way round."""
+    current = optimizer.param_groups
+    groups = [
+        {**group, **{k: now[k] for k in ("fused", "foreach", "capturable") if k in now}}
+        for group, now in zip(saved["param_groups"], current)
+    ]
+    return {**saved, "param_groups": groups}
+
+
+def _read_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a nnrelief training checkpoint (format 1)")
     current = cfg.to_dict()
-    saved = {**TrainConfig().to_dict(), **ckpt["config"]}  # fields added later: defaults
+    try:  # fields added later take their defaults; old values (amp: false) are normalised
+        saved = TrainConfig.from_dict({**TrainConfig().to_dict(), **ckpt["config"]}).to_dict()
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path} holds an invalid TrainConfig: {error}") from None
     diff = sorted(
         k
         for k in set(saved) | set(current)
@@ -442,6 +636,7 @@ def fit(
     checkpoint_path: Path | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    desc: str = "training",
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs and keep the best-on-validation weights.
 
@@ -454,7 +649,8 @@ def fit(
 
     Seeds all RNGs with ``cfg.seed``, so two CPU runs with the same inputs are
     identical. Also calls ``torch.set_flush_denormal(True)`` (process-wide): denormal
-    floats made CPU training about 4x slower.
+    floats made CPU training about 4x slower. On CUDA, cuDNN benchmark mode is on during
+    the call.
 
     Args:
         model: any classifier returning logits ``(N, C)``; prune-style masked layers
@@ -468,10 +664,18 @@ def fit(
             there. If the file already exists and was written with the same config
             (``epochs`` may differ, e.g. to extend a run), training resumes after its
             last completed epoch and reproduces an uninterrupted run on CPU; the data
-            must be the same. A different config raises ``ValueError``.
+            must be the same. A different config raises ``ValueError``. A checkpoint
+            written on a GPU resumes on a CPU and the other way round.
         progress: show tqdm bars (quiet anyway when stderr is not a terminal).
         on_epoch_end: called with each new :class:`EpochRecord`, after the checkpoint
             of that epoch has been written.
+        desc: name of the training phase (e.g. ``"retraining, iteration 3"``), used in
+            progress bars and errors.
+
+    Raises:
+        TrainingDivergedError: the mean training loss of an epoch is NaN or inf. The
+            model then holds the best weights of the finite epochs (its weights on entry
+            if the first epoch diverged) and the checkpoint stays at the last good epoch.
 
     In a torch.distributed group of several processes (``torchrun``, see
     :mod:`nnrelief.distributed`) the model trains through ``DistributedDataParallel``;
@@ -483,118 +687,118 @@ def fit(
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     was_training = model.training
-    model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
-
-    history: list[EpochRecord] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, best_acc, best_loss = 0, -1.0, float("inf")
-    start = 0
+    benchmark = torch.backends.cudnn.benchmark
+    session = _Session.start(model, cfg, device)
+    state = _Progress()
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
-        ckpt = from_main(_load_checkpoint_if_any, checkpoint_path, cfg)  # DDP hook: rank 0 reads, all get it
+        ckpt = from_main(_read_checkpoint_if_any, checkpoint_path, cfg)  # DDP hook: rank 0 reads, all get it
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt["scaler"] is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            history = [EpochRecord(**r) for r in ckpt["history"]]
-            best_state = ckpt["best_state"]
-            best_epoch, best_acc, best_loss = (
-                ckpt["best_epoch"],
-                ckpt["best_val_accuracy"],
-                ckpt["best_val_loss"],
-            )
-            _set_rng_states(ckpt["rng"])
-            start = ckpt["epoch"]
-            logger.info("resuming from %s after epoch %d", checkpoint_path, start)
-
-    train_model = wrap_model(model)  # DDP hook: DistributedDataParallel under torchrun
+            state = _restore_checkpoint(ckpt, checkpoint_path, session)
+            logger.info("%s: resuming from %s after epoch %d", desc, checkpoint_path, state.epochs_done)
+    start = state.epochs_done
+    entry_state = _cpu_state(model) if state.best_state is None else None
     try:
-        epochs = tqdm(
-            range(start, cfg.epochs),
-            desc="epochs",
-            initial=start,
-            total=cfg.epochs,
-            disable=None if progress else True,
-        )
-        for epoch in epochs:
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            _set_epoch(train_batches, epoch)
-            train = train_epoch(
-                train_model,
-                train_batches,
-                optimizer,
-                device,
-                scaler=scaler,
-                grad_clip=cfg.grad_clip,
-                label_smoothing=cfg.label_smoothing,
-                progress=progress,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            )
-            scheduler.step()
-            broadcast_buffers(model)  # DDP hook: BatchNorm statistics of rank 0
-            _set_epoch(val_batches, epoch)
-            val = evaluate(model, val_batches, device, amp=cfg.amp)
-            record = EpochRecord(
-                epoch=epoch + 1,
-                train_loss=train.loss,
-                train_accuracy=train.accuracy,
-                val_loss=val.loss,
-                val_accuracy=val.accuracy,
-                lr=lr,
-                seconds=time.perf_counter() - t0,
-            )
-            history.append(record)
-            if not np.isfinite(train.loss):
-                logger.warning("epoch %d: non-finite training loss %s", epoch + 1, train.loss)
-            if val.accuracy > best_acc or (val.accuracy == best_acc and val.loss < best_loss):
-                best_epoch, best_acc, best_loss = epoch + 1, val.accuracy, val.loss
-                best_state = _cpu_state(model)
-            logger.info(
-                "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | "
-                "lr %.3g | %.1fs",
-                record.epoch, cfg.epochs, record.train_loss, record.train_accuracy,
-                record.val_loss, record.val_accuracy, record.lr, record.seconds,
-            )  # fmt: skip
-            epochs.set_postfix(train_loss=f"{train.loss:.4f}", val_acc=f"{val.accuracy:.4f}")
-            if checkpoint_path is not None:
-                save_torch(
-                    {
-                        "format": _CHECKPOINT_FORMAT,
-                        "config": cfg.to_dict(),
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "best_state": best_state,
-                        "best_epoch": best_epoch,
-                        "best_val_accuracy": best_acc,
-                        "best_val_loss": best_loss,
-                        "history": [dataclasses.asdict(r) for r in history],
-                        "rng": _rng_states(),
-                    },
-                    checkpoint_path,
-                )
-            if on_epoch_end is not None:
-                on_epoch_end(record)
-        epochs.close()
+        torch.backends.cudnn.benchmark = benchmark or device.type == "cuda"
+        _train_epochs(session, train_batches, val_batches, cfg, state, checkpoint_path, progress, on_epoch_end, desc)
+    except TrainingDivergedError:
+        _load_weights(model, state.best_state if state.best_state is not None else entry_state)
+        raise
     finally:
+        torch.backends.cudnn.benchmark = benchmark
+        if _uses_channels_last(model, device):
+            model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-
-    assert best_state is not None  # cfg.epochs >= 1 guarantees at least one epoch
-    model.load_state_dict(best_state)
-    _refresh_pruning_reparam(model)
-    logger.info("best epoch %d: val acc %.4f, val loss %.4f", best_epoch, best_acc, best_loss)
+    _load_weights(model, state.best_state)
+    logger.info(
+        "best epoch %d (%s): val acc %.4f, val loss %.4f",
+        state.best_epoch, desc, state.best_val_accuracy, state.best_val_loss,
+    )  # fmt: skip
     return FitResult(
-        best_epoch=best_epoch,
-        best_val_accuracy=best_acc,
-        best_val_loss=best_loss,
-        history=history,
+        best_epoch=state.best_epoch,
+        best_val_accuracy=state.best_val_accuracy,
+        best_val_loss=state.best_val_loss,
+        history=state.history,
         resumed_from=start,
+    )
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+    assert state is not None  # cfg.epochs >= 1 guarantees one epoch, or we kept the entry state
+    model.load_state_dict(state)
+    refresh_masked(model)  # the masked .weight attributes would stay stale until a forward
+
+
+def _train_epochs(
+    session: _Session,
+    train_batches: Batches,
+    val_batches: Batches,
+    cfg: TrainConfig,
+    state: _Progress,
+    checkpoint_path: Path | None,
+    progress: bool,
+    on_epoch_end: Callable[[EpochRecord], None] | None,
+    desc: str,
+) -> None:
+    """The epochs after the last completed one: train, validate, record, checkpoint."""
+    epochs = tqdm(
+        range(state.epochs_done, cfg.epochs), desc=desc, initial=state.epochs_done, total=cfg.epochs,
+        disable=None if progress else True,
+    )  # fmt: skip
+    for epoch in epochs:
+        record = _run_epoch(session, train_batches, val_batches, cfg, epoch, progress, desc)
+        state.add(record, session.model)
+        logger.info(
+            "epoch %d/%d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.3g | %.1fs",
+            record.epoch, cfg.epochs, desc, record.train_loss, record.train_accuracy,
+            record.val_loss, record.val_accuracy, record.lr, record.seconds,
+        )  # fmt: skip
+        epochs.set_postfix(train_loss=f"{record.train_loss:.4f}", val_acc=f"{record.val_accuracy:.4f}")
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, cfg, session, state)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    epochs.close()
+
+
+def _run_epoch(
+    session: _Session,
+    train_batches: Batches,
+    val_batches: Batches,
+    cfg: TrainConfig,
+    epoch: int,
+    progress: bool,
+    desc: str,
+) -> EpochRecord:
+    """Train and validate one epoch (0-based ``epoch``); its record.
+
+    Raises :class:`TrainingDivergedError` when the epoch's mean training loss is not finite.
+    """
+    t0 = time.perf_counter()
+    lr = session.optimizer.param_groups[0]["lr"]
+    _set_epoch(train_batches, epoch)
+    train = train_epoch(
+        session.runner, train_batches, session.optimizer, session.device,
+        amp=cfg.amp, scaler=session.scaler, grad_clip=cfg.grad_clip,
+        label_smoothing=cfg.label_smoothing, progress=progress,
+        desc=f"{desc}, epoch {epoch + 1}/{cfg.epochs}",
+    )  # fmt: skip
+    if not math.isfinite(train.loss):
+        raise TrainingDivergedError(
+            f"{desc}: the training loss became {train.loss} in epoch {epoch + 1}/{cfg.epochs} "
+            f"(learning rate {lr:.3g}); the model keeps its last good weights. Lower the "
+            "learning rate, set grad_clip, or check the data for NaN/inf values."
+        )
+    session.scheduler.step()
+    broadcast_buffers(session.model)  # DDP hook: BatchNorm statistics of rank 0
+    _set_epoch(val_batches, epoch)
+    val = evaluate(session.evaluator, val_batches, session.device, amp=cfg.amp)
+    return EpochRecord(
+        epoch=epoch + 1,
+        train_loss=train.loss,
+        train_accuracy=train.accuracy,
+        val_loss=val.loss,
+        val_accuracy=val.accuracy,
+        lr=lr,
+        seconds=time.perf_counter() - t0,
     )

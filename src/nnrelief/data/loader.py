@@ -11,7 +11,7 @@ from ..distributed import shard_bounds
 from ._seed import seeded_generator
 from .dataset import TensorDataset
 from .registry import DATASETS
-from .transforms import Normalize, random_crop_flip
+from .transforms import Normalize, random_crop_flip, to_device_async
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class BatchLoader:
         generator = seeded_generator("batches", self.seed, self.epoch)
         n = len(self.dataset)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        order = to_device_async(order, self.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             start, stop = self._shard(len(index))

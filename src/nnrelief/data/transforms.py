@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,26 @@ class Normalize:
             return x.mul_(self.scale)
         if len(self.mean) != x.shape[1]:
             raise ValueError(f"Normalize has {len(self.mean)} channels, batch has {x.shape[1]}")
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        return x.mul_(self.scale / std).sub_(mean / std)
+        factor, shift = _affine(self.mean, self.std, self.scale, x.device)
+        return x.mul_(factor).sub_(shift)
+
+
+@cache
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``scale / std`` and ``mean / std`` as (C, 1, 1) float32 tensors on
+    ``device``, made once per device: a tensor built from host numbers for every batch
+    would make the host wait for the GPU each time."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    return (scale / std_t).to(device), (mean_t / std_t).to(device)
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for a GPU
+    (through pinned memory; a plain copy to CUDA synchronises)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def random_crop_flip(
@@ -59,8 +77,8 @@ def random_crop_flip(
     flip = torch.rand(b, generator=generator) < 0.5
     cols_in_crop = torch.arange(w)
     cols_in_crop = torch.where(flip[:, None], w - 1 - cols_in_crop, cols_in_crop)
-    rows = (offsets[0, :, None] + torch.arange(h)).to(images.device)  # (B, H)
-    cols = (offsets[1, :, None] + cols_in_crop).to(images.device)  # (B, W), flip folded in
+    rows = to_device_async(offsets[0, :, None] + torch.arange(h), images.device)  # (B, H)
+    cols = to_device_async(offsets[1, :, None] + cols_in_crop, images.device)  # (B, W), flip folded in
     batch = torch.arange(b, device=images.device)[:, None, None, None]
     channel = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]

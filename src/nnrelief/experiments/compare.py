@@ -110,7 +110,7 @@ def run_baseline(
         experiment.train_dense(),
         prune_step=baseline_step(method, targets, cfg.seed),
         step_settings={"method": method, "seed": cfg.seed},
-        train_fn=lambda model, iteration: experiment.retrain(model, iteration, method_folder),
+        train_fn=lambda model, iteration: experiment.retrain(model, iteration, method_folder, method),
         eval_fns=experiment.eval_fns(),
         num_iters=len(targets),
         rewind_state=experiment.initial_state(),

@@ -46,7 +46,7 @@ FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
 RECORDED_FIELDS = frozenset({"world_size"})
 # Settings added after the first release: left out of the folder hash while at these
 # defaults, and assumed to have them in run folders written before they existed.
-LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step"}
+LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step", "amp": "off", "compile": False}
 
 
 # Interval of every bounded number of ExperimentConfig ("(" open, "[" closed; None is allowed
@@ -99,6 +99,9 @@ class ExperimentConfig:
             (the paper's procedure for LeNets) instead of fine-tuning.
         seed: seed of everything (model init, splits, batches, pruning sets).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        amp: mixed precision of training on CUDA: ``off``, ``bf16`` or ``fp16`` (ignored
+            on the CPU).
+        compile: train through ``torch.compile``.
         early_stop_margin: stop when validation accuracy falls more than this fraction
             below the dense model's (``None``: run all iterations).
         train_subset: train on this many samples of the training split only (quick runs).
@@ -137,6 +140,8 @@ class ExperimentConfig:
     device: str = "auto"
     early_stop_margin: float | None = None
     train_subset: int | None = None
+    amp: str = "off"
+    compile: bool = False
     world_size: int = 1
 
     def __post_init__(self) -> None:
@@ -201,6 +206,7 @@ class ExperimentConfig:
             optimizer=self.optimizer, lr=lr, momentum=self.momentum,
             weight_decay=self.weight_decay, epochs=epochs, milestones=list(milestones),
             gamma=self.gamma, lr_schedule=self.lr_schedule, device=self.device, seed=seed,
+            amp=self.amp, compile=self.compile,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

@@ -233,7 +233,7 @@ class Experiment:
             logger.info("training the dense %s on %s", self.cfg.model, self.cfg.dataset)
             self.folder.check_readable(files.DENSE_CHECKPOINT)
             fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
-                checkpoint_path=self.folder / files.DENSE_CHECKPOINT, progress=self.progress)  # fmt: skip
+                checkpoint_path=self.folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
             self.folder.save(files.TRAINED, cpu_state(model))
         self.folder.remove(files.DENSE_CHECKPOINT)
         return model
@@ -242,15 +242,17 @@ class Experiment:
         """The initial weights the surviving weights are rewound to (``None`` without rewinding)."""
         return self.folder.load(files.INIT) if self.cfg.rewind else None
 
-    def retrain(self, model: nn.Module, iteration: int, folder: RunFolder | None = None) -> None:
+    def retrain(self, model: nn.Module, iteration: int, folder: RunFolder | None = None, method: str | None = None) -> None:
         """Retrain ``model`` as iteration ``iteration`` does (its batches, seed and settings),
-        resumably through a per-epoch checkpoint in ``folder`` (default: the run folder)."""
+        resumably through a per-epoch checkpoint in ``folder`` (default: the run folder).
+        ``method`` (a baseline's name) prefixes the phase name in progress bars, logs and errors."""
         folder = folder if folder is not None else self.folder
+        phase = f"retraining, iteration {iteration}" if method is None else f"{method} retraining, iteration {iteration}"
         folder.remove(files.RETRAIN_CHECKPOINTS, keep=files.retrain_checkpoint(iteration))
         folder.check_readable(files.retrain_checkpoint(iteration))
         fit(model, self.train_loader("retrain", iteration), self.val_batches,
             self.cfg.train_config(retrain_iteration=iteration),
-            checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress)  # fmt: skip
+            checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress, desc=phase)  # fmt: skip
 
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
