@@ -51,13 +51,14 @@ def write_cifar100(root: Path, counts: dict[str, int], seed: int = 0) -> dict[st
     return batches
 
 
-def write_tiny_imagenet(root: Path, per_class: int, val_per_class: int, classes: int = 200) -> list[str]:
+def write_tiny_imagenet(root: Path, per_class: int, val_per_class: int, val_classes: int = 200) -> list[str]:
     """``tiny-imagenet-200`` as in tiny-imagenet-200.zip: wnids.txt, words.txt,
     train/<wnid>/<wnid>_boxes.txt + images/<wnid>_<i>.JPEG, val/val_annotations.txt +
-    images/val_<i>.JPEG, test/images/test_<i>.JPEG. Every class has its own colour."""
+    images/val_<i>.JPEG (for the first ``val_classes`` classes), test/images/test_<i>.JPEG.
+    Every class has its own colour."""
     image = pytest.importorskip("PIL.Image")
     top = root / "tiny-imagenet-200"
-    wnids = [f"n{1440764 + 7 * i:08d}" for i in range(classes)]
+    wnids = [f"n{1440764 + 7 * i:08d}" for i in range(200)]
     (top / "val" / "images").mkdir(parents=True)
     (top / "test" / "images").mkdir(parents=True)
     (top / "wnids.txt").write_text("".join(f"{w}\n" for w in reversed(wnids)))  # not sorted in the file
@@ -71,7 +72,7 @@ def write_tiny_imagenet(root: Path, per_class: int, val_per_class: int, classes:
             "".join(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(per_class)))
         for i in range(per_class):
             image.new("RGB", (64, 64), colour).save(images / f"{wnid}_{i}.JPEG", quality=95)
-        for i in range(val_per_class):
+        for i in range(val_per_class if c < val_classes else 0):
             name = f"val_{c * val_per_class + i}.JPEG"
             image.new("RGB", (64, 64), colour).save(top / "val" / "images" / name, quality=95)
             annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
@@ -141,12 +142,12 @@ def test_tiny_imagenet_original_layout(tmp_path, monkeypatch):
 
 
 def test_tiny_imagenet_experiment_runs(tmp_path, monkeypatch, capsys):
-    write_tiny_imagenet(tmp_path / "data", per_class=2, val_per_class=1)
-    patch_counts(monkeypatch, "tiny-imagenet", {"train": 400, "test": 200})
+    write_tiny_imagenet(tmp_path / "data", per_class=1, val_per_class=1, val_classes=10)
+    patch_counts(monkeypatch, "tiny-imagenet", {"train": 200, "test": 10})
     runs = tmp_path / "runs"
     args = ["prune", "--model", "resnet18_tiny", "--dataset", "tiny-imagenet", "--data-dir", str(tmp_path / "data"),
-            *RUN, "--optimizer", "sgd", "--lr", "0.05", "--train-subset", "150", "--val-size", "100",
-            "--prune-samples", "50", "--runs-root", str(runs)]  # fmt: skip
+            *RUN, "--optimizer", "sgd", "--lr", "0.05", "--train-subset", "50", "--val-size", "20",
+            "--prune-samples", "20", "--score", "authors", "--runs-root", str(runs)]  # fmt: skip
     assert main(args) == 0
     history = json.loads((run_folder(runs) / "history.json").read_text())
     assert len(history["iterations"]) == 2 and history["iterations"][1]["params_remaining"] > 0
