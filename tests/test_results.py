@@ -14,7 +14,15 @@ import torch
 from nnrelief.cli import build_parser, main
 from nnrelief.experiments.config import ConfigError, ExperimentConfig, resolve_config
 from nnrelief.experiments.history import History
-from nnrelief.reporting.results import load_results, reproduce_command, results_markdown, run_results, validate_results
+from nnrelief.reporting.results import (
+    load_results,
+    reproduce_command,
+    results_markdown,
+    results_summary,
+    run_results,
+    update_marked_blocks,
+    validate_results,
+)
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--num-iters", "2",
@@ -118,3 +126,70 @@ def test_results_command_writes_table_and_figure(run, tmp_path, capsys):
     path.write_text("{not json")
     assert main(["results", str(path), "-o", str(out), "-q"]) == 1
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def handmade(accuracies: list[float], remaining: list[float], num_iters: int | None = None) -> dict:
+    """A results dict with the given test accuracies (fractions) and remaining percentages."""
+    rows = [
+        {"iteration": i, "remaining_percent": r, "test_accuracy": a, "val_accuracy": a, "macs": 1000 * (i + 1)}
+        for i, (a, r) in enumerate(zip(accuracies, remaining))
+    ]
+    settings = {"num_iters": len(rows) - 1 if num_iters is None else num_iters}
+    return {"model": "m", "dataset": "d", "device": "cpu", "command": "c", "settings": settings,
+            "wall_time_s": 600.0, "iterations": rows, "baselines": []}  # fmt: skip
+
+
+def test_summary_finds_the_fewest_weights_within_a_point_of_dense():
+    # dense 90.00%: 90.50, 89.20 and 89.05 are within one point, 88.99 (at the fewest weights) is not
+    data = handmade([0.90, 0.905, 0.892, 0.8905, 0.8899], [100.0, 60.0, 40.0, 30.0, 20.0])
+    assert "iteration 3, 30.00% of the weights at 89.05%" in results_summary(data)
+    data["baselines"] = [{"method": "global-magnitude", "iteration": 3, "remaining_percent": 30.0, "test_accuracy": 0.85}]
+    assert results_summary(data).endswith("at the same iteration global-magnitude 85.00%.")
+    assert "iteration 1," in results_summary(data, within_points=0.0)
+    assert "No iteration is within 0.5 point" in results_summary(handmade([0.9, 0.8], [100.0, 50.0]), 0.5)
+
+
+def test_table_scales_macs_and_says_when_the_run_is_unfinished():
+    data = handmade([0.9, 0.9, 0.9], [100.0, 50.0, 25.0], num_iters=5)
+    data["iterations"][0]["macs"] = 40_551_424
+    data["iterations"][1]["macs"] = 1_234
+    data["iterations"][2]["macs"] = 999
+    table = results_markdown(data)
+    assert "wall time 10 min, 2 of 5 iterations done)" in table.splitlines()[0]
+    cells = [line.split("|")[8].strip() for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert cells == ["40.6M", "1.2K", "999"]
+    assert "iterations done" not in results_markdown(handmade([0.9, 0.9], [100.0, 50.0]))
+
+
+def test_marked_blocks_are_replaced_and_the_rest_kept():
+    text = "intro\n<!-- results: a -->\nold a\n<!-- /results: a -->\nmiddle\n<!-- results: b -->\n<!-- /results: b -->\nend\n"
+    new = update_marked_blocks(text, {"a": "table a\n", "b": "table b"})
+    assert new == ("intro\n<!-- results: a -->\ntable a\n<!-- /results: a -->\nmiddle\n"
+                   "<!-- results: b -->\ntable b\n<!-- /results: b -->\nend\n")  # fmt: skip
+    assert update_marked_blocks(new, {"a": "table a\n", "b": "table b"}) == new
+    with pytest.raises(ConfigError, match=r"doc.md: needs exactly one pair of lines '<!-- results: c -->'"):
+        update_marked_blocks(text, {"c": "x"}, "doc.md")
+    with pytest.raises(ConfigError, match="exactly one pair"):
+        update_marked_blocks(text + text, {"a": "x"})
+    with pytest.raises(ConfigError, match="exactly one pair"):
+        update_marked_blocks("<!-- /results: a -->\n<!-- results: a -->\n", {"a": "x"})
+
+
+def test_results_into_a_document(run, tmp_path, capsys):
+    path = tmp_path / "demo.json"
+    assert main(["report", str(run), "--json", str(path), "-q"]) == 0
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n<!-- results: other -->\nkept\n<!-- /results: other -->\n")
+    out = tmp_path / "page"
+    assert main(["results", str(path), "-o", str(out), "--into", str(doc), "-q"]) == 1
+    assert "'<!-- results: demo -->'" in capsys.readouterr().err
+    assert not out.exists(), "nothing is written when the document lacks the markers"
+    doc.write_text(doc.read_text() + "text\n<!-- results: demo -->\n<!-- /results: demo -->\nafter\n")
+    assert main(["results", str(path), "-o", str(out), "--into", str(doc), "-q"]) == 0
+    assert f"updated: {doc}" in capsys.readouterr().out
+    text = doc.read_text()
+    assert update_marked_blocks(text, {"demo": results_markdown(load_results(path))}) == text
+    assert "kept\n" in text and text.endswith("after\n")
+    mtime = doc.stat().st_mtime_ns
+    assert main(["results", str(path), "-o", str(out), "--into", str(doc), "-q"]) == 0
+    assert "updated" not in capsys.readouterr().out and doc.stat().st_mtime_ns == mtime

@@ -49,7 +49,14 @@ from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
 from .metrics import file_size, summarize
 from .models import MODELS
-from .reporting.results import load_results, plot_results, results_markdown, run_results, save_results
+from .reporting.results import (
+    load_results,
+    plot_results,
+    results_markdown,
+    run_results,
+    save_results,
+    update_marked_blocks,
+)
 from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
@@ -293,6 +300,10 @@ def _add_results(commands: Any) -> None:
     )  # fmt: skip
     results.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="results file(s)")
     results.add_argument("-o", "--out-dir", type=Path, required=True, metavar="OUT_DIR", help="output folder")
+    results.add_argument("--into", type=Path, metavar="DOC.md",
+                         help="also put each file's table into DOC.md between the lines "
+                         "'<!-- results: NAME -->' and '<!-- /results: NAME -->' (NAME: the file's name "
+                         "without .json), leaving the rest of DOC.md as it is")  # fmt: skip
     _add_common(results, top_level=False)
     results.set_defaults(handler=_cmd_results)
 
@@ -422,14 +433,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    loaded = [load_results(path) for path in args.files]
-    markdown = "\n".join(results_markdown(data) for data in loaded)
+    loaded = {path.stem: load_results(path) for path in args.files}
+    tables = {name: results_markdown(data) for name, data in loaded.items()}
+    markdown = "\n".join(tables.values())
+    document = None
+    if args.into is not None:
+        old = _read_text(args.into)
+        document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
     print(markdown)
     print(f"table: {table}")
-    print(f"figure: {plot_results(loaded, args.out_dir / 'results.png')}")
+    print(f"figure: {plot_results(list(loaded.values()), args.out_dir / 'results.png')}")
+    if document is not None and document != old:
+        save_text(document, args.into)
+        print(f"updated: {args.into}")
     return 0
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -40,8 +40,10 @@ __all__ = [
     "plot_results",
     "reproduce_command",
     "results_markdown",
+    "results_summary",
     "run_results",
     "save_results",
+    "update_marked_blocks",
     "validate_results",
 ]
 
@@ -203,15 +205,46 @@ def _matched_baseline(results: Mapping[str, Any], iteration: int) -> str:
     return ", ".join(cells) if cells else ""
 
 
+def _count(value: float) -> str:
+    """``1234 -> '1.2K'``, ``40551424 -> '40.6M'``: MACs at a readable scale."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def _title(results: Mapping[str, Any]) -> str:
+    done = len(results["iterations"]) - 1
+    planned = results["settings"].get("num_iters")
+    progress = f", {done} of {planned} iterations done" if isinstance(planned, int) and done < planned else ""
+    return (f"**{results['model']} on {results['dataset']}** ({results['device']}, "
+            f"wall time {results['wall_time_s'] / 60:.0f} min{progress})")  # fmt: skip
+
+
+def results_summary(results: Mapping[str, Any], within_points: float = 1.0) -> str:
+    """One sentence: the dense test accuracy, the iteration with the fewest remaining weights
+    whose test accuracy is within ``within_points`` percentage points of dense (none: said so),
+    and each baseline's test accuracy at that iteration."""
+    dense = results["iterations"][0]["test_accuracy"]
+    close = [row for row in results["iterations"][1:] if 100 * (dense - row["test_accuracy"]) <= within_points]
+    text = f"Dense: {_percent(dense)} test accuracy. "
+    if not close:
+        return text + f"No iteration is within {within_points:g} point of dense."
+    best = min(close, key=lambda row: row["remaining_percent"])
+    text += (f"Fewest weights within {within_points:g} point of dense: iteration {best['iteration']}, "
+             f"{best['remaining_percent']:.2f}% of the weights at {_percent(best['test_accuracy'])}")  # fmt: skip
+    baselines = _matched_baseline(results, best["iteration"])
+    return text + (f"; at the same iteration {baselines}." if baselines else ".")
+
+
 def results_markdown(results: Mapping[str, Any]) -> str:
     """A Markdown table of one results file: per iteration the remaining weights, test
     accuracy before/after retraining, validation accuracy, MACs, alive channels and the
-    baselines' test accuracy at the same iteration."""
+    baselines' test accuracy at the same iteration; then :func:`results_summary`."""
     iterations = results["iterations"]
     dense = iterations[0]
     lines = [
-        f"**{results['model']} on {results['dataset']}** ({results['device']}, "
-        f"wall time {results['wall_time_s'] / 60:.0f} min)",
+        _title(results),
         "",
         "| iter | remaining | compression | test before | test after | val after | vs dense | MACs | channels | baselines (test) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -224,9 +257,29 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"| {row['iteration']} | {row['remaining_percent']:.2f}% | {compression:.1f}x | "
             f"{_percent(row.get('test_accuracy_before_retraining', row['test_accuracy']))} | "
             f"{_percent(row['test_accuracy'])} | {_percent(row['val_accuracy'])} | {delta:+.2f} | "
-            f"{row['macs'] / 1e6:.1f}M | {channels} | {_matched_baseline(results, row['iteration'])} |"
+            f"{_count(row['macs'])} | {channels} | {_matched_baseline(results, row['iteration'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", results_summary(results)]) + "\n"
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- results: {name} -->", f"<!-- /results: {name} -->"
+
+
+def update_marked_blocks(text: str, blocks: Mapping[str, str], source: str = "document") -> str:
+    """Replace what lies between ``<!-- results: NAME -->`` and ``<!-- /results: NAME -->`` in
+    ``text`` by ``blocks[NAME]``, for every name; raises :class:`ConfigError` naming the
+    markers to add when a pair is missing or out of order."""
+    for name, block in blocks.items():
+        start, end = _markers(name)
+        first, last = text.find(start), text.find(end)
+        if first < 0 or last < first or text.count(start) != 1:
+            raise ConfigError(
+                f"{source}: needs exactly one pair of lines {start!r} ... {end!r} where the table "
+                f"of {name} goes; add them and run again"
+            )
+        text = text[: first + len(start)] + "\n" + block.rstrip("\n") + "\n" + text[last:]
+    return text
 
 
 def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
