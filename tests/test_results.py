@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,15 @@ def test_results_into_a_document(run, tmp_path, capsys):
     mtime = doc.stat().st_mtime_ns
     assert main(["results", str(path), "-o", str(out), "--into", str(doc), "-q"]) == 0
     assert "updated" not in capsys.readouterr().out and doc.stat().st_mtime_ns == mtime
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(handmade([0.9] * 40, [100.0 / (i + 1) for i in range(40)])))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nnrelief", "results", str(path), "-o", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.close()  # like `| head` that has read enough
+    error = process.stderr.read()
+    assert process.wait() == 141 and error == ""

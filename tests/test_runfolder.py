@@ -55,3 +55,17 @@ def test_unchanged_files_are_not_rewritten(tmp_path):
     assert (tmp_path / "a.txt").stat().st_ino == inode
     folder.write_text("a.txt", "other")
     assert (tmp_path / "a.txt").read_text() == "other"
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    from nnrelief.fileio import save_text
+
+    old = os.umask(0o022)
+    try:
+        save_text("x", tmp_path / "a.txt")
+        os.umask(0o077)
+        save_text("y", tmp_path / "b.txt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644, "readable by others, as open() would make it"
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600

@@ -526,10 +526,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _logging_to_stderr(args.verbose, quiet), contextlib.redirect_stdout(silent or sys.stdout):
         try:
             with distributed.failing_together():
-                return args.handler(args)
+                status = args.handler(args)
+            sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+            return status
         except KeyboardInterrupt:
             print("nnrelief: interrupted; run the same command again to resume", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader of stdout went away (`nnrelief ... | head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except _USER_ERRORS as error:
             logger.debug("details:", exc_info=True)
             message = str(error)

@@ -23,6 +23,12 @@ from torch import Tensor, nn
 from .distributed import is_main
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` if the block succeeds
@@ -30,6 +36,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
     os.close(handle)
     try:
         yield Path(temp)
