@@ -47,6 +47,18 @@ def test_one_process_may_open_its_folder_twice(tmp_path):
     assert holder.returncode == 0 and "locked" in holder.stdout, holder.stderr  # released by close()
 
 
+def test_a_finished_writer_leaves_no_stale_lock(tmp_path, caplog):
+    finished = "with RunFolder(sys.argv[1]):\n    print('locked', flush=True)\n"
+    script = HOLD.replace("RunFolder(sys.argv[1]).open_for_writing()\nprint(\"locked\", flush=True)\n", finished)
+    holder = subprocess.run([sys.executable, "-c", script.replace("time.sleep(120)", ""), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert holder.returncode == 0 and "locked" in holder.stdout, holder.stderr
+    assert (tmp_path / LOCK).read_text() == ""
+    with caplog.at_level(logging.INFO, logger="nnrelief"), RunFolder(tmp_path):
+        pass
+    assert "stale lock" not in caplog.text
+
+
 def test_unchanged_files_are_not_rewritten(tmp_path):
     folder = RunFolder(tmp_path)
     folder.write_text("a.txt", "same")

@@ -185,13 +185,16 @@ class RunFolder:
         return self
 
     def close(self) -> None:
-        """Release this object's hold on the lock (the lock file stays)."""
+        """Release this object's hold on the lock. The lock file stays, emptied: only a
+        process that died holding the lock leaves its pid there."""
         key, self._lock_key = self._lock_key, None
         if key is None or key not in _HELD:
             return
         _HELD[key][1] -= 1
         if _HELD[key][1] == 0:
-            os.close(_HELD.pop(key)[0])
+            fd = _HELD.pop(key)[0]
+            os.ftruncate(fd, 0)
+            os.close(fd)
 
     def __enter__(self) -> RunFolder:
         return self.open_for_writing()
