@@ -65,7 +65,10 @@ def test_json_of_a_run_follows_its_history(run, tmp_path, capsys):
         assert row["val_accuracy"] == record.accuracy_after["val"]
         assert row["macs"] == record.macs_sparse
         assert row["remaining_percent"] == pytest.approx(record.remaining_percent)
-    assert data["wall_time_s"] >= sum(record.seconds for record in history.records) > 0
+    parts = data["wall_time_parts_s"]
+    assert list(parts) == ["dense", "nnrelief", "global-magnitude"]
+    assert parts["nnrelief"] == pytest.approx(sum(record.seconds for record in history.records))
+    assert parts["global-magnitude"] > 0 and data["wall_time_s"] == pytest.approx(sum(parts.values()))
     baselines = data["baselines"]
     assert [(b["method"], b["iteration"]) for b in baselines] == [("global-magnitude", 1), ("global-magnitude", 2)]
     for baseline, row in zip(baselines, data["iterations"][1:]):

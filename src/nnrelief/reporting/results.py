@@ -5,7 +5,7 @@ needs and nothing that depends on this package's internals::
 
     {"format": 1, "model": "resnet20", "dataset": "cifar10", "device": "...",
      "command": "nnrelief prune ...", "settings": {...the run's config.json...},
-     "wall_time_s": 6123.4,
+     "wall_time_s": 6123.4, "wall_time_parts_s": {"dense": 3000.1, "nnrelief": 3123.3},
      "iterations": [{"iteration": 0, "remaining_percent": 100.0, "test_accuracy": 0.91,
                      "val_accuracy": 0.90, "macs": 40551424, ...}, ...],
      "baselines": [{"method": "global-magnitude", "iteration": 1,
@@ -83,20 +83,28 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"{path} is not valid JSON ({error}): not a results file") from None
 
 
-def _wall_time(run_dir: Path, history: History) -> float:
-    """Dense training (from writing ``init.pt`` to writing ``trained.pt``) plus the
-    iterations' own wall times (pauses between resumed iterations are not counted)."""
+def _wall_times(run_dir: Path, history: History) -> dict[str, float]:
+    """Seconds per part of a run: ``dense`` training (from writing ``init.pt`` to writing
+    ``trained.pt``), ``nnrelief`` (its iterations' own wall times) and one entry per
+    baseline of ``nnrelief compare``; pauses between resumed iterations are not counted."""
     init, trained = run_dir / files.INIT, run_dir / files.TRAINED
     dense = trained.stat().st_mtime - init.stat().st_mtime if init.exists() and trained.exists() else 0.0
-    return max(dense, 0.0) + sum(record.seconds for record in history.records)
+    parts = {"dense": max(dense, 0.0), "nnrelief": sum(record.seconds for record in history.records)}
+    for method_dir in _baseline_dirs(run_dir):
+        parts[method_dir.name] = sum(record.seconds for record in RunFolder(method_dir).read_history().records)
+    return parts
+
+
+def _baseline_dirs(run_dir: Path) -> list[Path]:
+    compare = run_dir / "compare"
+    if not compare.is_dir():
+        return []
+    return sorted(p for p in compare.iterdir() if (p / files.HISTORY_JSON).is_file())
 
 
 def _baselines(run_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    compare = run_dir / "compare"
-    if not compare.is_dir():
-        return rows
-    for method_dir in sorted(p for p in compare.iterdir() if (p / files.HISTORY_JSON).is_file()):
+    for method_dir in _baseline_dirs(run_dir):
         history = RunFolder(method_dir).read_history()
         for record in history.records[1:]:
             rows.append({
@@ -121,6 +129,7 @@ def run_results(
     """
     run = load_run(run_dir)
     run_dir, cfg, history = run.path, run.config, run.history
+    parts = _wall_times(run_dir, history)
     iterations = []
     for record in history.records:
         iterations.append({
@@ -142,7 +151,8 @@ def run_results(
         "device": device if device is not None else cfg.device,
         "command": command if command is not None else reproduce_command(cfg),
         "settings": cfg.to_dict(),
-        "wall_time_s": _wall_time(run_dir, history),
+        "wall_time_s": sum(parts.values()),
+        "wall_time_parts_s": parts,
         "iterations": iterations,
         "baselines": _baselines(run_dir),
     }
@@ -217,8 +227,10 @@ def _title(results: Mapping[str, Any]) -> str:
     done = len(results["iterations"]) - 1
     planned = results["settings"].get("num_iters")
     progress = f", {done} of {planned} iterations done" if isinstance(planned, int) and done < planned else ""
+    parts = results.get("wall_time_parts_s") or {}
+    split = ": " + ", ".join(f"{name} {seconds / 60:.0f}" for name, seconds in parts.items()) if parts else ""
     return (f"**{results['model']} on {results['dataset']}** ({results['device']}, "
-            f"wall time {results['wall_time_s'] / 60:.0f} min{progress})")  # fmt: skip
+            f"wall time {results['wall_time_s'] / 60:.0f} min{split}{progress})")  # fmt: skip
 
 
 def results_summary(results: Mapping[str, Any], within_points: float = 1.0) -> str:
