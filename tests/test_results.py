@@ -210,3 +210,18 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     process.stdout.close()  # like `| head` that has read enough
     error = process.stderr.read()
     assert process.wait() == 141 and error == ""
+
+
+def test_percent_axis_reads_plain_numbers():
+    from nnrelief.reporting.figures import percent_axis, pyplot
+
+    plt = pyplot()
+    fig, axis = plt.subplots()
+    axis.plot([100.0, 2.0], [1.0, 2.0])
+    axis.set_xscale("log")
+    percent_axis(axis.xaxis, [100.0, 2.0])
+    fig.canvas.draw()
+    labels = [label.get_text() for label in axis.get_xticklabels() if label.get_text()]
+    plt.close(fig)
+    assert {"100%", "50%", "10%", "5%", "2%"} <= set(labels), labels
+    assert not any("10^" in label or "times" in label for label in labels), labels

@@ -5,11 +5,10 @@ methods (:func:`plot_comparison`, used by ``nnrelief compare``)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from .figures import pyplot, save
+from .figures import percent_axis, pyplot, save
 from .runs import RunData, unique_labels
 
 
@@ -44,12 +43,12 @@ def plot_accuracy(runs: Sequence[RunData], path: str | os.PathLike[str]) -> str:
     remaining.set_yscale("log")
     remaining.set_title("remaining weights", fontsize=10)
     everything = [r.remaining_percent for run in runs for r in run.history.records]
-    _percent_axis(remaining.yaxis, everything)
+    percent_axis(remaining.yaxis, everything)
     tradeoff.set_xscale("log")
     tradeoff.set_xlabel("remaining weights and biases (%, log)")
     tradeoff.set_ylabel("test accuracy after retraining (%)")
     tradeoff.set_title("accuracy vs remaining weights", fontsize=10)
-    _percent_axis(tradeoff.xaxis, everything)
+    percent_axis(tradeoff.xaxis, everything)
     tradeoff.invert_xaxis()
     for ax in (acc, remaining, tradeoff):
         ax.grid(which="both", alpha=0.3)
@@ -63,17 +62,6 @@ def plot_accuracy(runs: Sequence[RunData], path: str | os.PathLike[str]) -> str:
         "(iteration 0 = dense). Middle: remaining weights and biases of the Linear/conv layers (log). "
         "Right: test accuracy against remaining weights (log, pruning proceeds to the right)."
     )
-
-
-def _percent_axis(axis: Any, values: Iterable[float]) -> None:
-    """Log-scale percent ticks: 1-2-5 per decade, denser when the data span less than one."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    positive = [v for v in values if v > 0]
-    narrow = not positive or max(positive) / min(positive) < 10
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}%"))
-    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_comparison(
@@ -98,7 +86,7 @@ def plot_comparison(
         before.plot(xs, [p[2] for p in points], **style)
     for ax, what in ((after, "after retraining"), (before, "right after pruning (before retraining)")):
         ax.set_xscale("log")
-        _percent_axis(ax.xaxis, [p[0] for points in curves.values() for p in points])
+        percent_axis(ax.xaxis, [p[0] for points in curves.values() for p in points])
         ax.set_xlabel("remaining weights and biases (%, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"test accuracy {what}", fontsize=10)

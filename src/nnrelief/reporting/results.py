@@ -31,7 +31,7 @@ from ..experiments.config import RECORDED_FIELDS, ConfigError, ExperimentConfig
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 from ..fileio import save_text
-from .figures import pyplot, save
+from .figures import percent_axis, pyplot, save
 from .runs import load_run
 
 __all__ = [
@@ -311,6 +311,8 @@ def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
                       marker="s", linestyle="--", label=f"{method}, {label}")  # fmt: skip
     axis.set_xscale("log")
     axis.invert_xaxis()
+    everything = [row["remaining_percent"] for data in results for row in [*data["iterations"], *data["baselines"]]]
+    percent_axis(axis.xaxis, everything)
     axis.set_xlabel("remaining weights (%)")
     axis.set_ylabel("test accuracy (%)")
     axis.grid(True, which="both", alpha=0.3)
