@@ -210,6 +210,7 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     process.stdout.close()  # like `| head` that has read enough
     error = process.stderr.read()
     assert process.wait() == 141 and error == ""
+    assert (tmp_path / "out" / "results.png").is_file(), "the files are written before anything is printed"
 
 
 def test_percent_axis_reads_plain_numbers():

@@ -442,11 +442,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
         document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
-    print(markdown)
-    print(f"table: {table}")
-    print(f"figure: {plot_results(list(loaded.values()), args.out_dir / 'results.png')}")
-    if document is not None and document != old:
+    figure = plot_results(list(loaded.values()), args.out_dir / "results.png")
+    updated = document is not None and document != old
+    if updated:
         save_text(document, args.into)
+    print(markdown)  # after every file is written: `| head` must not stop the writing
+    print(f"table: {table}\nfigure: {figure}")
+    if updated:
         print(f"updated: {args.into}")
     return 0
 
