@@ -73,6 +73,7 @@ def test_json_of_a_run_follows_its_history(run, tmp_path, capsys):
     assert [(b["method"], b["iteration"]) for b in baselines] == [("global-magnitude", 1), ("global-magnitude", 2)]
     for baseline, row in zip(baselines, data["iterations"][1:]):
         assert baseline["remaining_percent"] == pytest.approx(row["remaining_percent"])  # matched compression
+        assert 0 < baseline["macs"] <= data["iterations"][0]["macs"]
         assert 0.0 <= baseline["test_accuracy"] <= 1.0
 
 

@@ -9,7 +9,7 @@ needs and nothing that depends on this package's internals::
      "iterations": [{"iteration": 0, "remaining_percent": 100.0, "test_accuracy": 0.91,
                      "val_accuracy": 0.90, "macs": 40551424, ...}, ...],
      "baselines": [{"method": "global-magnitude", "iteration": 1,
-                    "remaining_percent": 61.2, "test_accuracy": 0.90}, ...]}
+                    "remaining_percent": 61.2, "test_accuracy": 0.90, "macs": 25123456}, ...]}
 
 Accuracies are fractions in [0, 1]; iteration 0 is the dense model; ``macs`` counts the
 unpruned weights of one input. Baselines come from ``nnrelief compare`` (the run's
@@ -113,6 +113,7 @@ def _baselines(run_dir: Path) -> list[dict[str, Any]]:
                 "remaining_percent": record.remaining_percent,
                 "test_accuracy": record.accuracy_after["test"],
                 "params_remaining": record.params_remaining,
+                "macs": record.macs_sparse,
             })  # fmt: skip
     return rows
 
