@@ -38,7 +38,6 @@ def save(fig: Any, path: Path) -> None:
     logger.info("wrote %s", path)
 
 
-
 def percent_axis(axis: Any, values: Iterable[float]) -> None:
     """Ticks of a log-scale percent axis (``axis``: an x or y axis of the plot) as plain
     numbers (``50%``, not ``5 x 10^1``): 1-2-5 per decade, denser when ``values`` span less

@@ -83,32 +83,33 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"{path} is not valid JSON ({error}): not a results file") from None
 
 
-def _wall_times(run_dir: Path, history: History) -> dict[str, float]:
+def _wall_times(run_dir: Path, history: History, baselines: Mapping[str, History]) -> dict[str, float]:
     """Seconds per part of a run: ``dense`` training (from writing ``init.pt`` to writing
     ``trained.pt``), ``nnrelief`` (its iterations' own wall times) and one entry per
     baseline of ``nnrelief compare``; pauses between resumed iterations are not counted."""
     init, trained = run_dir / files.INIT, run_dir / files.TRAINED
     dense = trained.stat().st_mtime - init.stat().st_mtime if init.exists() and trained.exists() else 0.0
     parts = {"dense": max(dense, 0.0), "nnrelief": sum(record.seconds for record in history.records)}
-    for method_dir in _baseline_dirs(run_dir):
-        parts[method_dir.name] = sum(record.seconds for record in RunFolder(method_dir).read_history().records)
+    for method, baseline in baselines.items():
+        parts[method] = sum(record.seconds for record in baseline.records)
     return parts
 
 
-def _baseline_dirs(run_dir: Path) -> list[Path]:
+def _baseline_histories(run_dir: Path) -> dict[str, History]:
+    """The history of each baseline of ``nnrelief compare`` in the run folder, by method."""
     compare = run_dir / "compare"
     if not compare.is_dir():
-        return []
-    return sorted(p for p in compare.iterdir() if (p / files.HISTORY_JSON).is_file())
+        return {}
+    dirs = sorted(p for p in compare.iterdir() if (p / files.HISTORY_JSON).is_file())
+    return {method_dir.name: RunFolder(method_dir).read_history() for method_dir in dirs}
 
 
-def _baselines(run_dir: Path) -> list[dict[str, Any]]:
+def _baselines(baselines: Mapping[str, History]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for method_dir in _baseline_dirs(run_dir):
-        history = RunFolder(method_dir).read_history()
+    for method, history in baselines.items():
         for record in history.records[1:]:
             rows.append({
-                "method": method_dir.name,
+                "method": method,
                 "iteration": record.iteration,
                 "remaining_percent": record.remaining_percent,
                 "test_accuracy": record.accuracy_after["test"],
@@ -130,7 +131,8 @@ def run_results(
     """
     run = load_run(run_dir)
     run_dir, cfg, history = run.path, run.config, run.history
-    parts = _wall_times(run_dir, history)
+    baselines = _baseline_histories(run_dir)
+    parts = _wall_times(run_dir, history, baselines)
     iterations = []
     for record in history.records:
         iterations.append({
@@ -155,7 +157,7 @@ def run_results(
         "wall_time_s": sum(parts.values()),
         "wall_time_parts_s": parts,
         "iterations": iterations,
-        "baselines": _baselines(run_dir),
+        "baselines": _baselines(baselines),
     }
     return validate_results(results, str(run_dir))
 
@@ -275,16 +277,12 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join([*lines, "", results_summary(results)]) + "\n"
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- results: {name} -->", f"<!-- /results: {name} -->"
-
-
 def update_marked_blocks(text: str, blocks: Mapping[str, str], source: str = "document") -> str:
     """Replace what lies between ``<!-- results: NAME -->`` and ``<!-- /results: NAME -->`` in
     ``text`` by ``blocks[NAME]``, for every name; raises :class:`ConfigError` naming the
     markers to add when a pair is missing or out of order."""
     for name, block in blocks.items():
-        start, end = _markers(name)
+        start, end = f"<!-- results: {name} -->", f"<!-- /results: {name} -->"
         first, last = text.find(start), text.find(end)
         if first < 0 or last < first or text.count(start) != 1:
             raise ConfigError(
