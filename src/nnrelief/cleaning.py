@@ -15,8 +15,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .analysis import ChannelGraph, Rule
 from .chains import LayerChain
-from .graph import ModelGraph, Rule
+from .graph import ModelGraph
+
+Graph = ChannelGraph | ModelGraph
 
 
 @dataclass
@@ -92,12 +95,16 @@ def residual_decisions(branch_map: Tensor, shortcut_map: Tensor, alpha: float) -
     return branch < ratio * shortcut, shortcut < ratio * branch
 
 
-def live_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def live_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Forward propagation: per node, which output channels may carry a nonzero signal.
 
-    ``gates`` maps node names to (C,) channel masks applied to that node's output.
+    ``gates`` maps node names to (C,) channel masks applied to that node's output. Nodes
+    without a channel axis (model inputs, constants, opaque results) count as all live.
     """
     live: dict[str, Tensor] = {}
+
+    def of(source: str, size: int) -> Tensor:
+        return live[source] if source in live else torch.ones(size, dtype=torch.bool)
     for name, rule in graph.rules.items():
         if rule.channels is None:
             continue
@@ -106,15 +113,15 @@ def live_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
         elif rule.rule is Rule.PASS:
             value = live[rule.inputs[0]].clone() if rule.zero_preserving else torch.ones(rule.channels, dtype=torch.bool)
         elif rule.rule is Rule.FLATTEN:
-            value = live[rule.inputs[0]].repeat_interleave(rule.spatial)
+            value = live[rule.inputs[0]].repeat_interleave(rule.spatial).repeat(getattr(rule, "outer", 1))
         elif rule.rule is Rule.MERGE and rule.product:
             value = torch.ones(rule.channels, dtype=torch.bool)
             for source in rule.inputs:
-                value &= live[source]
+                value &= of(source, rule.channels)
         elif rule.rule is Rule.MERGE:
             value = torch.zeros(rule.channels, dtype=torch.bool)
             for source in rule.inputs:
-                value |= live[source]
+                value |= of(source, rule.channels)
             if not rule.zero_preserving:
                 value[:] = True
         elif rule.rule is Rule.CAT:
@@ -131,7 +138,7 @@ def live_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
     return live
 
 
-def used_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def used_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Backward propagation: per node, which output channels reach a kept connection, the
     model output or an operation the graph does not understand."""
     used = {name: torch.zeros(rule.channels, dtype=torch.bool) for name, rule in graph.rules.items() if rule.channels is not None}
@@ -150,8 +157,10 @@ def used_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
         elif rule.rule in (Rule.PASS, Rule.MERGE):
             for source in rule.inputs:
                 mark(source, out)
+            for source in getattr(rule, "uses", ()):
+                mark(source, None)
         elif rule.rule is Rule.FLATTEN:
-            mark(rule.inputs[0], out.view(-1, rule.spatial).any(dim=1))
+            mark(rule.inputs[0], out.view(getattr(rule, "outer", 1), -1, rule.spatial).any(dim=2).any(dim=0))
         elif rule.rule is Rule.CAT:
             start = 0
             for source in rule.inputs:
@@ -167,25 +176,23 @@ def used_channels(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[st
     return used
 
 
-def clean(graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def clean(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Remove neurons without outgoing connections and connections from removed channels,
-    repeated to a fixpoint. Mutates ``masks``; returns the BatchNorm channel masks (by
+    repeated to a fixpoint (a shared layer: where every call agrees). Mutates ``masks``; returns the BatchNorm channel masks (by
     module name): a BatchNorm channel is kept while its input channel is live."""
+    structured = {name: graph.layers[name].calls for name in masks if graph.layers[name].structured}
     while True:
         changed = False
         live = live_channels(graph, masks, gates)
-        for name, mask in masks.items():
-            layer = graph.layers[name]
-            if not layer.structured:
-                continue
-            changed |= mask.clear_inputs(live[layer.input_node])
+        for name, calls in structured.items():
+            inputs = [live[call.input_node] for call in calls if call.input_node in live]
+            if inputs:
+                changed |= masks[name].clear_inputs(torch.stack(inputs).any(dim=0))
         used = used_channels(graph, masks, gates)
-        for name, mask in masks.items():
-            layer = graph.layers[name]
-            if not layer.structured:
-                continue
+        for name, calls in structured.items():
+            mask = masks[name]
             before = mask.alive()
-            mask.remove_neurons(~used[layer.node])
+            mask.remove_neurons(~torch.stack([used[call.node] for call in calls]).any(dim=0))
             changed |= not torch.equal(before, mask.alive())
         if not changed:
             break

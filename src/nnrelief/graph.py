@@ -22,7 +22,6 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable
 
 import torch
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .analysis.layers import LayerCall
+from .analysis.rules import NodeRule, Rule
 from .chains import LayerChain, find_chains
 from .inputs import ModelInput, example_input
 
@@ -71,35 +72,6 @@ _MULTIPLICATIVE = _PRODUCTS | {operator.truediv, operator.itruediv, torch.div}
 _SHAPE_QUERIES = {"size", "dim"}
 
 
-class Rule(Enum):
-    """How a node's output channels derive from its inputs' channels."""
-
-    INPUT = "input"          # model input or a constant: every channel live
-    LAYER = "layer"          # a prunable Linear/Conv2d
-    PASS = "pass"            # channel c depends on input channel c only
-    FLATTEN = "flatten"      # (N, C, *S) -> (N, C * prod(S))
-    MERGE = "merge"          # elementwise combination of same-channel tensors
-    CAT = "cat"              # concatenation along dim 1
-    PAD = "pad"              # zero padding along dim 1
-    OPAQUE = "opaque"        # not understood: all channels live, all inputs used
-    IGNORE = "ignore"        # no channel semantics (shape queries, non-tensors)
-    OUTPUT = "output"
-
-
-@dataclass
-class NodeRule:
-    """The channel rule of one fx node."""
-
-    rule: Rule
-    inputs: list[str]
-    channels: int | None
-    zero_preserving: bool = True
-    spatial: int = 1
-    pad: tuple[int, int] = (0, 0)
-    layer: str | None = None
-    product: bool = False  # a MERGE that multiplies: a channel is zero if any factor is
-
-
 @dataclass
 class PrunableLayer:
     """A Linear (or transposed Conv1D) or Conv2d layer that NNrelief scores and masks."""
@@ -114,6 +86,11 @@ class PrunableLayer:
     structured: bool = False
     input_hw: tuple[int, int] | None = None
     batchnorm: str | None = None  # an affine BatchNorm reading this layer's output alone
+
+    @property
+    def calls(self) -> list[LayerCall]:
+        """The layer's one traced call (the shape :func:`nnrelief.cleaning.clean` reads)."""
+        return [LayerCall(self.node, self.input_node, self.structured, self.chain_end)]
 
 
 @dataclass

@@ -12,21 +12,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import scores as score_fns
-from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, residual_decisions
+from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, is_transposed_linear, map_key, weight_matrix
+from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
+from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from .distributed import check_same_on_all_ranks
-from .graph import ModelGraph, build_graph, is_transposed_linear, weight_matrix
 from .inputs import ModelInput, batch_input
 from .masks import current_mask, gate_of, model_weights, set_gate, set_mask
 from .report import PruneReport, build_report
 from .selection import check_alpha, select
-from .stats import (
-    Statistics,
-    activity_key,
-    all_reduce_statistics,
-    collect,
-    input_key,
-    map_key,
-)
+from .stats import Statistics, all_reduce_statistics, collect
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +28,14 @@ SCORE_MODES = ("paper", "authors")
 
 
 class _Inputs:
-    """The pruning batches moved to the model's device, with a finiteness flag per input
-    tensor kept on the device (read once after the pass: no host synchronisation per batch)."""
+    """The pruning batches moved to the model's device, with one running record, kept on
+    the device, of the first input tensor holding NaN or inf (read once after the pass: no
+    host synchronisation per batch, and no per-batch tensor kept alive)."""
 
     def __init__(self, batches: Iterable[Any], device: torch.device) -> None:
         self.batches = batches
         self.device = device
-        self.finite: list[Tensor] = []
+        self.first_bad: Tensor | None = None
         self.where: list[tuple[int, tuple[int, ...]]] = []
 
     def __iter__(self) -> Iterator[ModelInput]:
@@ -49,17 +44,18 @@ class _Inputs:
             for tensor in model_input.tensors():
                 if tensor.is_floating_point():
                     # A float64 sum of finite entries is finite (short of float64's own range).
-                    self.finite.append(torch.isfinite(tensor.sum(dtype=torch.float64)))
+                    bad = ~torch.isfinite(tensor.sum(dtype=torch.float64))
+                    if self.first_bad is None:
+                        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+                    self.first_bad = torch.where(bad & (self.first_bad < 0), len(self.where), self.first_bad)
                     self.where.append((index, tuple(tensor.shape)))
             yield model_input
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming the first batch that held NaN or inf values."""
-        if not self.finite:
-            return
-        bad = ~torch.stack(self.finite)
-        if bool(bad.any()):
-            index, shape = self.where[int(bad.nonzero()[0, 0])]
+        first = -1 if self.first_bad is None else int(self.first_bad)
+        if first >= 0:
+            index, shape = self.where[first]
             raise ValueError(f"pruning batch {index} (shape {shape}) contains NaN or inf values; clean the data first")
 
 
@@ -74,9 +70,11 @@ def _connection_mask(module: nn.Module) -> LayerMask:
     )
 
 
-def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float) -> dict[str, LayerMask]:
+def _select_all(
+    model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float
+) -> dict[str, LayerMask]:
     masks = {}
-    for layer in graph.layers.values():
+    for layer in layers.values():
         weight = weight_matrix(layer.module).detach()
         contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode, weight)
         alpha = alpha_fc if layer.kind == "linear" else alpha_conv
@@ -84,25 +82,21 @@ def _select_all(graph: ModelGraph, stats: Statistics, mode: str, alpha_fc: float
         old = _connection_mask(layer.module)
         shift = None
         if layer.batchnorm is not None:
-            shift = batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+            shift = batchnorm_constant(model.get_submodule(layer.batchnorm))
         masks[layer.name] = LayerMask(
             keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), shift, old.groups
         )
     return masks
 
 
-def _remove_dead(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:
+def _remove_dead(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:
     for layer in graph.layers.values():
         entry = stats.get(activity_key(layer.name))
         if entry is not None:
             masks[layer.name].remove_neurons(entry["activity"].cpu() == 0)
-    for chain in graph.chains:  # the consumer's input statistic is the producer's activity
-        dead = stats[input_key(chain.consumer)]["abs_input"].cpu() == 0
-        masks[chain.producer].remove_neurons(dead)
-        masks[chain.consumer].clear_inputs(~dead)
 
 
-def _residual_rule(graph: ModelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha: float) -> None:
+def _residual_rule(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha: float) -> None:
     for join in graph.joins:
         branch, shortcut = stats[map_key(join.branch)], stats[map_key(join.shortcut)]
         prune_branch, mask_shortcut = residual_decisions(
@@ -126,7 +120,7 @@ def _flat(masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[
     return flat
 
 
-def _apply(model: nn.Module, graph: ModelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
+def _apply(model: nn.Module, graph: ChannelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
@@ -189,16 +183,16 @@ def prune(
         first = next(stream, None)
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
-        graph = _build(model, first)
-        if not graph.layers:
-            raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+        graph = _analyse(model, first)
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
         stats = _run(model, graph, feed, score)
         inputs.check_finite()
         all_reduce_statistics(stats)
-        masks = _select_all(graph, stats, score, alpha_fc, alpha_conv)
+        layers, skipped = _layers_that_ran(graph, stats)
+        samples = _sample_count(model, layers, stats)
+        masks = _select_all(model, layers, stats, score, alpha_fc, alpha_conv)
         bn_masks: dict[str, Tensor] = {}
         gates: dict[str, Tensor] = {}
         if graph.traced:
@@ -209,19 +203,17 @@ def prune(
             _remove_dead(graph, stats, masks)
             _residual_rule(graph, stats, masks, gates, alpha_conv)
             bn_masks = clean(graph, masks, gates)
-        elif graph.chains:
-            _remove_dead(graph, stats, masks)
-            clean_chains(graph.chains, masks)
         check_same_on_all_ranks(_flat(masks, gates, bn_masks), "pruning masks")  # torchrun
         _apply(model, graph, masks, gates, bn_masks)
     finally:
         for module, training in modes.items():
             module.train(training)
     report = build_report(
-        ((name, layer.module) for name, layer in graph.layers.items()),
-        alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=int(next(iter(stats.values()))["count"]),
+        ((name, layer.module) for name, layer in layers.items()),
+        alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=samples,
     )
-    report.skipped = dict(graph.skipped)
+    report.skipped = skipped
+    report.analysis = "channel graph" if graph.traced else f"connection level: {graph.reason}"
     if report.kept == 0:
         log.warning(
             "nnrelief pass removed every weight and bias of %s: the model now outputs a constant. "
@@ -248,55 +240,39 @@ def _check_finite(model: nn.Module) -> None:
         )
 
 
-def _failing_layer(model: nn.Module, x: ModelInput) -> tuple[str, BaseException] | None:
-    """Run ``model`` on ``x`` plainly; the innermost module that raised, and its error."""
-    entered: list[str] = []
-
-    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
-        entered.pop()
-
-    hooks = []
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(module.register_forward_pre_hook(lambda _m, _i, name=name: entered.append(name)))
-            hooks.append(module.register_forward_hook(leave))
-    try:
-        with torch.no_grad():
-            x(model)
-    except Exception as error:  # noqa: BLE001 - reported to the user with its layer
-        return (entered[-1] if entered else "", error)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return None
+def _analyse(model: nn.Module, first: ModelInput) -> ChannelGraph:
+    graph = analyse(model, first)
+    rejected = None if graph.traced else rejected_input(model, first)
+    if rejected is not None:
+        raise rejected
+    if not graph.layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+    return graph
 
 
-def _build(model: nn.Module, first: ModelInput) -> ModelGraph:
-    try:
-        return build_graph(model, first)
-    except Exception as error:
-        failure = _failing_layer(model, first.head(1))
-        if failure is None:
-            raise
-        name, cause = failure
-        where = f" in layer {name} ({type(model.get_submodule(name)).__name__})" if name else ""
-        raise ValueError(
-            f"the model rejected a pruning batch of shape {_shape_text(first)}{where}: {type(cause).__name__}: "
-            f"{cause}; give batches of the inputs the model was built for"
-        ) from error
+def _layers_that_ran(graph: ChannelGraph, stats: Statistics) -> tuple[dict[str, PrunableLayer], dict[str, str]]:
+    """The layers with input statistics (all of them when captured), and the skipped ones."""
+    skipped = dict(graph.skipped)
+    missing = [name for name in graph.layers if input_key(name) not in stats]
+    if not missing:
+        return graph.layers, skipped
+    for name in missing:
+        skipped[name] = "never ran on the pruning batches (an unused head, or its weight read by other code)"
+    return {name: layer for name, layer in graph.layers.items() if name not in missing}, skipped
 
 
-def _shape_text(model_input: ModelInput) -> str:
-    tensor = model_input.single_tensor
-    return str(tuple(tensor.shape)) if tensor is not None else model_input.describe()
+def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics) -> int:
+    """Samples the first layer saw; refuses a pass over no samples (the model is untouched)."""
+    if not layers:
+        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} ran on the pruning batches")
+    samples = int(stats[input_key(next(iter(layers)))]["count"])
+    if samples == 0:
+        raise ValueError("the pruning batches hold no samples (every batch is empty); the model was left unchanged")
+    return samples
 
 
-class _FeedError(Exception):
-    """An error raised by the user's batches themselves (their loader), not by the model."""
-
-
-def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[ModelInput], mode: str) -> Statistics:
-    position = {"index": 0, "shape": None}
+def _run(model: nn.Module, graph: ChannelGraph, feed: Iterable[ModelInput], mode: str) -> Statistics:
+    position: dict[str, Any] = {"index": 0, "shape": None}
 
     def tracked() -> Iterator[ModelInput]:
         batches = iter(feed)
@@ -306,18 +282,15 @@ def _run(model: nn.Module, graph: ModelGraph, feed: Iterable[ModelInput], mode: 
             except StopIteration:
                 return
             except Exception as error:
-                raise _FeedError() from error
-            position["index"], position["shape"] = index, _shape_text(x)
+                raise FeedError() from error
+            position["index"], position["shape"] = index, shape_text(x)
             yield x
 
     try:
-        return collect(model, graph, tracked(), mode)
-    except _FeedError as error:
+        return collect(graph, tracked(), mode, model)
+    except FeedError as error:
         raise error.__cause__ from None
     except (ValueError, TypeError):
         raise
     except Exception as error:
-        raise ValueError(
-            f"the model rejected pruning batch {position['index']} of shape {position['shape']}: "
-            f"{type(error).__name__}: {error}"
-        ) from error
+        raise explain_run_failure(position["index"], position["shape"], error) from error

@@ -42,6 +42,7 @@ class PruneReport:
     layers: list[LayerReport]
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    analysis: str = ""  # how the model was analysed: "channel graph" or "connection level: <why>"
 
     @property
     def kept(self) -> int:
@@ -73,6 +74,7 @@ class PruneReport:
             "compression": self.compression if self.kept else None,
             "settings": dict(self.settings),
             "skipped": dict(self.skipped),
+            "analysis": self.analysis,
         }
 
     def table(self) -> str:
@@ -92,6 +94,8 @@ class PruneReport:
         )
         for name, reason in self.skipped.items():
             lines.append(f"not pruned: {name} ({reason})")
+        if self.analysis.startswith("connection level"):
+            lines.append(f"no structure cleaning: {self.analysis}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

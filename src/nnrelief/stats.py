@@ -1,7 +1,7 @@
 """Streamed collection of the statistics one NNrelief pass needs.
 
-Observers are attached to the traced graph (or, for untraceable models, to module
-pre-hooks) and accumulate fixed-size *sums over samples* plus a sample count while the
+Observers receive the tensors at the watch points of the model's capture (or, for models
+no capture handles, the layers' inputs through module pre-hooks) and accumulate fixed-size *sums over samples* plus a sample count while the
 pruning batches stream through once. Memory is independent of the number of samples, and
 statistics of several shards add up exactly (``add_statistics`` / ``all_reduce_statistics``).
 """
@@ -9,18 +9,16 @@ statistics of several shards add up exactly (``add_statistics`` / ``all_reduce_s
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
 from . import scores
-from .graph import ModelGraph, PrunableLayer
-from .inputs import ModelInput, example_input
-from .masks import GATE
+from .analysis import ChannelGraph, PrunableLayer, activity_key, graph_for, input_key, map_key, observing
+from .inputs import ModelInput
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +97,14 @@ class ConvInputObserver(Observer):
 
 
 class ActivityObserver(Observer):
-    """Per channel (dim 1), the sum of |x| over samples and every other position."""
+    """Per channel (along ``axis``), the sum of |x| over samples and every other position."""
+
+    def __init__(self, axis: int = 1) -> None:
+        super().__init__()
+        self.axis = axis
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [d for d in range(x.dim()) if d != 1]
+        dims = [d for d in range(x.dim()) if d != self.axis]
         self.accumulate("activity", x.detach().abs().sum(dims).double())
         return x
 
@@ -116,84 +118,22 @@ class MapObserver(Observer):
         return x
 
 
-def input_key(layer: str) -> str:
-    """Statistics key of a layer's input."""
-    return f"input:{layer}"
-
-
-def activity_key(layer: str) -> str:
-    """Statistics key of a layer's post-activation output."""
-    return f"activity:{layer}"
-
-
-def map_key(node: str) -> str:
-    """Statistics key of a node's |x| map (residual joins)."""
-    return f"map:{node}"
-
-
 def _input_observer(layer: PrunableLayer, mode: str) -> Observer:
     return LinearInputObserver() if layer.kind == "linear" else ConvInputObserver(layer.module, mode)
 
 
-def _observers(graph: ModelGraph, mode: str) -> dict[str, tuple[str, Observer]]:
-    """Observer key -> (node it watches, observer)."""
-    watch: dict[str, tuple[str, Observer]] = {}
+def _observers(graph: ChannelGraph, mode: str) -> dict[str, Observer]:
+    """An observer for every watch point of the graph's capture, by key."""
+    observers: dict[str, Observer] = {}
     for layer in graph.layers.values():
-        watch[input_key(layer.name)] = (layer.input_node, _input_observer(layer, mode))
-        if layer.chain_end is not None:
-            watch[activity_key(layer.name)] = (layer.chain_end, ActivityObserver())
+        observers[input_key(layer.name)] = _input_observer(layer, mode)
+        ends = [call.chain_end for call in layer.calls if call.chain_end is not None]
+        if ends and layer.structured:
+            observers[activity_key(layer.name)] = ActivityObserver(graph.rules[ends[0]].axis)
     for join in graph.joins:
         for node in (join.branch, join.shortcut):
-            watch.setdefault(map_key(node), (node, MapObserver()))
-    return watch
-
-
-class GateApplier(nn.Module):
-    """Applies the channel gate of a shortcut module the trace inlined (its hook can't fire)."""
-
-    def __init__(self, owner: nn.Module) -> None:
-        super().__init__()
-        self.owner = [owner]  # a list keeps the owner out of this module's children
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate = getattr(self.owner[0], GATE, None)
-        if gate is None:
-            return x
-        return x * gate.view([1, -1] + [1] * (x.dim() - 2)).to(x.dtype)
-
-
-def _instrument(model: nn.Module, graph: ModelGraph, watch: dict[str, tuple[str, Observer]]) -> fx.GraphModule:
-    """A copy of the traced module that also calls the observers on the watched nodes and
-    applies shortcut gates on paths the trace inlined."""
-    gm = graph.module
-    instrumented = fx.GraphModule(gm, _copy_graph(gm.graph))
-    nodes = {node.name: node for node in instrumented.graph.nodes}
-    modules = dict(model.named_modules())
-    for index, (node_name, module_name) in enumerate(graph.gates.items()):
-        node = nodes[node_name]
-        if node.op == "call_module":
-            continue  # the module's own forward hook applies the gate
-        target = f"nnrelief_gate_{index}"
-        instrumented.add_submodule(target, GateApplier(modules[module_name]))
-        with instrumented.graph.inserting_after(node):
-            gated = instrumented.graph.call_module(target, (node,))
-        node.replace_all_uses_with(gated, delete_user_cb=lambda user, gated=gated: user is not gated)
-        nodes[node_name] = gated
-    for index, (node_name, observer) in enumerate(watch.values()):
-        target = f"nnrelief_observer_{index}"
-        instrumented.add_submodule(target, observer)
-        node = nodes[node_name]
-        with instrumented.graph.inserting_after(node):
-            instrumented.graph.call_module(target, (node,))
-    instrumented.recompile()
-    return instrumented
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph()
-    output = copy.graph_copy(graph, {})
-    copy.output(output)
-    return copy
+            observers.setdefault(map_key(node), MapObserver())
+    return observers
 
 
 def _pre_hook(observer: Observer):
@@ -203,34 +143,32 @@ def _pre_hook(observer: Observer):
     return hook
 
 
-def collect(
-    model: nn.Module,
-    graph: ModelGraph,
-    inputs: Iterable[Tensor | ModelInput],
-    mode: str,
-    progress: Iterator | None = None,
-) -> Statistics:
-    """Stream ``inputs`` (tensors or :class:`ModelInput` calls) through the model once (no
-    grad) and return the statistics."""
+def collect(graph: ChannelGraph, inputs: Iterable[ModelInput], mode: str, model: nn.Module) -> Statistics:
+    """Stream ``inputs`` through ``model`` once (no grad) and return the statistics: through
+    the graph's capture (a batch of another input signature, e.g. another sequence length,
+    through a capture of its own), or (a graph without one) with a pre-hook on every layer.
+    Layers that never ran have no entry."""
     if graph.traced:
-        watch = _observers(graph, mode)
-        runner = _instrument(model, graph, watch)
-        handles = []
-    else:
-        watch = {input_key(layer.name): ("", _input_observer(layer, mode)) for layer in graph.layers.values()}
-        handles = [
-            layer.module.register_forward_pre_hook(_pre_hook(watch[input_key(layer.name)][1]))
-            for layer in graph.layers.values()
-        ]
-        runner = model
-    try:
-        with torch.no_grad():
+        observers = _observers(graph, mode)
+        with observing(observers):
             for x in inputs:
-                example_input(x)(runner)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {key: observer.statistics() for key, (_node, observer) in watch.items()}
+                same = graph_for(model, x, graph)
+                if same.capture is None:
+                    x(model)  # the model rejects this batch: let it say why
+                same.capture.run(x)
+    else:
+        observers = {input_key(layer.name): _input_observer(layer, mode) for layer in graph.layers.values()}
+        handles = [
+            layer.module.register_forward_pre_hook(_pre_hook(observers[input_key(layer.name)])) for layer in graph.layers.values()
+        ]
+        try:
+            with torch.no_grad():
+                for x in inputs:
+                    x(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return {key: observer.statistics() for key, observer in observers.items() if observer.counts or observer.sums}
 
 
 def add_statistics(first: Statistics, second: Statistics) -> Statistics:

@@ -1,0 +1,162 @@
+"""One ``torch.export`` capture of a model, runnable, with watch points for statistics.
+
+The model is exported non-strict (its Python runs as usual; Hugging Face models, dict
+inputs and control flow on shapes work) to an ATen graph whose nodes carry the module they
+ran in (``nn_module_stack``), with the batch dimension dynamic where the model allows it.
+``ExportedProgram.module()`` gives a runnable ``GraphModule`` that shares the model's own
+parameter and buffer tensors, so training and mask updates made in place are seen without
+capturing again. Statistics are taken by :func:`watch` calls inserted after the watched
+nodes, which feed whatever observers :func:`observing` installs (and do nothing otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from ..inputs import ModelInput
+
+log = logging.getLogger(__name__)
+
+INNER = "inner"  # the model's attribute name inside the capture wrapper
+_SINK: contextvars.ContextVar[Mapping[str, Callable[[Tensor], Any]] | None] = contextvars.ContextVar("nnrelief_sink", default=None)
+
+
+class _TensorOutputs(nn.Module):
+    """Calls the model and returns only the tensors of its output (drops caches etc.)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, INNER, model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        output = getattr(self, INNER)(*args, **kwargs)
+        if isinstance(output, Mapping):
+            output = list(output.values())
+        elif not isinstance(output, (tuple, list)):
+            output = [output]
+        return tuple(value for value in output if isinstance(value, Tensor))
+
+
+def watch(key: str, value: Tensor) -> None:
+    """Hand ``value`` to the observer of ``key`` while :func:`observing` is active."""
+    sink = _SINK.get()
+    if sink is not None and key in sink:
+        sink[key](value)
+
+
+@contextlib.contextmanager
+def observing(observers: Mapping[str, Callable[[Tensor], Any]]) -> Iterator[None]:
+    """Route the :func:`watch` calls of captured graphs to ``observers`` (by key)."""
+    token = _SINK.set(observers)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+@dataclass
+class Capture:
+    """A runnable ATen capture of a model (see the module docstring)."""
+
+    module: fx.GraphModule
+    dynamic_batch: bool
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    def run(self, model_input: ModelInput) -> None:
+        """One forward pass of the capture on ``model_input`` (no grad)."""
+        with torch.no_grad():
+            self.module(*model_input.args, **model_input.kwargs)
+
+    def add_watch_points(self, points: Mapping[str, list[str]]) -> None:
+        """Insert ``watch(key, node)`` after every node named in ``points[key]``."""
+        nodes = {node.name: node for node in self.graph.nodes}
+        placeholders = [node for node in self.graph.nodes if node.op == "placeholder"]
+        for key, names in points.items():
+            for name in names:
+                node = nodes[name]
+                anchor = placeholders[-1] if node.op == "placeholder" else node  # none among the placeholders
+                with self.graph.inserting_after(anchor):
+                    self.graph.call_function(watch, (key, node))
+        self.module.recompile()
+
+
+def scope(node: fx.Node) -> str | None:
+    """Qualified name (in the user's model) of the innermost module ``node`` ran in."""
+    stack = scopes(node)
+    return stack[-1] if stack else None
+
+
+def scopes(node: fx.Node) -> list[str]:
+    """The qualified names of the modules ``node`` ran in, outermost first ('' = the model)."""
+    names = []
+    for path, _type in (node.meta.get("nn_module_stack") or {}).values():
+        if path == INNER:
+            names.append("")
+        elif path.startswith(INNER + "."):
+            names.append(path[len(INNER) + 1 :])
+    return names
+
+
+def parameter_name(node: fx.Node) -> str | None:
+    """The model's qualified name of the parameter or buffer a get_attr node reads."""
+    if node.op != "get_attr" or not isinstance(node.target, str) or not node.target.startswith(INNER + "."):
+        return None
+    return node.target[len(INNER) + 1 :]
+
+
+def _identity_views(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    """Capture-time hook: a module returning its input unchanged (``nn.Identity``) gets a
+    node of its own (a view), so that its output can be located and gated."""
+    if isinstance(output, Tensor) and inputs and output is inputs[0]:
+        return output.view_as(output)
+    return None
+
+
+def _dynamic_shapes(model_input: ModelInput) -> dict[str, Any]:
+    def spec(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] > 1:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    return {"args": tuple(spec(v) for v in model_input.args), "kwargs": {k: spec(v) for k, v in model_input.kwargs.items()}}
+
+
+def capture(model: nn.Module, model_input: ModelInput) -> Capture:
+    """Export ``model`` (in its current mode) on ``model_input``; raises what export raises."""
+    wrapper = _TensorOutputs(model)
+    hooks = [m.register_forward_hook(_identity_views) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Masked layers set their .weight in a pre-hook; export warns about the assignment.
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.export.export(
+                    wrapper, model_input.args, model_input.kwargs, dynamic_shapes=_dynamic_shapes(model_input), strict=False
+                )
+            except Exception as error:  # noqa: BLE001 - retried with static shapes
+                log.debug("export with a dynamic batch failed (%s); static shapes", error)
+                program = torch.export.export(wrapper, model_input.args, model_input.kwargs, strict=False)
+            module = program.module()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+    dynamic = any(
+        isinstance(node.meta.get("val"), Tensor) and not isinstance(node.meta["val"].shape[0], int)
+        for node in placeholders if isinstance(node.meta.get("val"), Tensor) and node.meta["val"].dim() > 0
+    )  # fmt: skip
+    return Capture(module, dynamic)

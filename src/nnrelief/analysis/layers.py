@@ -1,0 +1,94 @@
+"""The layers NNrelief scores, found on the module tree, and those it leaves alone (with why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+from torch import Tensor
+
+
+@dataclass
+class LayerCall:
+    """One call of a layer in the captured forward: its output node, the node it reads
+    (the input where it enters the layer's module), the last node of the channel-wise chain
+    after it (the post-activation output) and whether the channel rules understand it."""
+
+    node: str
+    input_node: str
+    structured: bool
+    chain_end: str | None = None
+
+
+@dataclass
+class PrunableLayer:
+    """A Linear (or transposed Conv1D) or Conv2d layer that NNrelief scores and masks.
+
+    A layer called several times (a shared module) has several ``calls``; it is scored on
+    the statistics of all of them pooled and cleaned only where every call agrees.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear" or "conv"
+    transposed: bool = False  # weight stored (in, out): a Hugging Face Conv1D (GPT-2)
+    calls: list[LayerCall] = field(default_factory=list)
+    batchnorm: str | None = None  # an affine BatchNorm reading this layer's output alone, in every call
+
+    @property
+    def structured(self) -> bool:
+        """Whether structure cleaning applies: every call understood by the channel rules."""
+        return bool(self.calls) and all(call.structured for call in self.calls)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2): a Linear layer whose weight is stored (in, out)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor)
+        and weight.dim() == 2 and weight.shape[1] == module.nf
+    )
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight laid out (out, in, *kernel): transposed for a Conv1D."""
+    return module.weight.t() if is_transposed_linear(module) else module.weight
+
+
+_UNSCORED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+
+
+def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
+    """('linear'|'conv', None) for a scorable layer, (None, reason) for a layer with weights
+    that NNrelief cannot score, (None, None) for anything else."""
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
+        return "linear", None
+    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
+        return "conv", None
+    if isinstance(module, _UNSCORED):
+        return None, f"{type(module).__name__} is not scored (only Linear and Conv2d are)"
+    if isinstance(module, nn.RNNBase):
+        return None, f"{type(module).__name__} weights are not scored (recurrent layers are left whole)"
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return None, "in_proj_weight (packed query/key/value projection) is not scored; out_proj is"
+    return None, None
+
+
+def find_layers(model: nn.Module) -> tuple[dict[str, PrunableLayer], dict[str, str]]:
+    """All scorable layers by qualified name, and the skipped weighted layers with reasons."""
+    layers: dict[str, PrunableLayer] = {}
+    skipped: dict[str, str] = {}
+    owners: dict[int, list[str]] = {}
+    for qualified, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(qualified.rpartition(".")[0])
+    for name, module in model.named_modules():
+        kind, reason = prunable_kind(module)
+        weight = getattr(module, "weight_orig", getattr(module, "weight", None))
+        tied = [owner for owner in owners.get(id(weight), []) if owner != name]
+        if kind is not None and tied:
+            skipped[name] = f"weight tied to {tied[0]} (e.g. an embedding): left unpruned"
+        elif kind is not None:
+            layers[name] = PrunableLayer(name, module, kind, transposed=is_transposed_linear(module))
+        elif reason is not None:
+            skipped[name] = reason
+    return layers, skipped
