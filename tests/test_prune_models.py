@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.graph import build_graph
+from nnrelief.analysis import analyse
+from nnrelief.inputs import ModelInput
 from nnrelief.masks import current_mask
 from nnrelief.models import lenet5, lenet300_100, resnet20, vgg_like
 from nnrelief.stats import add_statistics, collect
@@ -105,9 +106,12 @@ class Untraceable(nn.Module):
 def test_untraceable_model_is_pruned_layer_by_layer(caplog):
     torch.manual_seed(0)
     model = Untraceable()
-    with caplog.at_level(logging.WARNING, logger="nnrelief"):
+    with caplog.at_level(logging.INFO, logger="nnrelief"):
         report = nnrelief.prune(model, [torch.randn(10, 6)], alpha_fc=0.7, progress=False)
-    assert "could not trace" in caplog.text
+    assert "torch.export could not capture Untraceable" in caplog.text
+    assert report.analysis.startswith("connection level: torch.export could not capture")
+    assert "no structure cleaning" in report.table()
+    assert not [r for r in caplog.records if r.name.startswith("torch")]  # torch's own tracing noise kept out
     check_pruned(model, report)
 
 
@@ -115,9 +119,13 @@ def test_statistics_of_shards_add_up():
     torch.manual_seed(0)
     model = resnet20().eval()
     x = torch.randn(12, 3, 32, 32)
-    graph = build_graph(model, x)
-    whole = collect(model, graph, [x], "paper")
-    shards = add_statistics(collect(model, graph, [x[:5]], "paper"), collect(model, graph, [x[5:]], "paper"))
+    graph = analyse(model, ModelInput((x,)))
+
+    def stats(*parts):
+        return collect(graph, [ModelInput((part,)) for part in parts], "paper", model)
+
+    whole = stats(x)
+    shards = add_statistics(stats(x[:5]), stats(x[5:]))
     for key in whole:
         for name in whole[key]:
             assert torch.allclose(whole[key][name], shards[key][name], rtol=1e-5, atol=1e-4), (key, name)
@@ -125,9 +133,9 @@ def test_statistics_of_shards_add_up():
 
 def test_statistics_size_does_not_grow_with_samples():
     model = lenet5().eval()
-    graph = build_graph(model, torch.rand(2, 1, 28, 28))
-    small = collect(model, graph, [torch.rand(10, 1, 28, 28)], "paper")
-    large = collect(model, graph, [torch.rand(100, 1, 28, 28)] * 20, "paper")
+    graph = analyse(model, ModelInput((torch.rand(2, 1, 28, 28),)))
+    small = collect(graph, [ModelInput((torch.rand(10, 1, 28, 28),))], "paper", model)
+    large = collect(graph, [ModelInput((torch.rand(100, 1, 28, 28),))] * 20, "paper", model)
     for key in small:
         for name in small[key]:
             assert small[key][name].shape == large[key][name].shape

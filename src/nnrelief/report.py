@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
-from .graph import is_transposed_linear
+from .analysis.layers import is_transposed_linear
 from .masks import current_mask
 
 

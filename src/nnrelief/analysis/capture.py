@@ -135,12 +135,24 @@ def _dynamic_shapes(model_input: ModelInput) -> dict[str, Any]:
     return {"args": tuple(spec(v) for v in model_input.args), "kwargs": {k: spec(v) for k, v in model_input.kwargs.items()}}
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch's tracing loggers say nothing below ERROR meanwhile (nnrelief reports what matters)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def capture(model: nn.Module, model_input: ModelInput) -> Capture:
     """Export ``model`` (in its current mode) on ``model_input``; raises what export raises."""
     wrapper = _TensorOutputs(model)
     hooks = [m.register_forward_hook(_identity_views) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_torch():
             # Masked layers set their .weight in a pre-hook; export warns about the assignment.
             warnings.simplefilter("ignore")
             try:

@@ -98,6 +98,8 @@ class RuleDeriver:
     def _known(self, node: fx.Node, name: str | None, source: Any, axis: int | None) -> NodeRule:
         if name in ZERO_PRESERVING or name in CONSTANT_MAKING:
             return self._elementwise(node, source, axis, zero_preserving=name in ZERO_PRESERVING)
+        if name == "pow" and len(node.args) > 1 and isinstance(node.args[1], (int, float)):
+            return self._elementwise(node, source, axis, zero_preserving=node.args[1] > 0)
         if name in BATCHNORMS:
             return self._batchnorm(node, source, axis)
         if name in POOLING:

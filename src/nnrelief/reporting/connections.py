@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from .. import data as nndata
 from .. import scores as score_fns
+from ..analysis import analyse, input_key
 from ..experiments.config import ExperimentConfig, derive_seed
-from ..graph import build_graph
+from ..inputs import ModelInput
 from ..masks import current_mask
-from ..stats import collect, input_key
+from ..stats import collect
 from .figures import pyplot, save
 
 
@@ -66,8 +67,8 @@ def connection_scores(model: nn.Module, inputs: Tensor, score: str = "paper") ->
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        graph = build_graph(model, inputs)
-        stats = collect(model, graph, [inputs], score)
+        graph = analyse(model, ModelInput((inputs,)))
+        stats = collect(graph, [ModelInput((inputs,))], score, model)
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -8,12 +8,13 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..analysis import analyse
 from ..experiments import runfolder as files
 from ..experiments.config import ExperimentConfig
 from ..experiments.experiment import load_weights
 from ..experiments.history import History
 from ..fileio import save_text
-from ..graph import build_graph
+from ..inputs import ModelInput
 from .accuracy import plot_accuracy
 from .architecture import plot_architecture
 from .connections import connection_scores, plot_connections, pruning_inputs
@@ -132,7 +133,7 @@ def _connections_for_run(
     inputs = pruning_inputs(run.config, samples, data_dir)
     dense, _ = load_weights(run.path / files.model_file(0))
     final, _ = load_weights(run.path / files.model_file(chosen))
-    graph = build_graph(dense, inputs[:1])
+    graph = analyse(dense.eval(), ModelInput((inputs[:1],)))
     if graph.joins:
         raise ValueError(f"{run.config.model} has residual connections; the picture needs a plain chain of layers")
     records = {r.iteration: r for r in run.history.records}
