@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnrelief import scores
-from nnrelief.graph import build_graph
-from nnrelief.stats import collect, input_key
+from nnrelief.analysis import analyse, input_key
+from nnrelief.inputs import ModelInput
+from nnrelief.stats import collect
 
 
 def test_linear_scores_by_hand():
@@ -118,14 +119,14 @@ def test_streamed_statistics_match_formula_over_uneven_batches(kernel, stride, p
     torch.manual_seed(kernel)
     model = _ConvNet(kernel, stride, padding, bias).eval()
     x = torch.randn(11, 3, 10, 10)
-    batches = list(x.split([4, 1, 6]))
-    graph = build_graph(model, x)
-    paper = collect(model, graph, batches, "paper")[input_key("conv")]
+    batches = [ModelInput((part,)) for part in x.split([4, 1, 6])]
+    graph = analyse(model, batches[0])
+    paper = collect(graph, batches, "paper", model)[input_key("conv")]
     assert float(paper["count"]) == 11
     slow = _slow_norm_sum(x, model.conv.weight.detach(), model.conv) / 11
     assert torch.allclose((paper["norms"].double() / 11), slow, rtol=1e-4, atol=1e-6)
 
-    authors = collect(model, graph, batches, "authors")[input_key("conv")]
+    authors = collect(graph, batches, "authors", model)[input_key("conv")]
     mean_map = authors["abs_map"] / 11
     fast = scores.conv_mean_map_norms(mean_map, model.conv.weight.detach().abs(), model.conv)
     expected = torch.zeros(5, 3, dtype=torch.float64)

@@ -132,7 +132,12 @@ def _dynamic_shapes(model_input: ModelInput) -> dict[str, Any]:
             return {0: torch.export.Dim.AUTO}
         return None
 
-    return {"args": tuple(spec(v) for v in model_input.args), "kwargs": {k: spec(v) for k, v in model_input.kwargs.items()}}
+    shapes: dict[str, Any] = {}
+    if model_input.args:
+        shapes["args"] = tuple(spec(v) for v in model_input.args)
+    if model_input.kwargs:
+        shapes["kwargs"] = {k: spec(v) for k, v in model_input.kwargs.items()}
+    return shapes
 
 
 @contextlib.contextmanager
