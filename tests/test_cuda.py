@@ -17,10 +17,11 @@ import torch
 
 import nnrelief
 from nnrelief import data as nndata
+from nnrelief.analysis import analyse
 from nnrelief.compaction import compact
 from nnrelief.experiments.config import ExperimentConfig
 from nnrelief.experiments.experiment import Experiment
-from nnrelief.graph import build_graph
+from nnrelief.inputs import ModelInput
 from nnrelief.masks import current_mask
 from nnrelief.models import INPUT_SHAPES, MODELS, get_model
 from nnrelief.pruning import _Inputs
@@ -123,12 +124,12 @@ def test_pruning_pass_loop_never_synchronises() -> None:
     torch.manual_seed(0)
     model = get_model("resnet20", 10).to(CUDA).eval()
     x = torch.rand(64, 3, 32, 32, device=CUDA)
-    graph = build_graph(model, x[:2])
+    graph = analyse(model, ModelInput((x[:32],)))
     inputs = _Inputs([x[:32], (x[32:], None)], CUDA)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = collect(model, graph, iter(inputs), "paper")
+        stats = collect(graph, iter(inputs), "paper", model)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     inputs.check_finite()

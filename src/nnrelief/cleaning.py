@@ -16,7 +16,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from .analysis import ChannelGraph, Rule
-from .chains import LayerChain
 from .graph import ModelGraph
 
 Graph = ChannelGraph | ModelGraph
@@ -198,19 +197,3 @@ def clean(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -
             break
     live = live_channels(graph, masks, gates)
     return {module: live[graph.rules[node].inputs[0]].clone() for node, module in graph.batchnorms.items()}
-
-
-def clean_chains(chains: list[LayerChain], masks: dict[str, LayerMask]) -> None:
-    """Cleaning along producer -> consumer chains (models without channel rules), to a
-    fixpoint: a producer neuron without consumer connections is removed; a removed producer
-    neuron's consumer connections go where the path between them maps zero to zero."""
-    changed = True
-    while changed:
-        changed = False
-        for chain in chains:
-            producer, consumer = masks[chain.producer], masks[chain.consumer]
-            if chain.zero_preserving:
-                changed |= consumer.clear_inputs(producer.alive())
-            before = producer.alive()
-            producer.remove_neurons(~consumer.used_inputs())
-            changed |= not torch.equal(before, producer.alive())

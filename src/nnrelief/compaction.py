@@ -1,11 +1,13 @@
 """Physically smaller models with the same outputs.
 
-``compact(model, example)`` returns a new ``torch.fx.GraphModule`` in which every removed
-neuron/channel is gone: rows and columns of Linear/Conv2d weights, BatchNorm entries, the
-FC columns a removed conv channel fed through a flatten, and residual-stream channels
-where every member of the coupled group allows it. Channel analysis reuses
-:func:`nnrelief.graph.build_graph` and the live/used propagations of
-:mod:`nnrelief.cleaning`.
+``compact(model, example)`` returns a new model in which every removed neuron/channel is
+gone: rows and columns of Linear/Conv2d weights, BatchNorm entries, the FC columns a
+removed conv channel fed through a flatten, and residual-stream channels where every
+member of the coupled group allows it. It is the model's own class narrowed in place
+(:mod:`nnrelief.narrowing`, on the channel graph of :mod:`nnrelief.analysis`) wherever the
+forward allows it; otherwise a ``torch.fx.GraphModule`` with channel index maps, as
+described next (:func:`nnrelief.graph.build_graph`, the live/used propagations of
+:mod:`nnrelief.cleaning`).
 
 How channels are coupled: tensors joined by channel-preserving ops (activations,
 BatchNorm, pooling, elementwise adds) must carry the same channels, so they form one
@@ -39,12 +41,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cleaning import LayerMask, batchnorm_constant, clean, clean_chains, live_channels, used_channels
+from .analysis import ChannelGraph, analyse
+from .analysis.capture import TensorOutputs
+from .analysis.layers import weight_matrix
+from .cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
 from .export import save_sparse
-from .graph import ModelGraph, NodeRule, Rule, build_graph, is_transposed_linear, weight_matrix
-from .inputs import example_input
+from .graph import ModelGraph, NodeRule, Rule, build_graph
+from .inputs import ModelInput, example_input
 from .masks import _GATE_HOOK, GATE, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
+from .narrowing import Declined, InPlacePlan
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +59,93 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     """A new, physically smaller model giving the same outputs as ``model`` in eval mode.
 
     ``model`` may carry nnrelief masks and shortcut gates (or plain zero weights); it is
-    not modified. ``example`` is one input batch used to trace shapes: a tensor, a tuple of
+    not modified. ``example`` is one input batch used to capture shapes: a tensor, a tuple of
     positional inputs or a dict of keyword inputs (a Hugging Face batch); it may be omitted
-    when the first Linear layer reads the raw (N, features) input. Returns a
-    ``torch.fx.GraphModule`` with plain parameters (zeros where unstructured sparsity
-    remains), no hooks and no masks. A model that ``torch.fx`` cannot trace (Hugging Face
-    transformers) is returned as a copy of its own class with its masks folded in and the
-    Linear -> elementwise -> Linear chains (FFN intermediate neurons) narrowed; the model's
-    config still names the old sizes. Without such chains no channel is removed (a warning
-    says so).
+    when the first Linear layer reads the raw (N, features) input.
+
+    Wherever the forward allows it the result is a copy of the model's own class with its
+    modules narrowed in place (:mod:`nnrelief.narrowing`; checked to give the same outputs
+    on ``example``): plain parameters (zeros where unstructured sparsity remains), no
+    hooks, no masks. A Hugging Face model's ``config`` still names the old sizes. Where
+    removing channels needs index maps (a channel padding such as the option-A shortcut
+    of the zoo's CIFAR ResNets, a gate on a shortcut without a BatchNorm to fold it into),
+    the result is a ``torch.fx.GraphModule`` that holds them, if ``torch.fx`` can trace the
+    model; otherwise the masks are folded in and no channel is removed (a warning says so).
     """
-    work = _clone(model).eval()  # tracing runs a forward: no BN statistics update
+    work = _clone(model).eval()  # capturing runs a forward: no BN statistics update
     gates = _take_gates(work)
     make_permanent(work)
     example = example_input(example if example is not None else _default_example(work))
+    narrowed = _narrow(work, gates, example)
+    if narrowed is not None:
+        return narrowed.train(model.training)
     graph = build_graph(work, example)
     if not graph.traced:
         if gates:
-            raise ValueError("model carries shortcut gates but torch.fx cannot trace it; cannot bake them in")
-        if graph.chains:
-            _shrink_chains(graph)
-            log.info("compact: %s is not fx-traceable; %d layer chains (FFNs) narrowed in place", type(model).__name__, len(graph.chains))
-        else:
-            log.warning("compact: %s is not traceable; masks folded in, no channel removed", type(model).__name__)
+            raise ValueError("model carries shortcut gates but cannot be narrowed in place nor traced by torch.fx")
+        log.warning("compact: %s cannot be narrowed in place nor traced; masks folded in, no channel removed", type(model).__name__)
         return work.train(model.training)
     node_gates = _gates_by_node(graph, gates)
     plan = _Plan(graph, node_gates)
     gm = plan.apply()
     gm.train(model.training)
     removed = sum(int(p.numel()) for p in model.parameters()) - sum(int(p.numel()) for p in gm.parameters())
-    log.info("compact: %d parameter entries removed", removed)
+    log.info("compact: %s needs channel index maps: a torch.fx GraphModule, %d parameter entries removed", type(model).__name__, removed)
     return gm
+
+
+def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> nn.Module | None:
+    """A copy of ``work`` (gates folded into BatchNorms) narrowed in place, or None with the
+    reason logged (the caller then builds a GraphModule)."""
+    candidate = _clone(work)
+    try:
+        _fold_gates(candidate, gates)
+        graph = analyse(candidate, example)
+        if not graph.traced:
+            raise Declined(graph.reason or "no capture")
+        expected = _outputs(candidate, example)
+        live, used = _analyse(candidate, graph, {})
+        removed = InPlacePlan(candidate, graph, live, used).apply()
+    except Declined as reason:
+        log.info("compact: %s not narrowed in place: %s", type(work).__name__, reason)
+        return None
+    try:
+        actual = _outputs(candidate, example)
+    except Exception as error:  # noqa: BLE001 - a forward with hard-coded sizes: take the other route
+        log.info("compact: %s fails once narrowed in place (%s: %s)", type(work).__name__, type(error).__name__, error)
+        return None
+    if len(actual) != len(expected) or not all(_close(a, e) for a, e in zip(actual, expected)):
+        log.info("compact: %s narrowed in place gives other outputs (hard-coded sizes?)", type(work).__name__)
+        return None
+    log.info("compact: %s narrowed in place, %d parameter entries removed", type(work).__name__, removed)
+    return candidate
+
+
+def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:
+    """Zero the BatchNorm entries of gated-off shortcut channels (exact in eval mode)."""
+    for name, gate in gates.items():
+        module = model.get_submodule(name)
+        if bool(gate.all()):
+            continue
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
+            raise Declined(f"shortcut {name} is gated but is not an affine BatchNorm to fold the gate into")
+        with torch.no_grad():
+            module.weight[~gate.to(module.weight.device)] = 0.0
+            module.bias[~gate.to(module.bias.device)] = 0.0
+
+
+def _outputs(model: nn.Module, example: ModelInput) -> tuple[Tensor, ...]:
+    with torch.no_grad():
+        return TensorOutputs(model)(*example.args, **example.kwargs)
+
+
+def _close(actual: Tensor, expected: Tensor) -> bool:
+    if actual.shape != expected.shape:
+        return False
+    if not expected.is_floating_point():
+        return torch.equal(actual, expected)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -125,30 +187,30 @@ def _gates_by_node(graph: ModelGraph, gates: dict[str, Tensor]) -> dict[str, Ten
     return {nodes_of[module]: gate for module, gate in gates.items()}
 
 
-def _effective_masks(graph: ModelGraph) -> dict[str, LayerMask]:
+def _effective_masks(model: nn.Module, graph: ModelGraph | ChannelGraph) -> dict[str, LayerMask]:
     """Connection-level masks read off the actual nonzero weights and biases."""
     masks = {}
     for name, layer in graph.layers.items():
         weight = weight_matrix(layer.module).detach() != 0
         weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
         bias = layer.module.bias
-        shift = None if layer.batchnorm is None else batchnorm_constant(graph.module.get_submodule(layer.batchnorm))
+        shift = None if layer.batchnorm is None else batchnorm_constant(model.get_submodule(layer.batchnorm))
 
         groups = getattr(layer.module, "groups", 1)
         masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu(), shift, groups)
     return masks
 
 
-def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _analyse(model: nn.Module, graph: ModelGraph | ChannelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(live, used) channels per node after cleaning a copy of the effective masks.
 
     The graph treats an affine BatchNorm as zero-preserving (true after nnrelief masks the
     BN entries of removed channels). Where a BN would turn a dead channel into a nonzero
     constant, it is marked as not zero-preserving, to a fixpoint, so nothing live is lost.
     """
-    modules = dict(graph.module.named_modules())
+    modules = dict(model.named_modules())
     while True:
-        masks = _effective_masks(graph)
+        masks = _effective_masks(model, graph)
         clean(graph, masks, gates)
         live = live_channels(graph, masks, gates)
         changed = False
@@ -159,37 +221,6 @@ def _analyse(graph: ModelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Ten
                 changed = True
         if not changed:
             return live, used_channels(graph, masks, gates)
-
-
-def _shrink_chains(graph: ModelGraph) -> None:
-    """Narrow every producer -> consumer chain to the neurons the consumer still reads."""
-    masks = _effective_masks(graph)
-    clean_chains(graph.chains, masks)
-    keep = {chain.producer: masks[chain.consumer].used_inputs() for chain in graph.chains}
-    with torch.no_grad():
-        for chain in graph.chains:
-            index = keep[chain.producer].nonzero().flatten()
-            if len(index) == 0:
-                index = index.new_zeros(1)  # never build zero-width layers; an extra neuron is exact
-            _slice_linear(graph.layers[chain.producer].module, index, outputs=True)
-            _slice_linear(graph.layers[chain.consumer].module, index, outputs=False)
-
-
-def _slice_linear(module: nn.Module, index: Tensor, outputs: bool) -> None:
-    """Keep the output neurons (``outputs``) or the input features ``index`` of a Linear or
-    a transposed Conv1D."""
-    transposed = is_transposed_linear(module)
-    index = index.to(module.weight.device)
-    dim = (1 if transposed else 0) if outputs else (0 if transposed else 1)
-    module.weight = nn.Parameter(module.weight.detach().index_select(dim, index).clone(), requires_grad=module.weight.requires_grad)
-    if outputs and module.bias is not None:
-        module.bias = nn.Parameter(module.bias.detach()[index].clone(), requires_grad=module.bias.requires_grad)
-    if transposed:
-        attribute = "nf" if outputs else "nx"
-    else:
-        attribute = "out_features" if outputs else "in_features"
-    if hasattr(module, attribute):
-        setattr(module, attribute, len(index))
 
 
 class _Groups:
@@ -238,7 +269,7 @@ class _Plan:
         self.gates = gates
         self.nodes = {node.name: node for node in self.gm.graph.nodes}
         self.modules = dict(self.gm.named_modules())
-        live, used = _analyse(graph, gates)
+        live, used = _analyse(graph.module, graph, gates)
         self.groups = _Groups()
         forced: set[str] = set()
         self._couple(forced)

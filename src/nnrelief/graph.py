@@ -1,6 +1,9 @@
-"""Discovery of prunable layers and of how their channels flow through a model.
+"""The ``torch.fx`` channel graph that compaction's GraphModule route still uses.
 
-The model is traced with ``torch.fx`` and every graph node gets a *channel rule*: how the
+Pruning passes and in-place compaction use :mod:`nnrelief.analysis` (one ``torch.export``
+capture for every model). This module remains for compacting models whose channels need
+index maps (the zoo's option-A pad shortcuts): a ``torch.fx`` trace is a GraphModule that
+can hold them. The model is traced and every graph node gets a *channel rule*: how the
 channels (dim 1) of its output relate to the channels of its inputs. Two propagations over
 these rules drive structure cleaning:
 
@@ -10,9 +13,6 @@ these rules drive structure cleaning:
 
 Unknown operations are treated conservatively (everything live and used), so an
 unrecognised model part can only make cleaning remove less, never produce a wrong mask.
-When tracing fails the model is still pruned layer by layer; structure cleaning then covers
-only the Linear -> elementwise -> Linear chains a ``torch.export`` capture finds
-(:mod:`nnrelief.chains`: transformer FFNs).
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .analysis.layers import LayerCall
+from .analysis.layers import LayerCall, find_layers
 from .analysis.rules import NodeRule, Rule
-from .chains import LayerChain, find_chains
 from .inputs import ModelInput, example_input
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,6 @@ class ModelGraph:
     joins: list[ResidualJoin] = field(default_factory=list)
     batchnorms: dict[str, str] = field(default_factory=dict)
     gates: dict[str, str] = field(default_factory=dict)
-    chains: list[LayerChain] = field(default_factory=list)
 
     @property
     def traced(self) -> bool:
@@ -123,75 +121,20 @@ class ModelGraph:
         return self.module is not None
 
 
-def is_transposed_linear(module: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D`` (GPT-2): a Linear layer whose weight is stored (in, out)."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor)
-        and weight.dim() == 2 and weight.shape[1] == module.nf
-    )
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight laid out (out, in, *kernel): transposed for a Conv1D."""
-    return module.weight.t() if is_transposed_linear(module) else module.weight
-
-
-def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
-    """('linear'|'conv', None) for a scorable layer, (None, reason) for a layer with weights
-    that NNrelief cannot score, (None, None) for anything else."""
-    if isinstance(module, nn.Linear) or is_transposed_linear(module):
-        return "linear", None
-    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
-        return "conv", None
-    if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)):
-        return None, f"{type(module).__name__} is not scored (only Linear and Conv2d are)"
-    return None, None
-
-
-def find_layers(model: nn.Module) -> tuple[dict[str, PrunableLayer], dict[str, str]]:
-    """All scorable layers by qualified name, and the skipped weighted layers with reasons."""
-    layers: dict[str, PrunableLayer] = {}
-    skipped: dict[str, str] = {}
-    owners: dict[int, list[str]] = {}
-    for qualified, parameter in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(parameter), []).append(qualified.rpartition(".")[0])
-    for name, module in model.named_modules():
-        kind, reason = prunable_kind(module)
-        weight = getattr(module, "weight_orig", getattr(module, "weight", None))
-        tied = [owner for owner in owners.get(id(weight), []) if owner != name]
-        if kind is not None and tied:
-            skipped[name] = f"weight tied to {tied[0]} (e.g. an embedding): left unpruned"
-        elif kind is not None:
-            layers[name] = PrunableLayer(name, module, kind, transposed=is_transposed_linear(module))
-        elif reason is not None:
-            skipped[name] = reason
-    return layers, skipped
-
-
 def build_graph(model: nn.Module, example: Tensor | ModelInput) -> ModelGraph:
     """Trace ``model`` and derive channel rules, using ``example`` (one input batch) for shapes.
 
-    If ``torch.fx`` cannot trace the model (Hugging Face transformers, for instance), a graph
-    without channel rules is returned: layers are then pruned one by one, and only the
-    Linear -> elementwise -> Linear chains found by a ``torch.export`` capture
-    (:mod:`nnrelief.chains`, e.g. transformer FFNs) get structure cleaning.
+    If ``torch.fx`` cannot trace the model, a graph without channel rules is returned.
     """
     example = example_input(example).head(1)
     positional = _positional(model, example)  # a keyword the model lacks is the caller's error
-    layers, skipped = find_layers(model)
+    found, skipped = find_layers(model)
+    layers = {name: PrunableLayer(name, layer.module, layer.kind, layer.transposed) for name, layer in found.items()}
     try:
         gm = fx.symbolic_trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure means "no graph"
-        log.warning(
-            "torch.fx could not trace %s (%s: %s); pruning layer by layer; structure cleaning "
-            "only for Linear -> elementwise -> Linear chains found by torch.export",
-            type(model).__name__, type(error).__name__, error,
-        )
-        features = {
-            name: tuple(weight_matrix(layer.module).shape[1::-1]) for name, layer in layers.items() if layer.kind == "linear"
-        }
-        return ModelGraph(layers, skipped, chains=find_chains(model, example, features))
+        log.debug("torch.fx could not trace %s (%s: %s)", type(model).__name__, type(error).__name__, error)
+        return ModelGraph(layers, skipped)
     ShapeProp(gm).propagate(*positional)
     graph = ModelGraph(layers, skipped, module=gm)
     _check_single_use(graph)

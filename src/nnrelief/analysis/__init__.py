@@ -33,11 +33,12 @@ from ..inputs import ModelInput
 from .capture import Capture, capture, observing, scope
 from .derive import RuleDeriver
 from .layers import LayerCall, PrunableLayer, find_layers, is_transposed_linear, prunable_kind, weight_matrix
-from .rules import NodeRule, Rule
+from .rules import NodeRule, Rule, map_axis
 from .structure import ResidualJoin, attach_calls, find_joins, find_sites
 
 __all__ = [
     "ChannelGraph", "LayerCall", "NodeRule", "PrunableLayer", "ResidualJoin", "Rule", "activity_key", "analyse", "graph_for",
+    "map_axis",
     "input_key", "is_transposed_linear", "map_key", "observing", "prunable_kind", "weight_matrix",
 ]  # fmt: skip
 

@@ -32,7 +32,7 @@ INNER = "inner"  # the model's attribute name inside the capture wrapper
 _SINK: contextvars.ContextVar[Mapping[str, Callable[[Tensor], Any]] | None] = contextvars.ContextVar("nnrelief_sink", default=None)
 
 
-class _TensorOutputs(nn.Module):
+class TensorOutputs(nn.Module):
     """Calls the model and returns only the tensors of its output (drops caches etc.)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -154,7 +154,7 @@ def _quiet_torch() -> Iterator[None]:
 
 def capture(model: nn.Module, model_input: ModelInput) -> Capture:
     """Export ``model`` (in its current mode) on ``model_input``; raises what export raises."""
-    wrapper = _TensorOutputs(model)
+    wrapper = TensorOutputs(model)
     hooks = [m.register_forward_hook(_identity_views) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_torch():

@@ -1,0 +1,130 @@
+"""The one channel graph on models torch.fx never traced: planted dead neurons and channels are
+removed by a pass (gated MLPs, Hugging Face conv nets, shared modules, torch.nn transformer
+blocks), layers the rules cannot score are listed with a reason, and the capture is reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nnrelief
+from nnrelief.analysis import analyse, map_axis
+from nnrelief.inputs import ModelInput
+from nnrelief.masks import current_mask
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50
+
+
+def _text(batch: int = 8, tokens: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, VOCAB, (batch, tokens), generator=generator)}
+
+
+def _rows_removed(module: nn.Module, rows: slice) -> bool:
+    mask = current_mask(module, "weight")
+    bias = current_mask(module, "bias")
+    return not mask[rows].any() and (bias is None or not bias[rows].any())
+
+
+def test_map_axis_follows_flatten_reshape_and_channels_last() -> None:
+    assert map_axis((None, 16, 8, 8), 1, (None, 1024)) == (1, 1, 64)  # NCHW flatten: blocks of 64
+    assert map_axis((None, 8, 8, 16), 3, (None, 1024)) == (1, 64, 1)  # channels-last: interleaved
+    assert map_axis((None, 12, 64), 2, (None, 64)) == (1, 1, 1)  # (B, T, F) -> (B*T, F)
+    assert map_axis((None, 12, 32), 2, (None, 12, 4, 8)) is None  # split into heads: not followed
+
+
+def test_llama_gated_mlp_neurons_die_with_their_down_projection_column() -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight[:, :8] = 0.0  # intermediate neurons 0..7 feed nothing
+    report = nnrelief.prune(model, [_text()], alpha_fc=0.95, progress=False)
+    assert report.analysis == "channel graph"
+    assert _rows_removed(mlp.gate_proj, slice(0, 8)) and _rows_removed(mlp.up_proj, slice(0, 8))
+    assert current_mask(mlp.gate_proj, "weight")[8:].any(dim=1).all()  # the others live on
+
+
+def test_hf_resnet_filters_of_dead_batchnorm_channels_are_removed() -> None:
+    config = transformers.ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(config).eval()
+    inner = model.resnet.encoder.stages[1].layers[0].layer[0]  # conv -> BN -> ReLU inside a block
+    with torch.no_grad():
+        inner.normalization.weight[:8] = 0.0
+        inner.normalization.bias[:8] = 0.0
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    report = nnrelief.prune(model, [{"pixel_values": x}], alpha_conv=0.95, progress=False)
+    assert report.analysis == "channel graph"
+    assert _rows_removed(inner.convolution, slice(0, 8))
+    consumer = model.resnet.encoder.stages[1].layers[0].layer[1].convolution
+    assert not current_mask(consumer, "weight")[:, :8].any()  # and the kernels reading them
+
+
+class TwiceCalled(nn.Module):
+    """One hidden layer applied to two inputs: its statistics pool both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.head = nn.Linear(6, 8), nn.Linear(16, 2)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.relu(self.shared(a)), torch.relu(self.shared(b))], dim=1))
+
+
+def test_a_module_called_twice_is_cleaned_only_where_both_calls_agree() -> None:
+    torch.manual_seed(0)
+    model = TwiceCalled().eval()
+    with torch.no_grad():
+        model.head.weight[:, 0] = 0.0  # neuron 0 unused by the first call only
+        model.head.weight[:, [1, 9]] = 0.0  # neuron 1 unused by both calls
+    a, b = torch.randn(20, 6), torch.randn(20, 6)
+    graph = analyse(model, ModelInput((a, b)))
+    assert len(graph.layers["shared"].calls) == 2
+    nnrelief.prune(model, [((a, b),)], alpha_fc=1.0, progress=False)
+    alive = current_mask(model.shared, "weight").any(dim=1)
+    assert not alive[1] and alive[0] and alive[2:].all()
+
+
+def test_torch_transformer_encoder_scores_every_linear_and_lists_the_packed_projection() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    report = nnrelief.prune(model, [torch.randn(4, 5, 16)], alpha_fc=0.9, progress=False)
+    names = {entry.name for entry in report.layers}
+    for index in range(2):
+        assert {f"0.layers.{index}.linear1", f"0.layers.{index}.linear2", f"0.layers.{index}.self_attn.out_proj"} <= names
+        assert "packed query/key/value" in report.skipped[f"0.layers.{index}.self_attn"]
+
+
+def test_recurrent_layers_are_listed_as_skipped() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(x)[0])
+
+    report = nnrelief.prune(Tagger().eval(), [torch.randn(3, 5, 4)], progress=False)
+    assert "recurrent" in report.skipped["rnn"]
+
+
+def test_the_capture_is_reused_until_the_modules_change() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = ModelInput((torch.randn(5, 6),))
+    first = analyse(model, x)
+    assert analyse(model, ModelInput((torch.randn(9, 6),))) is first  # another batch size: same capture
+    nnrelief.prune(model, [x.args[0]], progress=False)  # adds masks: the modules changed
+    second = analyse(model, x)
+    assert second is not first and analyse(model, x) is second
