@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 50
 
 
-def _text(batch: int = 8, tokens: int = 10) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def _text(batch: int = 8, tokens: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(0, VOCAB, (batch, tokens), generator=generator)}
 
 
@@ -50,6 +50,13 @@ def test_llama_gated_mlp_neurons_die_with_their_down_projection_column() -> None
     assert report.analysis == "channel graph"
     assert _rows_removed(mlp.gate_proj, slice(0, 8)) and _rows_removed(mlp.up_proj, slice(0, 8))
     assert current_mask(mlp.gate_proj, "weight")[8:].any(dim=1).all()  # the others live on
+    small = nnrelief.compact(model, _text(2, seed=1))
+    assert type(small) is type(model)  # narrowed in place: the user's class
+    narrowed = small.model.layers[0].mlp
+    assert narrowed.gate_proj.out_features == narrowed.up_proj.out_features == narrowed.down_proj.in_features <= 56
+    other = _text(4, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(small(**other).logits, model(**other).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_hf_resnet_filters_of_dead_batchnorm_channels_are_removed() -> None:
@@ -68,6 +75,13 @@ def test_hf_resnet_filters_of_dead_batchnorm_channels_are_removed() -> None:
     assert _rows_removed(inner.convolution, slice(0, 8))
     consumer = model.resnet.encoder.stages[1].layers[0].layer[1].convolution
     assert not current_mask(consumer, "weight")[:, :8].any()  # and the kernels reading them
+    small = nnrelief.compact(model, {"pixel_values": x[:2]})
+    assert type(small) is type(model)
+    narrowed = small.resnet.encoder.stages[1].layers[0].layer
+    assert narrowed[0].convolution.out_channels == narrowed[0].normalization.num_features == narrowed[1].convolution.in_channels <= 24
+    other = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(pixel_values=other).logits, model(pixel_values=other).logits, rtol=1e-4, atol=1e-5)
 
 
 class TwiceCalled(nn.Module):

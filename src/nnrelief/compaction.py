@@ -122,16 +122,26 @@ def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> n
 
 
 def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:
-    """Zero the BatchNorm entries of gated-off shortcut channels (exact in eval mode)."""
+    """Make the shortcut gates part of the model, exactly and with torch modules only: a gated
+    affine BatchNorm gets its gated-off entries zeroed; any other gated module is followed by
+    a depthwise 1x1 ``nn.Conv2d`` whose weights are the gate (0 or 1 per channel), which the
+    narrowing then treats as any layer (a gated-off channel it alone carries goes)."""
     for name, gate in gates.items():
         module = model.get_submodule(name)
         if bool(gate.all()):
             continue
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine:
-            raise Declined(f"shortcut {name} is gated but is not an affine BatchNorm to fold the gate into")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            with torch.no_grad():
+                module.weight[~gate.to(module.weight.device)] = 0.0
+                module.bias[~gate.to(module.bias.device)] = 0.0
+            continue
+        like = next(model.parameters())
+        scale = nn.Conv2d(len(gate), len(gate), 1, groups=len(gate), bias=False).to(like.device, like.dtype)
         with torch.no_grad():
-            module.weight[~gate.to(module.weight.device)] = 0.0
-            module.bias[~gate.to(module.bias.device)] = 0.0
+            scale.weight.copy_(gate.to(like.device, like.dtype).view(-1, 1, 1, 1))
+        parent, _, attribute = name.rpartition(".")
+        replacement = scale if isinstance(module, nn.Identity) else nn.Sequential(module, scale)
+        setattr(model.get_submodule(parent), attribute, replacement)
 
 
 def _outputs(model: nn.Module, example: ModelInput) -> tuple[Tensor, ...]:
