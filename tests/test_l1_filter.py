@@ -190,5 +190,5 @@ def test_resnet20_block_internal_convs_only():
 
 
 def test_a_net_without_filter_layers_is_refused():
-    with pytest.raises(ValueError, match="no conv layer whose filters can be removed"):
+    with pytest.raises(ValueError, match="LeNet300100 has no conv layer whose filters L1-filter pruning can remove"):
         filter_layers(lenet300_100(), (1, 28, 28))

@@ -42,7 +42,7 @@ from . import __version__, distributed
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
-from .experiments.compare import BASELINES, run_comparison
+from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, RECORDED_FIELDS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
@@ -310,15 +310,17 @@ def _add_results(commands: Any) -> None:
 
 def _add_compare(commands: Any) -> None:
     compare = commands.add_parser(
-        "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
+        "compare", help="NNrelief vs magnitude, global magnitude, random and L1-filter pruning at equal weights or MACs",
         description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
         "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
-        "NNrelief's per-layer counts, global magnitude to its total count, at every iteration. Writes "
-        "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
+        "NNrelief's per-layer counts, global magnitude to its total count, L1-norm filter pruning (conv nets) "
+        "to its MACs, at every iteration. Writes <run folder>/compare/compare.csv, .json, .md and the figures "
+        "compare.png (accuracy vs remaining weights) and compare-macs.png (accuracy vs MACs); resumes when run again.",
     )  # fmt: skip
     _add_experiment_options(compare, preset=None)
-    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
-                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
+    defaults = [name for name in DEFAULT_METHODS if name in BASELINES]
+    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=defaults, metavar="METHOD",
+                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)})")
     _add_common(compare, top_level=False)
     compare.set_defaults(handler=_cmd_compare)
 
@@ -463,9 +465,28 @@ def _read_text(path: Path) -> str:
 def _cmd_compare(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:
         comparison = run_comparison(experiment, ["nnrelief", *args.methods], progress=_progress(args))
+    figures = _comparison_figures(comparison)
     print(comparison.markdown())
-    print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
+    print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md{''.join(', ' + f for f in figures)})")
     return 0
+
+
+def _comparison_figures(comparison: Comparison) -> list[str]:
+    """Draw compare.png (accuracy vs remaining weights) and compare-macs.png (vs MACs) and
+    link them from compare.md; none without matplotlib (a warning says so)."""
+    from .reporting import MissingPlotDependencyError, plot_comparison
+
+    cfg = comparison.experiment.cfg
+    title = f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}"
+    figures = {"compare.png": ("weights", "test accuracy vs remaining weights"), "compare-macs.png": ("macs", "test accuracy vs MACs")}
+    try:
+        for name, (x, _) in figures.items():
+            plot_comparison(comparison.curves(x), comparison.folder / name, title=title, x=x)
+    except MissingPlotDependencyError as error:
+        logger.warning("no comparison figures: %s", error)
+        return []
+    comparison.write_markdown({name: alt for name, (_, alt) in figures.items()})
+    return list(figures)
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:

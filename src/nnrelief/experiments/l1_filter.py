@@ -146,8 +146,8 @@ def _graph(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
 def _checked(names: list[str], model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(
-            f"l1-filter: {type(model).__name__} has no conv layer whose filters can be removed (convs other than "
-            "the stem whose channels feed only other layers): filter pruning needs a conv net"
+            f"{type(model).__name__} has no conv layer whose filters L1-filter pruning can remove (convs other than "
+            "the stem whose channels feed only other layers): it needs a conv net"
         )
     return names
 
