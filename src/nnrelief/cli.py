@@ -52,11 +52,12 @@ from .models import MODELS
 from .reporting.results import (
     load_results,
     plot_results,
-    results_markdown,
+    results_tables,
     run_results,
     save_results,
     update_marked_blocks,
 )
+from .reporting.seeds import seed_groups
 from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
@@ -293,17 +294,19 @@ def _add_report(commands: Any) -> None:
 
 def _add_results(commands: Any) -> None:
     results = commands.add_parser(
-        "results", help="tables and a figure from results files (nnrelief report RUN --json FILE)",
+        "results", help="tables and figures from results files (nnrelief report RUN --json FILE)",
         description="Read results files and write results.md (one table per file: remaining weights, "
-        "accuracies, MACs, channels, baselines at the same iteration) and results.png (test accuracy "
-        "against remaining weights, NNrelief and baselines).",
+        "accuracies, MACs, channels, baselines at the same iteration; files whose settings differ only "
+        "by seed make one table of the mean and spread per iteration), results.png and results-macs.png "
+        "(test accuracy against remaining weights and against MACs, NNrelief and baselines).",
     )  # fmt: skip
     results.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="results file(s)")
     results.add_argument("-o", "--out-dir", type=Path, required=True, metavar="OUT_DIR", help="output folder")
     results.add_argument("--into", type=Path, metavar="DOC.md",
                          help="also put each file's table into DOC.md between the lines "
                          "'<!-- results: NAME -->' and '<!-- /results: NAME -->' (NAME: the file's name "
-                         "without .json), leaving the rest of DOC.md as it is")  # fmt: skip
+                         "without .json; for runs that differ only by seed their names joined by '+'), "
+                         "leaving the rest of DOC.md as it is")  # fmt: skip
     _add_common(results, top_level=False)
     results.set_defaults(handler=_cmd_results)
 
@@ -435,8 +438,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    loaded = {path.stem: load_results(path) for path in args.files}
-    tables = {name: results_markdown(data) for name, data in loaded.items()}
+    groups = seed_groups({path.stem: load_results(path) for path in args.files})
+    tables = results_tables(groups)
     markdown = "\n".join(tables.values())
     document = None
     if args.into is not None:
@@ -444,12 +447,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
         document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
-    figure = plot_results(list(loaded.values()), args.out_dir / "results.png")
+    figures = [plot_results(list(groups.values()), args.out_dir / name, x=x)
+               for name, x in (("results.png", "weights"), ("results-macs.png", "macs"))]  # fmt: skip
     updated = document is not None and document != old
     if updated:
         save_text(document, args.into)
     print(markdown)  # after every file is written: `| head` must not stop the writing
-    print(f"table: {table}\nfigure: {figure}")
+    print(f"table: {table}")
+    for figure in figures:
+        print(f"figure: {figure}")
     if updated:
         print(f"updated: {args.into}")
     return 0

@@ -38,12 +38,12 @@ def save(fig: Any, path: Path) -> None:
     logger.info("wrote %s", path)
 
 
-def _log_ticks(axis: Any, values: Iterable[float], text: Callable[[float], str]) -> None:
+def _log_ticks(axis: Any, values: Iterable[float], text: Callable[[float], str], narrow_subs: tuple[float, ...]) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     positive = [v for v in values if v > 0]
     narrow = not positive or max(positive) / min(positive) < 10
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
+    axis.set_major_locator(LogLocator(base=10, subs=narrow_subs if narrow else (1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _pos: text(value)))
     axis.set_minor_formatter(NullFormatter())
 
@@ -52,7 +52,7 @@ def percent_axis(axis: Any, values: Iterable[float]) -> None:
     """Ticks of a log-scale percent axis (``axis``: an x or y axis of the plot) as plain
     numbers (``50%``, not ``5 x 10^1``): 1-2-5 per decade, denser when ``values`` span less
     than one."""
-    _log_ticks(axis, values, lambda value: f"{value:g}%")
+    _log_ticks(axis, values, lambda value: f"{value:g}%", (1.0, 1.5, 2.0, 3.0, 5.0, 7.0))
 
 
 def count_text(value: float) -> str:
@@ -64,5 +64,6 @@ def count_text(value: float) -> str:
 
 
 def count_axis(axis: Any, values: Iterable[float]) -> None:
-    """Ticks of a log-scale count axis (MACs) as ``20M``, ``500K``, spaced as :func:`percent_axis`'s."""
-    _log_ticks(axis, values, count_text)
+    """Ticks of a log-scale count axis (MACs) as ``20M``, ``500K``: 1-2-5 per decade, denser
+    (1, 1.5, 2, 3, 4, 5, 6, 8) when ``values`` span less than one."""
+    _log_ticks(axis, values, count_text, (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
