@@ -15,6 +15,7 @@ import torch
 from nnrelief.cli import main
 from nnrelief.experiments.compare import DEFAULT_METHODS, run_comparison
 from nnrelief.experiments.config import ConfigError
+from nnrelief.reporting.results import run_results
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",
@@ -208,6 +209,11 @@ def test_l1_filter_matches_macs_and_resumes_after_an_interruption(tmp_path, monk
         assert abs(int(rows[k]["macs_sparse"]) - target) <= 20_000, "within half a conv2 filter (20*25*64 + 16*500 MACs)"
     history = json.loads((tmp_path / "whole" / "compare" / "l1-filter" / "history.json").read_text())
     assert history["iterations"][1]["report"]["settings"]["macs"] == int(rows[1]["macs_sparse"])
+    baselines = run_results(tmp_path / "whole")["baselines"]  # the rows of `nnrelief report --json`
+    assert [(b["method"], b["iteration"], b["macs"], b["params_remaining"]) for b in baselines] == [
+        ("l1-filter", k, int(rows[k]["macs_sparse"]), int(rows[k]["params_remaining"])) for k in (1, 2)
+    ]
+    assert [b["test_accuracy"] for b in baselines] == [float(rows[k]["test_acc_after"]) for k in (1, 2)]
 
 
 def test_l1_filter_on_a_net_without_convs_is_refused_before_anything_runs(tmp_path, capsys):
