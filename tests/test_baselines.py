@@ -1,9 +1,12 @@
-"""Baseline pruning methods used by `nnrelief compare`."""
+"""Baseline pruning methods used by `nnrelief compare` and their registry."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 from nnrelief.experiments.baselines import global_magnitude_prune, magnitude_prune, random_prune
+from nnrelief.experiments.config import ConfigError
+from nnrelief.experiments.methods import METHODS, Targets, get_method
 from nnrelief.masks import current_mask
 
 
@@ -43,3 +46,17 @@ def test_random_counts_and_no_revival():
     assert [layer.kept for layer in report.layers] == [50, 30]
     assert not (current_mask(model[0]) & ~first).any()
     assert not model[0].weight[~current_mask(model[0])].any()
+
+
+def test_registry_steps_follow_the_targets():
+    assert list(METHODS) == ["nnrelief", "magnitude", "global-magnitude", "random", "l1-filter"]
+    with pytest.raises(ConfigError, match="unknown method 'prune-all'; known: nnrelief, magnitude, global-magnitude, random, l1-filter$"):
+        get_method("prune-all")
+    targets = Targets(kept=[{"0": 3, "2": 2}, {"0": 2, "2": 1}], macs=[5, 3], seed=0, input_shape=(3,))
+    with pytest.raises(ValueError, match="reference"):
+        get_method("nnrelief").step(targets)
+    model = two_layers()
+    step = get_method("magnitude").step(targets)
+    assert [layer.kept for layer in step(model, 1).layers] == [3, 2]
+    assert [layer.kept for layer in step(model, 2).layers] == [2, 1]
+    assert get_method("global-magnitude").step(targets)(two_layers(), 2).kept == 3

@@ -1,4 +1,4 @@
-"""``nnrelief compare``: NNrelief vs magnitude, global magnitude and random pruning."""
+"""``nnrelief compare``: NNrelief vs magnitude, global magnitude, random and L1-filter pruning."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from nnrelief.cli import main
-from nnrelief.experiments.compare import BASELINES, METHODS, run_comparison
+from nnrelief.experiments.compare import DEFAULT_METHODS, run_comparison
 from nnrelief.experiments.config import ConfigError
+from nnrelief.reporting.results import run_results
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--train-subset", "1000",
@@ -22,6 +23,8 @@ SMALL = [
     "--threads", "1", "-q",
 ]  # fmt: skip
 LAYERS = ["fc1", "fc2", "fc3"]
+METHODS = list(DEFAULT_METHODS)  # what runs without --methods
+BASELINES = METHODS[1:]
 
 
 
@@ -55,10 +58,12 @@ def masks(path: Path) -> dict[str, torch.Tensor]:
 
 def test_files_and_tables(compared):
     folder = compared / "compare"
-    data = (folder / "compare.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", data[16:24])
-    assert 800 <= width <= 4000 and 300 <= height <= 3000
+    assert METHODS == ["nnrelief", "magnitude", "global-magnitude", "random"]
+    for figure in ("compare.png", "compare-macs.png"):
+        data = (folder / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", data[16:24])
+        assert 800 <= width <= 4000 and 300 <= height <= 3000
     rows = read_rows(compared)
     assert [(row["method"], row["iteration"]) for row in rows] == [(m, str(k)) for m in METHODS for k in range(3)]
     payload = json.loads((folder / "compare.json").read_text())
@@ -66,9 +71,10 @@ def test_files_and_tables(compared):
     assert len(payload["rows"]) == len(rows)
     assert payload["layer_totals"] == {"fc1": 235500, "fc2": 30100, "fc3": 1010}
     text = (folder / "compare.md").read_text()
-    assert "](compare.png)" in text
+    assert "](compare.png)" in text and "](compare-macs.png)" in text
     table_rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(table_rows) == 2 * 3  # after retraining and right after pruning, iterations 0-2
+    assert len(table_rows) == 3 * 3  # after retraining, right after pruning, weights/MACs; iterations 0-2
+    assert table_rows[-1].split("|")[2].strip() == f"{float(rows[2]['remaining_percent']):.2f} / {int(rows[2]['macs_sparse']):,}"
     header = next(line for line in text.splitlines() if line.startswith("| iter"))
     assert [cell.strip() for cell in header.strip("|").split("|")][3:] == list(METHODS)
     for method in BASELINES:
@@ -130,7 +136,8 @@ def test_resume_extends_every_method(compared, tmp_path):
 
 
 def test_unknown_method():
-    with pytest.raises(ConfigError, match="unknown method"):
+    known = "nnrelief, magnitude, global-magnitude, random, l1-filter"
+    with pytest.raises(ConfigError, match=f"unknown method 'pruneall'; known: {known}$"):
         run_comparison(None, ["nnrelief", "pruneall"])  # type: ignore[arg-type]
 
 
@@ -159,3 +166,58 @@ def test_each_training_phase_is_named_after_its_method(tmp_path, monkeypatch):
                            device="cpu")  # fmt: skip
     run_comparison(Experiment(cfg, tmp_path / "run", progress=False), ["nnrelief", "random"], progress=False)
     assert phases == ["dense training", "retraining, iteration 1", "random retraining, iteration 1"]
+
+
+def l1_rows(run: Path) -> list[dict[str, str]]:
+    return [row for row in read_rows(run) if row["method"] == "l1-filter"]
+
+
+def test_l1_filter_matches_macs_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """LeNet-5 on the demo settings: l1-filter prunes conv2's filters (conv1 is the stem) to
+    NNrelief's MACs at each iteration; killed after its pass of iteration 2 it resumes there,
+    to the rows and weights of an uninterrupted run."""
+    import nnrelief.experiments.experiment as experiment_module
+
+    l1 = [*SMALL, "--model", "lenet5", "--num-iters", "2", "--methods", "l1-filter"]
+    threads = torch.get_num_threads()
+    assert main(["compare", *l1, "--run-dir", str(tmp_path / "whole")]) == 0
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "compare")
+    real_retrain = experiment_module.Experiment.retrain
+
+    def killed(self, model, iteration, folder=None, method=None):
+        if method == "l1-filter" and iteration == 2:
+            raise KeyboardInterrupt
+        return real_retrain(self, model, iteration, folder, method)
+
+    monkeypatch.setattr(experiment_module.Experiment, "retrain", killed)
+    assert main(["compare", *l1, "--run-dir", str(tmp_path / "cut")]) == 130
+    state = torch.load(tmp_path / "cut" / "compare" / "l1-filter" / "relief_state.pt", weights_only=False)
+    assert state["phase"] == "pruned" and state["pending"]["iteration"] == 2
+    monkeypatch.setattr(experiment_module.Experiment, "retrain", real_retrain)
+    assert main(["compare", *l1, "--run-dir", str(tmp_path / "cut")]) == 0
+    torch.set_num_threads(threads)
+    whole, cut = by_method(read_rows(tmp_path / "whole")), by_method(read_rows(tmp_path / "cut"))
+    assert list(whole) == ["nnrelief", "l1-filter"] and cut == whole
+    final = [torch.load(run / "compare" / "l1-filter" / "model-iter2.pt", weights_only=True) for run in (tmp_path / "whole", tmp_path / "cut")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    reference, rows = whole["nnrelief"], whole["l1-filter"]
+    filters = [int(row["alive:conv2"]) for row in rows]
+    assert filters[0] == 50 > filters[1] >= filters[2] and all(int(row["alive:conv1"]) == 20 for row in rows)
+    for k in (1, 2):
+        target = int(reference[k]["macs_sparse"])
+        assert abs(int(rows[k]["macs_sparse"]) - target) <= 20_000, "within half a conv2 filter (20*25*64 + 16*500 MACs)"
+    history = json.loads((tmp_path / "whole" / "compare" / "l1-filter" / "history.json").read_text())
+    assert history["iterations"][1]["report"]["settings"]["macs"] == int(rows[1]["macs_sparse"])
+    baselines = run_results(tmp_path / "whole")["baselines"]  # the rows of `nnrelief report --json`
+    assert [(b["method"], b["iteration"], b["macs"], b["params_remaining"]) for b in baselines] == [
+        ("l1-filter", k, int(rows[k]["macs_sparse"]), int(rows[k]["params_remaining"])) for k in (1, 2)
+    ]
+    assert [b["test_accuracy"] for b in baselines] == [float(rows[k]["test_acc_after"]) for k in (1, 2)]
+
+
+def test_l1_filter_on_a_net_without_convs_is_refused_before_anything_runs(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["compare", *SMALL, "--num-iters", "1", "--methods", "l1-filter", "--run-dir", str(run)]) == 1
+    assert "method l1-filter cannot prune lenet300_100: LeNet300100 has no conv layer" in capsys.readouterr().err
+    assert not (run / "trained.pt").exists()

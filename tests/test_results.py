@@ -21,10 +21,12 @@ from nnrelief.reporting.results import (
     reproduce_command,
     results_markdown,
     results_summary,
+    results_tables,
     run_results,
     update_marked_blocks,
     validate_results,
 )
+from nnrelief.reporting.seeds import Spread, seed_groups, seeds_markdown
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--num-iters", "2",
@@ -122,8 +124,9 @@ def test_results_command_writes_table_and_figure(run, tmp_path, capsys):
     out = tmp_path / "page"
     assert main(["results", str(path), "-o", str(out), "-q"]) == 0
     printed = capsys.readouterr().out
-    assert f"figure: {out / 'results.png'}" in printed
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("results.png", "results-macs.png"):
+        assert f"figure: {out / figure}" in printed
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert table == results_markdown(load_results(path))
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -227,3 +230,81 @@ def test_percent_axis_reads_plain_numbers():
     plt.close(fig)
     assert {"100%", "50%", "10%", "5%", "2%"} <= set(labels), labels
     assert not any("10^" in label or "times" in label for label in labels), labels
+
+
+def seeded(seed: int, accuracies: list[float], remaining: list[float], baseline: list[float], lr: float = 1e-3) -> dict:
+    """A handmade results file of seed ``seed`` with a global-magnitude baseline at NNrelief's remaining weights."""
+    data = handmade(accuracies, remaining)
+    data["settings"].update(seed=seed, lr=lr, device=f"cuda:{seed}", data_dir=f"/data{seed}")
+    data["command"] = f"nnrelief prune --seed {seed}"
+    data["baselines"] = [
+        {"method": "global-magnitude", "iteration": k, "remaining_percent": remaining[k], "test_accuracy": a, "macs": 500 * k}
+        for k, a in enumerate(baseline, start=1)
+    ]  # fmt: skip
+    return data
+
+
+def test_spread_by_hand():
+    spread = Spread.of([0.97, 0.98, 0.99])
+    assert (spread.mean, spread.low, spread.high, spread.n) == (pytest.approx(0.98), 0.97, 0.99, 3)
+    assert spread.std == pytest.approx(0.01)  # sample standard deviation: sqrt((1e-4 + 0 + 1e-4) / 2)
+    assert spread.text(100) == "98.00 ± 1.00 [97.00, 99.00]"
+    assert Spread.of([0.5]).text(100) == "50.00" and Spread.of([0.5]).std == 0.0
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+def test_runs_that_differ_only_by_seed_are_grouped():
+    named = {
+        "s0": seeded(0, [0.9, 0.8], [100.0, 50.0], [0.7]),
+        "other": seeded(0, [0.9, 0.8], [100.0, 50.0], [0.7], lr=0.1),
+        "s1": seeded(1, [0.9, 0.8], [100.0, 50.0], [0.7]),
+    }
+    named["s1"]["settings"]["num_iters"] = 7  # planned iterations, device and data folder do not make a run differ
+    groups = seed_groups(named)
+    assert list(groups) == ["s0+s1", "other"]
+    assert groups["s0+s1"] == [named["s0"], named["s1"]] and groups["other"] == [named["other"]]
+    tables = results_tables(groups)
+    assert tables["other"] == results_markdown(named["other"]), "a single file keeps its table"
+
+
+def test_seed_table_by_hand():
+    group = [
+        seeded(0, [0.90, 0.80, 0.70], [100.0, 50.0, 25.0], [0.78, 0.60]),
+        seeded(1, [0.92, 0.84, 0.74], [100.0, 52.0, 27.0], [0.80, 0.64]),
+        seeded(2, [0.94, 0.82], [100.0, 48.0], [0.82]),  # one iteration fewer
+    ]
+    table = seeds_markdown(group)
+    lines = table.splitlines()
+    assert lines[0].startswith("**m on d**, seeds 0, 1, 2 (cpu, wall time 30 min in all)")
+    assert lines[2] == ("| iter | n | NNrelief remaining (%) | NNrelief test (%) | global-magnitude remaining (%) "
+                        "| global-magnitude test (%) |")  # fmt: skip
+    assert lines[4] == "| 0 | 3 | 100.00 ± 0.00 [100.00, 100.00] | 92.00 ± 2.00 [90.00, 94.00] | - | - |"
+    assert lines[5] == ("| 1 | 3 | 50.00 ± 2.00 [48.00, 52.00] | 82.00 ± 2.00 [80.00, 84.00] "
+                        "| 50.00 ± 2.00 [48.00, 52.00] | 80.00 ± 2.00 [78.00, 82.00] |")  # fmt: skip
+    assert lines[6] == ("| 2 | 2 | 26.00 ± 1.41 [25.00, 27.00] | 72.00 ± 2.83 [70.00, 74.00] "
+                        "| 26.00 ± 1.41 [25.00, 27.00] | 62.00 ± 2.83 [60.00, 64.00] |")  # fmt: skip
+    group[2]["baselines"] = []  # a baseline run on two seeds only
+    assert seeds_markdown(group).splitlines()[5].endswith("| 79.00 ± 1.41 [78.00, 80.00] (n=2) |")
+
+
+def test_results_command_groups_seeds(tmp_path, capsys):
+    files = []
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, 0.01)):
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps(seeded(seed, [0.9 + shift, 0.8 + shift], [100.0, 50.0], [0.7 + shift])))
+        files.append(str(path))
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(seeded(0, [0.9, 0.8], [100.0, 50.0], [0.7], lr=0.1)))
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- results: s0+s1+s2 -->\n<!-- /results: s0+s1+s2 -->\n<!-- results: single -->\n<!-- /results: single -->\n")
+    out = tmp_path / "page"
+    assert main(["results", *files, str(single), "-o", str(out), "--into", str(doc), "-q"]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("results.png", "results-macs.png"):
+        assert f"figure: {out / figure}" in printed
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    groups = seed_groups({Path(f).stem: load_results(f) for f in [*files, single]})
+    assert (out / "results.md").read_text() == "\n".join(results_tables(groups).values())
+    assert "| 1 | 3 | 50.00 ± 0.00 [50.00, 50.00] | 81.00 ± 1.00 [80.00, 82.00] |" in doc.read_text()
+    assert results_markdown(load_results(single)) in doc.read_text()

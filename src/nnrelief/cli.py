@@ -42,7 +42,7 @@ from . import __version__, distributed
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
-from .experiments.compare import BASELINES, run_comparison
+from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, RECORDED_FIELDS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
@@ -52,11 +52,12 @@ from .models import MODELS
 from .reporting.results import (
     load_results,
     plot_results,
-    results_markdown,
+    results_tables,
     run_results,
     save_results,
     update_marked_blocks,
 )
+from .reporting.seeds import seed_groups
 from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
@@ -293,32 +294,36 @@ def _add_report(commands: Any) -> None:
 
 def _add_results(commands: Any) -> None:
     results = commands.add_parser(
-        "results", help="tables and a figure from results files (nnrelief report RUN --json FILE)",
+        "results", help="tables and figures from results files (nnrelief report RUN --json FILE)",
         description="Read results files and write results.md (one table per file: remaining weights, "
-        "accuracies, MACs, channels, baselines at the same iteration) and results.png (test accuracy "
-        "against remaining weights, NNrelief and baselines).",
+        "accuracies, MACs, channels, baselines at the same iteration; files whose settings differ only "
+        "by seed make one table of the mean and spread per iteration), results.png and results-macs.png "
+        "(test accuracy against remaining weights and against MACs, NNrelief and baselines).",
     )  # fmt: skip
     results.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="results file(s)")
     results.add_argument("-o", "--out-dir", type=Path, required=True, metavar="OUT_DIR", help="output folder")
     results.add_argument("--into", type=Path, metavar="DOC.md",
                          help="also put each file's table into DOC.md between the lines "
                          "'<!-- results: NAME -->' and '<!-- /results: NAME -->' (NAME: the file's name "
-                         "without .json), leaving the rest of DOC.md as it is")  # fmt: skip
+                         "without .json; for runs that differ only by seed their names joined by '+'), "
+                         "leaving the rest of DOC.md as it is")  # fmt: skip
     _add_common(results, top_level=False)
     results.set_defaults(handler=_cmd_results)
 
 
 def _add_compare(commands: Any) -> None:
     compare = commands.add_parser(
-        "compare", help="NNrelief vs magnitude, global magnitude and random pruning at equal remaining weights",
+        "compare", help="NNrelief vs magnitude, global magnitude, random and L1-filter pruning at equal weights or MACs",
         description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
         "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
-        "NNrelief's per-layer counts, global magnitude to its total count, at every iteration. Writes "
-        "<run folder>/compare/compare.csv, .json, .md and .png; resumes when run again.",
+        "NNrelief's per-layer counts, global magnitude to its total count, L1-norm filter pruning (conv nets) "
+        "to its MACs, at every iteration. Writes <run folder>/compare/compare.csv, .json, .md and the figures "
+        "compare.png (accuracy vs remaining weights) and compare-macs.png (accuracy vs MACs); resumes when run again.",
     )  # fmt: skip
     _add_experiment_options(compare, preset=None)
-    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
-                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: all)")
+    defaults = [name for name in DEFAULT_METHODS if name in BASELINES]
+    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=defaults, metavar="METHOD",
+                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)})")
     _add_common(compare, top_level=False)
     compare.set_defaults(handler=_cmd_compare)
 
@@ -433,8 +438,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    loaded = {path.stem: load_results(path) for path in args.files}
-    tables = {name: results_markdown(data) for name, data in loaded.items()}
+    groups = seed_groups({path.stem: load_results(path) for path in args.files})
+    tables = results_tables(groups)
     markdown = "\n".join(tables.values())
     document = None
     if args.into is not None:
@@ -442,12 +447,15 @@ def _cmd_results(args: argparse.Namespace) -> int:
         document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
-    figure = plot_results(list(loaded.values()), args.out_dir / "results.png")
+    figures = [plot_results(list(groups.values()), args.out_dir / name, x=x)
+               for name, x in (("results.png", "weights"), ("results-macs.png", "macs"))]  # fmt: skip
     updated = document is not None and document != old
     if updated:
         save_text(document, args.into)
     print(markdown)  # after every file is written: `| head` must not stop the writing
-    print(f"table: {table}\nfigure: {figure}")
+    print(f"table: {table}")
+    for figure in figures:
+        print(f"figure: {figure}")
     if updated:
         print(f"updated: {args.into}")
     return 0
@@ -463,9 +471,28 @@ def _read_text(path: Path) -> str:
 def _cmd_compare(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:
         comparison = run_comparison(experiment, ["nnrelief", *args.methods], progress=_progress(args))
+    figures = _comparison_figures(comparison)
     print(comparison.markdown())
-    print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md, compare.png)")
+    print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md{''.join(', ' + f for f in figures)})")
     return 0
+
+
+def _comparison_figures(comparison: Comparison) -> list[str]:
+    """Draw compare.png (accuracy vs remaining weights) and compare-macs.png (vs MACs) and
+    link them from compare.md; none without matplotlib (a warning says so)."""
+    from .reporting import MissingPlotDependencyError, plot_comparison
+
+    cfg = comparison.experiment.cfg
+    title = f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}"
+    figures = {"compare.png": ("weights", "test accuracy vs remaining weights"), "compare-macs.png": ("macs", "test accuracy vs MACs")}
+    try:
+        for name, (x, _) in figures.items():
+            plot_comparison(comparison.curves(x), comparison.folder / name, title=title, x=x)
+    except MissingPlotDependencyError as error:
+        logger.warning("no comparison figures: %s", error)
+        return []
+    comparison.write_markdown({name: alt for name, (_, alt) in figures.items()})
+    return list(figures)
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:

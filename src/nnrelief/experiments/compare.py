@@ -1,8 +1,9 @@
-"""NNrelief against magnitude and random pruning at equal remaining weights.
+"""NNrelief against other pruning methods at equal remaining weights or equal MACs.
 
 :func:`run_comparison` takes an :class:`~nnrelief.experiments.experiment.Experiment` and runs, from the
 same dense trained weights (``trained.pt``) and with the same retraining (rewind or
-fine-tune, same epochs, batches and seeds per iteration):
+fine-tune, same epochs, batches and seeds per iteration), the methods of the registry
+:data:`~nnrelief.experiments.methods.METHODS`:
 
 * ``nnrelief`` - the experiment itself (:meth:`Experiment.run`; an existing run in the same
   folder is reused and continued);
@@ -10,7 +11,9 @@ fine-tune, same epochs, batches and seeds per iteration):
   NNrelief's remaining count of every layer at every iteration;
 * ``global-magnitude`` - magnitude pruning over all layers together down to NNrelief's
   total remaining count at every iteration;
-* ``random`` - random pruning down to NNrelief's per-layer counts.
+* ``random`` - random pruning down to NNrelief's per-layer counts;
+* ``l1-filter`` - L1-norm filter pruning (Li et al., 2017) down to NNrelief's MACs at
+  every iteration (conv nets; only when asked for).
 
 NNrelief always runs, since its counts are the targets of the others. The baselines need
 no pruning set. Files (under ``<run folder>/compare``, all written atomically)::
@@ -19,11 +22,12 @@ no pruning set. Files (under ``<run folder>/compare``, all written atomically)::
                                 model-iter<k>.pt, history.csv/.json, retrain-<k>.ckpt)
     compare.csv                 one row per method and iteration
     compare.json                the same rows plus the settings
-    compare.md                  test accuracy per iteration, one column per method
-    compare.png                 test accuracy vs remaining weights (log x), one line per method
+    compare.md                  test accuracy per iteration, one column per method; remaining
+                                weights and MACs per method
 
-An interrupted comparison continues after the last finished iteration of each method (and
-inside a retraining, after its last finished epoch) when run again.
+(``nnrelief compare`` adds the figures, :mod:`nnrelief.reporting.accuracy`.) An interrupted
+comparison continues after the last finished iteration of each method (and inside a
+retraining, after its last finished epoch) when run again.
 """
 
 from __future__ import annotations
@@ -36,51 +40,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..report import PruneReport
 from . import runfolder as files
-from .baselines import global_magnitude_prune, magnitude_prune, random_prune
-from .config import ConfigError, derive_seed
+from .config import ConfigError
 from .experiment import Experiment
 from .history import History, IterationRecord
-from .iterative import PruneStep, relieve
+from .iterative import relieve
+from .methods import METHODS, Targets, get_method, layer_targets
 from .runfolder import RunFolder
 
-__all__ = ["BASELINES", "METHODS", "Comparison", "layer_targets", "run_baseline", "run_comparison"]
+__all__ = ["BASELINES", "DEFAULT_METHODS", "Comparison", "run_baseline", "run_comparison"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("nnrelief", "magnitude", "global-magnitude", "random")
-"""All methods; ``nnrelief`` is the reference whose counts the others follow."""
-BASELINES = METHODS[1:]
+BASELINES = tuple(name for name, method in METHODS.items() if method.prune is not None)
+"""Every method but ``nnrelief`` (the reference whose counts and MACs the others follow)."""
+DEFAULT_METHODS = tuple(name for name, method in METHODS.items() if method.default)
+"""The methods run when none are named: all but those that need a kind of model (``l1-filter``)."""
 COMPARE_DIR = "compare"
-
-
-def layer_targets(record: IterationRecord) -> dict[str, int]:
-    """Remaining weights + biases per layer after the pruning pass of ``record``."""
-    if record.report is None:
-        raise ValueError(f"iteration {record.iteration} has no pruning report (the dense model)")
-    return {layer["name"]: layer["weights_kept"] + layer["bias_kept"] for layer in record.report["layers"]}
-
-
-def baseline_step(method: str, targets: Sequence[Mapping[str, int]], seed: int) -> PruneStep:
-    """The prune step of baseline ``method`` whose iteration k prunes to ``targets[k - 1]``
-    (per layer, or in total for ``global-magnitude``)."""
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(BASELINES)}")
-
-    def step(model: nn.Module, iteration: int) -> PruneReport:
-        kept = targets[iteration - 1]
-        if method == "magnitude":
-            return magnitude_prune(model, kept)
-        if method == "global-magnitude":
-            return global_magnitude_prune(model, sum(kept.values()), list(kept))
-        generator = torch.Generator().manual_seed(derive_seed(seed, "random-prune", iteration))
-        return random_prune(model, kept, generator)
-
-    return step
 
 
 def run_baseline(
@@ -89,33 +65,35 @@ def run_baseline(
     """Run baseline ``method`` along the iterations of the NNrelief history ``reference``.
 
     Starts from the experiment's dense trained weights; at iteration k prunes to the
-    counts of ``reference.records[k]`` (per layer, or in total for ``global-magnitude``),
-    evaluates, rewinds if the experiment does, retrains exactly like NNrelief's iteration
-    k and evaluates again: :func:`relieve` with the baseline's prune step, in ``folder``
-    (a run folder of its own, resumable like any run).
+    targets of ``reference.records[k]`` (:class:`~nnrelief.experiments.methods.Targets`:
+    per-layer counts, total count or MACs, as the method says), evaluates, rewinds if the
+    experiment does, retrains exactly like NNrelief's iteration k and evaluates again:
+    :func:`relieve` with the method's prune step, in ``folder`` (a run folder of its own,
+    resumable like any run).
     """
     cfg = experiment.cfg
-    targets = [layer_targets(record) for record in reference.records[1:]]
+    shape = tuple(experiment.train_set.image_shape)
+    step = get_method(method).step(Targets.of(reference, cfg.seed, shape))
     method_folder = RunFolder(folder)
 
     def finished(record: IterationRecord) -> None:
         method_folder.remove(files.retrain_checkpoint(record.iteration))
         logger.info(
-            "%s iteration %d: test accuracy %.4f before / %.4f after retraining, %d/%d weights",
+            "%s iteration %d: test accuracy %.4f before / %.4f after retraining, %d/%d weights, %d MACs",
             method, record.iteration, record.accuracy_before["test"], record.accuracy_after["test"],
-            record.params_remaining, record.params_total,
+            record.params_remaining, record.params_total, record.macs_sparse,
         )  # fmt: skip
 
     return relieve(
         experiment.train_dense(),
-        prune_step=baseline_step(method, targets, cfg.seed),
+        prune_step=step,
         step_settings={"method": method, "seed": cfg.seed},
         train_fn=lambda model, iteration: experiment.retrain(model, iteration, method_folder, method),
         eval_fns=experiment.eval_fns(),
-        num_iters=len(targets),
+        num_iters=len(reference.records) - 1,
         rewind_state=experiment.initial_state(),
         run_dir=folder,
-        input_shape=tuple(experiment.train_set.image_shape),
+        input_shape=shape,
         progress=progress,
         on_iteration_end=finished,
         history_extra={"method": method, "config": cfg.to_dict()},
@@ -168,9 +146,21 @@ class Comparison:
                 rows.append(row)
         return rows
 
+    def curves(self, x: str = "weights") -> dict[str, list[tuple[float, float, float]]]:
+        """Per method and iteration ``(x, test accuracy after retraining, right after
+        pruning)``, accuracies in percent; ``x`` is the remaining weights in percent
+        (``"weights"``) or the sparse MACs (``"macs"``)."""
+        if x not in ("weights", "macs"):
+            raise ValueError(f"x must be 'weights' or 'macs', got {x!r}")
+        return {
+            method: [(r.remaining_percent if x == "weights" else float(r.macs_sparse),
+                      100 * r.accuracy_after["test"], 100 * r.accuracy_before["test"]) for r in history.records]
+            for method, history in self.histories.items()
+        }  # fmt: skip
+
     def markdown(self) -> str:
         """Test accuracy per iteration (rows) and method (columns), after retraining and
-        right after pruning, as Markdown tables."""
+        right after pruning, then remaining weights and MACs per method, as Markdown tables."""
         methods = list(self.histories)
         reference = self.histories["nnrelief"].records
         lines = []
@@ -185,11 +175,19 @@ class Comparison:
                     cells.append(f"{100 * getattr(records[k], which)['test']:.2f}" if k < len(records) else "-")
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-        return "\n".join(lines)
+        lines += ["Remaining weights (%) / MACs (unpruned weights, one input):", ""]
+        lines += ["| iter | " + " | ".join(methods) + " |", "|" + "---:|" * (1 + len(methods))]
+        for k, ref in enumerate(reference):
+            cells = [str(ref.iteration)]
+            for method in methods:
+                records = self.histories[method].records
+                cells.append(f"{records[k].remaining_percent:.2f} / {records[k].macs_sparse:,}" if k < len(records) else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
 
     def write(self) -> dict[str, Path]:
-        """Write ``compare.csv``, ``compare.json``, ``compare.md`` and ``compare.png``
-        (the figure only if matplotlib is installed). Returns the written paths."""
+        """Write ``compare.csv``, ``compare.json`` and ``compare.md`` (:meth:`write_markdown`
+        without figures). Returns the written paths."""
         folder = self.folder
         rows = self.rows()
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -197,47 +195,50 @@ class Comparison:
         writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        paths = {"csv": folder / "compare.csv", "json": folder / "compare.json", "md": folder / "compare.md"}
         out = RunFolder(folder)
-        out.write_text(paths["csv"].name, text.getvalue())
+        out.write_text("compare.csv", text.getvalue())
         cfg = self.experiment.cfg
         payload = {"run_dir": str(self.experiment.run_dir), "config": cfg.to_dict(), "methods": list(self.histories),
                    "layer_totals": self.layer_totals(), "rows": rows}  # fmt: skip
-        out.write_json(paths["json"].name, payload)
+        out.write_json("compare.json", payload)
+        return {"csv": folder / "compare.csv", "json": folder / "compare.json", "md": self.write_markdown()}
+
+    def write_markdown(self, figures: Mapping[str, str] | None = None) -> Path:
+        """Write ``compare.md``: the settings, what each method prunes to, the ``figures``
+        (file name in the comparison folder -> alt text) and :meth:`markdown`."""
+        cfg = self.experiment.cfg
         retrain = "rewind to init" if cfg.rewind else "fine-tune"
-        header = [
-            "# Pruning methods at equal remaining weights", "",
+        lines = [
+            "# Pruning methods at NNrelief's remaining weights or MACs", "",
             (f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}; {cfg.retrain_epochs} retraining "
              f"epochs per iteration ({retrain}); NNrelief alpha_fc {cfg.alpha_fc:g}, alpha_conv {cfg.alpha_conv:g}. "
-             "magnitude and random prune every layer to NNrelief's remaining count of that layer, global-magnitude "
-             "to NNrelief's total; all start from the same dense weights and retrain identically."), "",
+             "All start from the same dense weights and retrain identically; at every iteration they prune to:"), "",
         ]  # fmt: skip
-        try:
-            from ..reporting import MissingPlotDependencyError, plot_comparison
-
-            curves = {
-                method: [(r.remaining_percent, 100 * r.accuracy_after["test"], 100 * r.accuracy_before["test"])
-                         for r in history.records]
-                for method, history in self.histories.items()
-            }  # fmt: skip
-            paths["png"] = folder / "compare.png"
-            plot_comparison(curves, paths["png"], title=f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}")
-            header += ["![test accuracy vs remaining weights](compare.png)", ""]
-        except MissingPlotDependencyError as error:
-            paths.pop("png")
-            logger.warning("no compare.png: %s", error)
-        out.write_text(paths["md"].name, "\n".join(header) + "\n" + self.markdown())
-        return paths
+        lines += [f"* {method}: {get_method(method).matches}" for method in self.histories if method != "nnrelief"]
+        lines.append("")
+        for name, alt in (figures or {}).items():
+            lines += [f"![{alt}]({name})", ""]
+        path = self.folder / "compare.md"
+        RunFolder(self.folder).write_text(path.name, "\n".join(lines) + "\n" + self.markdown())
+        return path
 
 
 def run_comparison(
-    experiment: Experiment, methods: Sequence[str] = METHODS, *, progress: bool = True
+    experiment: Experiment, methods: Sequence[str] = DEFAULT_METHODS, *, progress: bool = True
 ) -> Comparison:
     """Run NNrelief (the experiment) and the given baselines, and write the comparison
-    files into ``<run folder>/compare`` (see the module docstring)."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    files into ``<run folder>/compare`` (see the module docstring). An unknown method, or
+    one that cannot prune the experiment's model, is refused before anything runs."""
+    for name in methods:
+        get_method(name)
+    shape = tuple(experiment.train_set.image_shape)
+    for name in methods:
+        check = get_method(name).check
+        if check is not None:
+            try:
+                check(experiment.initial_model(), shape)
+            except ValueError as error:
+                raise ConfigError(f"method {name} cannot prune {experiment.cfg.model}: {error}") from None
     reference = experiment.run()
     limit = experiment.cfg.num_iters
     if reference.records[-1].iteration > limit:  # the run folder holds a longer run

@@ -1,6 +1,6 @@
 """Figures 4-5 of the paper: test accuracy and remaining weights across iterations, several
-runs overlaid (:func:`plot_accuracy`); and accuracy vs remaining weights of several pruning
-methods (:func:`plot_comparison`, used by ``nnrelief compare``)."""
+runs overlaid (:func:`plot_accuracy`); and accuracy vs remaining weights or MACs of several
+pruning methods (:func:`plot_comparison`, used by ``nnrelief compare``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .figures import percent_axis, pyplot, save
+from .figures import count_axis, percent_axis, pyplot, save
 from .runs import RunData, unique_labels
 
 
@@ -64,17 +64,28 @@ def plot_accuracy(runs: Sequence[RunData], path: str | os.PathLike[str]) -> str:
     )
 
 
+_X_AXES = {
+    "weights": ("remaining weights and biases (%, log)", percent_axis),
+    "macs": ("MACs of one input, unpruned weights (log)", count_axis),
+}
+
+
 def plot_comparison(
     curves: Mapping[str, Sequence[tuple[float, float, float]]],
     path: str | os.PathLike[str],
     *,
     title: str = "",
+    x: str = "weights",
 ) -> None:
-    """Test accuracy vs remaining weights (log x), one line per method.
+    """Test accuracy vs remaining weights or MACs (log x), one line per method.
 
-    ``curves[method]`` lists ``(remaining percent, accuracy after retraining, accuracy
-    right after pruning)`` per iteration, accuracies in percent.
+    ``curves[method]`` lists ``(x value, accuracy after retraining, accuracy right after
+    pruning)`` per iteration, accuracies in percent; the x values are remaining weights in
+    percent (``x="weights"``) or MACs (``x="macs"``).
     """
+    if x not in _X_AXES:
+        raise ValueError(f"x must be one of {sorted(_X_AXES)}, got {x!r}")
+    label, ticks = _X_AXES[x]
     plt = pyplot()
     fig, (after, before) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained", sharex=True)
     markers = "osD^v<>p"
@@ -86,8 +97,8 @@ def plot_comparison(
         before.plot(xs, [p[2] for p in points], **style)
     for ax, what in ((after, "after retraining"), (before, "right after pruning (before retraining)")):
         ax.set_xscale("log")
-        percent_axis(ax.xaxis, [p[0] for points in curves.values() for p in points])
-        ax.set_xlabel("remaining weights and biases (%, log)")
+        ticks(ax.xaxis, [p[0] for points in curves.values() for p in points])
+        ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"test accuracy {what}", fontsize=10)
         ax.grid(which="both", alpha=0.3)

@@ -1,4 +1,4 @@
-"""Reproduction results: one JSON file per run, and the tables and figure made from them.
+"""Reproduction results: one JSON file per run, and the tables and figures made from them.
 
 A results file (``nnrelief report RUN --json FILE``) holds what a reader of a paper's table
 needs and nothing that depends on this package's internals::
@@ -13,7 +13,8 @@ needs and nothing that depends on this package's internals::
 
 Accuracies are fractions in [0, 1]; iteration 0 is the dense model; ``macs`` counts the
 unpruned weights of one input. Baselines come from ``nnrelief compare`` (the run's
-``compare/<method>/history.json``). Reading a run folder never writes to it.
+``compare/<method>/history.json``). Reading a run folder never writes to it. Files of runs
+that differ only by seed make one table and one set of lines (:mod:`.seeds`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from ..experiments.config import RECORDED_FIELDS, ConfigError, ExperimentConfig
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 from ..fileio import save_text
-from .figures import percent_axis, pyplot, save
+from .figures import count_axis, percent_axis, pyplot, save
 from .runs import load_run
+from .seeds import Spread, seeds_markdown, spreads
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -41,6 +43,7 @@ __all__ = [
     "reproduce_command",
     "results_markdown",
     "results_summary",
+    "results_tables",
     "run_results",
     "save_results",
     "update_marked_blocks",
@@ -293,26 +296,55 @@ def update_marked_blocks(text: str, blocks: Mapping[str, str], source: str = "do
     return text
 
 
-def plot_results(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Test accuracy against remaining weights (log x) for each results file: NNrelief's
-    iterations as a line, each baseline method as its own line; dense accuracy dotted."""
+def results_tables(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, str]:
+    """The Markdown table of each group of :func:`~nnrelief.reporting.seeds.seed_groups`, by
+    name: :func:`results_markdown` for one file, :func:`~nnrelief.reporting.seeds.seeds_markdown`
+    for runs that differ only by seed."""
+    return {name: results_markdown(group[0]) if len(group) == 1 else seeds_markdown(group) for name, group in groups.items()}
+
+
+_X_AXES = {
+    "weights": ("remaining_percent", "remaining weights (%)", percent_axis),
+    "macs": ("macs", "MACs of one input (unpruned weights)", count_axis),
+}
+
+
+def _line(axis: Any, points: Mapping[int, tuple[float, Spread]], **style: Any) -> Any:
+    """Accuracy (percent) against x, with the standard deviation over seeds as error bars."""
+    xs = [x for x, _ in points.values()]
+    ys = [100 * spread.mean for _, spread in points.values()]
+    if all(spread.n == 1 for _, spread in points.values()):
+        return axis.plot(xs, ys, **style)[0]
+    return axis.errorbar(xs, ys, yerr=[100 * spread.std for _, spread in points.values()], capsize=3, **style).lines[0]
+
+
+def _points(group: Sequence[Mapping[str, Any]], method: str | None, key: str) -> dict[int, tuple[float, Spread]]:
+    """Per iteration the mean x and the spread of the test accuracy (iterations with both)."""
+    xs, accuracy = spreads(group, method, key), spreads(group, method, "test_accuracy")
+    return {iteration: (xs[iteration].mean, accuracy[iteration]) for iteration in xs if iteration in accuracy}
+
+
+def plot_results(groups: Sequence[Sequence[Mapping[str, Any]]], path: str | os.PathLike[str], *, x: str = "weights") -> Path:
+    """Test accuracy against remaining weights (``x="weights"``) or MACs (``x="macs"``), log
+    x, for each group of results files (one file, or runs that differ only by seed: their
+    mean, the standard deviation as error bars): NNrelief's iterations as a line, each
+    baseline method as its own line; dense accuracy dotted."""
+    key, label, ticks = _X_AXES[x]
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
-    for data in results:
-        label = f"{data['model']} / {data['dataset']}"
-        rows = data["iterations"]
-        line = axis.plot([r["remaining_percent"] for r in rows], [100 * r["test_accuracy"] for r in rows],
-                         marker="o", label=f"NNrelief, {label}")[0]  # fmt: skip
-        axis.axhline(100 * rows[0]["test_accuracy"], color=line.get_color(), linestyle=":", linewidth=1)
-        for method in sorted({b["method"] for b in data["baselines"]}):
-            points = [b for b in data["baselines"] if b["method"] == method]
-            axis.plot([b["remaining_percent"] for b in points], [100 * b["test_accuracy"] for b in points],
-                      marker="s", linestyle="--", label=f"{method}, {label}")  # fmt: skip
+    for group in groups:
+        first = group[0]
+        name = f"{first['model']} / {first['dataset']}" + (f", {len(group)} seeds" if len(group) > 1 else "")
+        nnrelief = _points(group, None, key)
+        line = _line(axis, nnrelief, marker="o", label=f"NNrelief, {name}")
+        axis.axhline(100 * spreads(group, None, "test_accuracy")[0].mean, color=line.get_color(), linestyle=":", linewidth=1)
+        for method in sorted({b["method"] for data in group for b in data["baselines"]}):
+            _line(axis, _points(group, method, key), marker="s", linestyle="--", label=f"{method}, {name}")
     axis.set_xscale("log")
     axis.invert_xaxis()
-    everything = [row["remaining_percent"] for data in results for row in [*data["iterations"], *data["baselines"]]]
-    percent_axis(axis.xaxis, everything)
-    axis.set_xlabel("remaining weights (%)")
+    rows = [row for group in groups for data in group for row in [*data["iterations"], *data["baselines"]]]
+    ticks(axis.xaxis, [row[key] for row in rows if key in row])
+    axis.set_xlabel(label)
     axis.set_ylabel("test accuracy (%)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)

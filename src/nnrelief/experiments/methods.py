@@ -1,0 +1,134 @@
+"""The pruning methods of ``nnrelief compare`` by name: a registry of prune-step strategies.
+
+Each :class:`Method` turns what NNrelief reached after each of its pruning passes
+(:class:`Targets`) into the :data:`~nnrelief.experiments.iterative.PruneStep` of a baseline
+run, whose iteration k prunes to NNrelief's iteration k:
+
+* ``nnrelief`` - the reference, NNrelief's own pass (run by
+  :meth:`~nnrelief.experiments.experiment.Experiment.run` in the run folder itself);
+* ``magnitude`` - layer-wise magnitude pruning to NNrelief's count of every layer;
+* ``global-magnitude`` - magnitude pruning over all layers to NNrelief's total count;
+* ``random`` - random pruning to NNrelief's per-layer counts;
+* ``l1-filter`` - L1-norm filter pruning to NNrelief's MACs (:mod:`.l1_filter`; conv nets).
+
+A new method is one more entry of :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..report import PruneReport
+from .baselines import global_magnitude_prune, magnitude_prune, random_prune
+from .config import ConfigError, derive_seed
+from .history import History, IterationRecord
+from .iterative import PruneStep
+from .l1_filter import filter_layers, l1_filter_prune
+
+__all__ = ["METHODS", "Method", "Targets", "get_method", "layer_targets"]
+
+
+def layer_targets(record: IterationRecord) -> dict[str, int]:
+    """Remaining weights + biases per layer after the pruning pass of ``record``."""
+    if record.report is None:
+        raise ValueError(f"iteration {record.iteration} has no pruning report (the dense model)")
+    return {layer["name"]: layer["weights_kept"] + layer["bias_kept"] for layer in record.report["layers"]}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What NNrelief's pruning passes left, entry k - 1 for iteration k.
+
+    Attributes:
+        kept: per layer, the remaining weights + biases.
+        macs: the sparse MACs (the history's ``macs_sparse``).
+        seed: the run's seed.
+        input_shape: one input's shape (for counting MACs).
+    """
+
+    kept: list[dict[str, int]]
+    macs: list[int]
+    seed: int
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, reference: History, seed: int, input_shape: tuple[int, ...]) -> Targets:
+        """The targets of NNrelief's history ``reference`` (iteration 0, the dense model, has none)."""
+        records = reference.records[1:]
+        return cls([layer_targets(r) for r in records], [r.macs_sparse for r in records], seed, tuple(input_shape))
+
+
+Prune = Callable[[nn.Module, Targets, int], PruneReport]
+"""Prunes a model in place for an iteration k to ``targets`` entry k - 1."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method of a comparison.
+
+    Attributes:
+        name: its name (``--methods``, the ``compare/<name>/`` folder, table columns).
+        matches: what it prunes to, one sentence for ``compare.md``.
+        prune: the pruning rule of a baseline; ``None`` for ``nnrelief``, the reference.
+        default: run when no methods are named.
+        check: raises ``ValueError`` when the method cannot prune a model (given the
+            model and one input's shape), before anything runs.
+    """
+
+    name: str
+    matches: str
+    prune: Prune | None = None
+    default: bool = True
+    check: Callable[[nn.Module, tuple[int, ...]], object] | None = None
+
+    def step(self, targets: Targets) -> PruneStep:
+        """The baseline's prune step along ``targets``."""
+        if self.prune is None:
+            raise ValueError(f"{self.name} is the reference: it has no targets to follow")
+        prune = self.prune
+        return lambda model, iteration: prune(model, targets, iteration)
+
+
+def _magnitude(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+    return magnitude_prune(model, targets.kept[iteration - 1])
+
+
+def _global_magnitude(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+    kept = targets.kept[iteration - 1]
+    return global_magnitude_prune(model, sum(kept.values()), list(kept))
+
+
+def _random(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+    generator = torch.Generator().manual_seed(derive_seed(targets.seed, "random-prune", iteration))
+    return random_prune(model, targets.kept[iteration - 1], generator)
+
+
+def _l1_filter(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+    return l1_filter_prune(model, targets.macs[iteration - 1], targets.input_shape)
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("nnrelief", "NNrelief's own pass (the reference)"),
+        Method("magnitude", "every layer to NNrelief's remaining count of that layer (largest |w|)", _magnitude),
+        Method("global-magnitude", "NNrelief's total remaining count, largest |w| over all layers", _global_magnitude),
+        Method("random", "every layer to NNrelief's remaining count of that layer, at random", _random),
+        Method("l1-filter", "NNrelief's MACs, by removing one uniform fraction of the filters of the smallest L1 "
+               "norm per conv layer (Li et al. 2017; not the stem nor residual-stream convs)",
+               _l1_filter, default=False, check=filter_layers),  # fmt: skip
+    )
+}
+"""Every method by name; ``nnrelief`` first."""
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; :class:`ConfigError` listing the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
