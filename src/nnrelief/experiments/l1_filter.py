@@ -36,8 +36,9 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
+from ..analysis import ChannelGraph, Rule, analyse, is_transposed_linear, weight_matrix
 from ..cleaning import LayerMask, clean
-from ..graph import ModelGraph, Rule, build_graph, is_transposed_linear, weight_matrix
+from ..inputs import ModelInput
 from ..masks import current_mask, gate_of, is_masked, set_mask
 from ..metrics import effective_tensor, layer_macs
 from ..report import PruneReport, build_report
@@ -88,7 +89,7 @@ def bisect_fraction(cost: Callable[[Fraction], float], target: float, fractions:
     return fractions[low] if cost(fractions[low]) - target < target - cost(fractions[high]) else fractions[high]
 
 
-def _users(graph: ModelGraph) -> dict[str, list[str]]:
+def _users(graph: ChannelGraph) -> dict[str, list[str]]:
     users: dict[str, list[str]] = {}
     for name, rule in graph.rules.items():
         for source in rule.inputs:
@@ -96,9 +97,9 @@ def _users(graph: ModelGraph) -> dict[str, list[str]]:
     return users
 
 
-def _reads_model_input(graph: ModelGraph, node: str) -> bool:
+def _reads_model_input(graph: ChannelGraph, node: str) -> bool:
     """Whether ``node`` depends on a model input through no prunable layer."""
-    placeholders = {n.name for n in graph.module.graph.nodes if n.op == "placeholder"}
+    placeholders = {n.name for n in graph.capture.graph.nodes if n.op == "placeholder"}
     stack, seen = [node], set()
     while stack:
         name = stack.pop()
@@ -111,7 +112,7 @@ def _reads_model_input(graph: ModelGraph, node: str) -> bool:
     return False
 
 
-def _feeds_layers_only(graph: ModelGraph, users: dict[str, list[str]], node: str) -> bool:
+def _feeds_layers_only(graph: ChannelGraph, users: dict[str, list[str]], node: str) -> bool:
     """Whether every path from ``node`` reaches a prunable layer's input through
     zero-preserving channel-wise ops and flattens only."""
     stack = [node]
@@ -126,20 +127,28 @@ def _feeds_layers_only(graph: ModelGraph, users: dict[str, list[str]], node: str
     return True
 
 
-def _filter_layers(graph: ModelGraph) -> list[str]:
+def _filter_layers(graph: ChannelGraph) -> list[str]:
     users = _users(graph)
     return [
         name for name, layer in graph.layers.items()
         if layer.kind == "conv" and layer.structured and getattr(layer.module, "groups", 1) == 1
-        and not _reads_model_input(graph, layer.input_node) and _feeds_layers_only(graph, users, layer.node)
+        and not any(_reads_model_input(graph, call.input_node) for call in layer.calls)
+        and all(_feeds_layers_only(graph, users, call.node) for call in layer.calls)
     ]  # fmt: skip
 
 
-def _graph(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
+def _graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
     weight = next(model.parameters())
-    graph = build_graph(model, torch.zeros(1, *input_shape, device=weight.device, dtype=weight.dtype))
+    example = ModelInput((torch.zeros(2, *input_shape, device=weight.device, dtype=weight.dtype),))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        graph = analyse(model, example)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
     if not graph.traced:
-        raise ValueError(f"l1-filter needs a torch.fx-traceable model; {type(model).__name__} is not")
+        raise ValueError(f"l1-filter needs a model torch.export can capture; {type(model).__name__} is not ({graph.reason})")
     return graph
 
 
