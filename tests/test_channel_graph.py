@@ -142,3 +142,85 @@ def test_the_capture_is_reused_until_the_modules_change() -> None:
     nnrelief.prune(model, [x.args[0]], progress=False)  # adds masks: the modules changed
     second = analyse(model, x)
     assert second is not first and analyse(model, x) is second
+
+
+class AudioNet(nn.Module):
+    """A Conv1d front end (waveform -> features) with BatchNorm1d, a residual 1-d block, pooling and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv1d(1, 16, 9, stride=4, padding=4), nn.BatchNorm1d(16)
+        self.conv1, self.bn1 = nn.Conv1d(16, 24, 3, padding=1), nn.BatchNorm1d(24)
+        self.conv2, self.bn2 = nn.Conv1d(24, 16, 3, padding=1), nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(wave)))
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.head(x.mean(dim=2))
+
+
+class TinyUNet(nn.Module):
+    """Down, bottleneck, ConvTranspose2d up and a skip concatenation along channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.bn_down = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mid, self.bn_mid = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fuse, self.bn_fuse = nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.bn_down(self.down(x)))
+        y = torch.relu(self.bn_mid(self.mid(skip)))
+        y = torch.relu(self.up(y))
+        return self.out(torch.relu(self.bn_fuse(self.fuse(torch.cat([y, skip], dim=1)))))
+
+
+def _plant_dead(norm: nn.Module, count: int) -> None:
+    with torch.no_grad():
+        norm.weight[:count] = 0.0
+        norm.bias[:count] = 0.0
+
+
+def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def _same_outputs(small: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_conv1d_audio_net_prunes_cleans_and_compacts_in_place() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 64)
+    model = _calibrated(AudioNet(), x)
+    _plant_dead(model.bn1, 6)  # six filters of conv1 dead: their kernels in conv2 go too
+    report = nnrelief.prune(model, [x], alpha_conv=0.95, alpha_fc=0.95, progress=False)
+    assert {"stem", "conv1", "conv2"} <= {entry.name for entry in report.layers} and not report.skipped
+    assert _rows_removed(model.conv1, slice(0, 6)) and not current_mask(model.conv2, "weight")[:, :6].any()
+    small = nnrelief.compact(model, x[:2])
+    assert type(small) is AudioNet and small.conv1.out_channels <= 18 and small.conv2.in_channels == small.conv1.out_channels
+    _same_outputs(small, model, torch.randn(4, 1, 64))
+
+
+def test_unet_with_transposed_conv_and_skip_concatenation() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    model = _calibrated(TinyUNet(), x)
+    _plant_dead(model.bn_mid, 4)  # dead bottleneck channels: the transposed conv's inputs from them go
+    with torch.no_grad():
+        model.fuse.weight[:, 8:11] = 0.0  # three skip channels no one reads: the down filters go
+        model.mid.weight[:, :3] = 0.0
+    nnrelief.prune(model, [x], alpha_conv=0.98, progress=False)
+    assert not current_mask(model.up, "weight")[:4].any()  # ConvTranspose2d weight: (in, out, kh, kw)
+    assert _rows_removed(model.down, slice(0, 3))
+    small = nnrelief.compact(model, x[:2])
+    assert type(small) is TinyUNet and small.up.in_channels <= 12 and small.down.out_channels <= 5
+    assert small.fuse.in_channels == small.up.out_channels + small.down.out_channels
+    _same_outputs(small, model, torch.randn(3, 3, 8, 8))

@@ -161,3 +161,46 @@ def test_conv_norm_sum_does_not_depend_on_the_chunking(in_channels: int, out_cha
     one_at_a_time = conv_norm_sum(abs_x, abs_w, conv, budget=ChunkBudget(1, 1))
     all_at_once = conv_norm_sum(abs_x, abs_w, conv, budget=ChunkBudget(2**30, 2**30))
     assert torch.allclose(one_at_a_time, all_at_once, rtol=1e-6)
+
+
+def _slow_transposed_norms(x: torch.Tensor, weight: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """sum_n || |W_ij| *^T |x_ni| ||_F per (filter j, input channel i), one map at a time
+    (groups = 1): the transposed conv's own F.conv_transpose2d, nothing rewritten."""
+    inputs, filters = weight.shape[:2]
+    total = torch.zeros(filters, inputs, dtype=torch.float64)
+    for n, i, j in itertools.product(range(x.shape[0]), range(inputs), range(filters)):
+        out = F.conv_transpose2d(
+            x[n : n + 1, i : i + 1].abs().double(), weight[i : i + 1, j : j + 1].abs().double(), stride=conv.stride,
+            padding=conv.padding, output_padding=conv.output_padding, dilation=conv.dilation,
+        )  # fmt: skip
+        total[j, i] += out.norm()
+    return total
+
+
+@pytest.mark.parametrize("stride,padding,output_padding,dilation", [(2, 1, 1, 1), (1, 0, 0, 2), (3, 2, 0, 1)])
+def test_conv_transpose_scores_match_the_formula(stride, padding, output_padding, dilation):
+    """ConvTranspose2d: filter j's incoming connections are the kernels W[i, j] from every input channel i."""
+    torch.manual_seed(stride)
+    conv = nn.ConvTranspose2d(3, 4, 3, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation)
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(5, 3, 6, 7)
+    graph = analyse(model, ModelInput((x,)))
+    entry = collect(graph, [ModelInput((part,)) for part in x.split([2, 3])], "paper", model)[input_key("0")]
+    slow = _slow_transposed_norms(x, conv.weight.detach(), conv) / 5
+    assert torch.allclose(entry["norms"].double() / 5, slow, rtol=1e-4, atol=1e-6)
+    out_h, out_w = conv(x).shape[2:]
+    assert float(entry["positions"]) / 5 == out_h * out_w  # the bias term's sqrt(h1 * h2)
+
+
+def test_conv1d_scores_match_the_formula():
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, 5, stride=2, padding=2, dilation=1)
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(6, 3, 20)
+    graph = analyse(model, ModelInput((x,)))
+    entry = collect(graph, [ModelInput((x,))], "paper", model)[input_key("0")]
+    slow = torch.zeros(4, 3, dtype=torch.float64)
+    for n, i, j in itertools.product(range(6), range(3), range(4)):
+        out = F.conv1d(x[n : n + 1, i : i + 1].abs().double(), conv.weight[j : j + 1, i : i + 1].detach().abs().double(), stride=2, padding=2)
+        slow[j, i] += out.norm()
+    assert torch.allclose(entry["norms"].double() / 6, slow / 6, rtol=1e-4, atol=1e-6)

@@ -231,7 +231,9 @@ def _module_rule(graph: ModelGraph, node: fx.Node, module: nn.Module, inputs: li
         source = _tensor_inputs(node)[0]
         in_shape = _tensor_shape(source)
         layer.node, layer.input_node = node.name, source.name
-        layer.structured = (layer.kind == "linear" and len(in_shape) == 2) or (layer.kind == "conv" and len(in_shape) == 4)
+        layer.structured = (layer.kind == "linear" and len(in_shape) == 2) or (
+            isinstance(module, nn.Conv2d) and len(in_shape) == 4
+        )
         if layer.kind == "conv":
             layer.input_hw = (int(in_shape[2]), int(in_shape[3]))
         rule = Rule.LAYER if layer.structured else Rule.OPAQUE

@@ -98,7 +98,7 @@ class InPlacePlan:
     def _couple_layer(self, name: str, layer: str, inputs: list[str]) -> None:
         module = self.modules[layer]
         if getattr(module, "groups", 1) > 1:
-            if not _is_depthwise(module):
+            if not _is_depthwise(module) or isinstance(module, nn.ConvTranspose2d):
                 self.forced.update([name, *inputs])  # whole groups only: kept as they are
             elif inputs:
                 self.groups.union(name, inputs[0])  # channel c reads input channel c only
@@ -170,7 +170,7 @@ def _index(mask: Tensor | None, device: torch.device) -> Tensor | None:
 
 
 def _slice_layer(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
-    transposed = type(module).__name__ == "Conv1D"
+    transposed = type(module).__name__ == "Conv1D" or isinstance(module, nn.ConvTranspose2d)  # weight (in, out, ...)
     weight = module.weight.detach()
     rows_idx, cols_idx = _index(rows, weight.device), _index(cols, weight.device)
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
@@ -185,6 +185,8 @@ def _slice_layer(module: nn.Module, rows: Tensor | None, cols: Tensor | None) ->
     out_size, in_size = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = out_size, in_size
+    elif isinstance(module, nn.ConvTranspose2d):
+        module.in_channels, module.out_channels = in_size, out_size * module.groups
     elif transposed:
         module.nf = out_size
         if hasattr(module, "nx"):

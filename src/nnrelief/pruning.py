@@ -12,7 +12,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import scores as score_fns
-from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, is_transposed_linear, map_key, weight_matrix
+from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, map_key, weight_matrix
+from .analysis.layers import kernel_layout, module_layout
 from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from .distributed import check_same_on_all_ranks
@@ -61,7 +62,7 @@ class _Inputs:
 
 def _connection_mask(module: nn.Module) -> LayerMask:
     weight = current_mask(module, "weight")
-    weight = weight.t() if is_transposed_linear(module) else weight
+    weight = kernel_layout(module, weight)
     bias = current_mask(module, "bias")
     return LayerMask(
         weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(),
@@ -126,7 +127,7 @@ def _apply(model: nn.Module, graph: ChannelGraph, masks: dict[str, LayerMask], g
         module = modules[name]
         shape = weight_matrix(module).shape
         weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-        set_mask(module, "weight", weight.t() if graph.layers[name].transposed else weight)
+        set_mask(module, "weight", module_layout(module, weight))
         if mask.bias is not None:
             set_mask(module, "bias", mask.bias)
     for name, keep in bn_masks.items():

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
-from .analysis.layers import is_transposed_linear
+from .analysis.layers import is_transposed_linear, kernel_layout
 from .masks import current_mask
 
 
@@ -106,7 +106,7 @@ def layer_report(name: str, module: nn.Module) -> LayerReport:
     """Counts read off the masks of one Linear/Conv2d module."""
     weight = current_mask(module, "weight")
     transposed = is_transposed_linear(module)
-    weight = weight.t() if transposed else weight
+    weight = kernel_layout(module, weight)
     bias = current_mask(module, "bias")
     rows = weight.flatten(1).any(dim=1)
     if bias is not None:

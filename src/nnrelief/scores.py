@@ -61,17 +61,77 @@ def linear_contributions(weight: Tensor, mean_abs_input: Tensor) -> Tensor:
     return weight.detach().abs() * mean_abs_input.to(weight.dtype).unsqueeze(0)
 
 
-def _pad_for_conv(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
-    """Pad ``x`` exactly as ``conv`` pads its input (any padding mode, 'same' included)."""
-    pad = conv._reversed_padding_repeated_twice
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-d convolution's geometry: what the conv scores need of a conv layer.
+
+    A Conv1d is the 2-d conv of (C, 1, L) maps with (1, k) kernels. A ConvTranspose2d is, on
+    its input with ``stride - 1`` zeros inserted between neighbours and padded by
+    ``dilation * (k - 1) - padding`` (``output_padding`` more at the end), the stride-1
+    2-d conv with its kernels flipped and laid out (out, in / groups): :func:`conv_input`
+    and :func:`conv_kernel` make those, this class holds the direct conv they feed.
+    """
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # F.pad order: left, right, top, bottom
+    padding_mode: str = "zeros"
+    groups: int = 1
+
+
+def as_geometry(conv: torch.nn.Module | ConvGeometry) -> ConvGeometry:
+    """The :class:`ConvGeometry` of a Conv1d, Conv2d or ConvTranspose2d (or one given)."""
+    if isinstance(conv, ConvGeometry):
+        return conv
+    if isinstance(conv, torch.nn.ConvTranspose2d):
+        return ConvGeometry(tuple(conv.kernel_size), dilation=tuple(conv.dilation), groups=conv.groups)
+    pad = tuple(conv._reversed_padding_repeated_twice)
+    if isinstance(conv, torch.nn.Conv1d):
+        return ConvGeometry((1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0]), (*pad, 0, 0), conv.padding_mode, conv.groups)
+    return ConvGeometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pad, conv.padding_mode, conv.groups)
+
+
+def conv_input(conv: torch.nn.Module, x: Tensor) -> Tensor:
+    """A conv layer's input as the (B, C, H, W) input of its :func:`as_geometry` conv."""
+    if isinstance(conv, torch.nn.Conv1d):
+        return x.unsqueeze(2)
+    if not isinstance(conv, torch.nn.ConvTranspose2d):
+        return x
+    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
+    batch, channels, height, width = x.shape
+    spread = x.new_zeros(batch, channels, (height - 1) * sh + 1, (width - 1) * sw + 1)
+    spread[:, :, ::sh, ::sw] = x
+    ph, pw = dh * (kh - 1) - conv.padding[0], dw * (kw - 1) - conv.padding[1]
+    return F.pad(spread, (pw, pw + conv.output_padding[1], ph, ph + conv.output_padding[0]))
+
+
+def conv_kernel(conv: torch.nn.Module, weight: Tensor | None = None) -> Tensor:
+    """A conv layer's weight (or ``weight``, laid out like it) as the (J, C/g, kh, kw) kernel
+    of its :func:`as_geometry` conv."""
+    weight = conv.weight if weight is None else weight
+    if isinstance(conv, torch.nn.Conv1d):
+        return weight.unsqueeze(2)
+    if not isinstance(conv, torch.nn.ConvTranspose2d):
+        return weight
+    inputs, per_group = weight.shape[:2]
+    groups = conv.groups
+    laid = weight.reshape(groups, inputs // groups, per_group, *weight.shape[2:]).transpose(1, 2)
+    return laid.reshape(groups * per_group, inputs // groups, *weight.shape[2:]).flip(-1, -2)
+
+
+def _pad_for_conv(x: Tensor, conv: ConvGeometry) -> Tensor:
+    """Pad ``x`` exactly as the conv pads its input (any padding mode, 'same' included)."""
+    pad = conv.padding
     if not any(pad):
         return x
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     return F.pad(x, pad, mode=mode)
 
 
-def conv_patches(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
+def conv_patches(x: Tensor, conv: torch.nn.Module | ConvGeometry) -> Tensor:
     """The shifted copies of every input channel: (B, C, kh*kw, L) for L output positions."""
+    conv = as_geometry(conv)
     padded = _pad_for_conv(x, conv).contiguous()
     batch, channels, height, width = padded.shape
     kh, kw = conv.kernel_size
@@ -105,7 +165,7 @@ def kernel_products(abs_weight: Tensor, groups: int = 1) -> Tensor:
 def conv_norm_sum(
     abs_x: Tensor,
     abs_weight: Tensor,
-    conv: torch.nn.Conv2d,
+    conv: torch.nn.Module | ConvGeometry,
     products: Tensor | None = None,
     budget: ChunkBudget | None = None,
 ) -> Tensor:
@@ -123,6 +183,7 @@ def conv_norm_sum(
     is processed in chunks within ``budget`` (default: the CPU budget).
     Returns a (J, C/g) float64 tensor, laid out like the kernel's first two dims.
     """
+    conv = as_geometry(conv)
     batch, channels = abs_x.shape[:2]
     groups = conv.groups
     filters, group_channels = abs_weight.shape[:2]
@@ -144,14 +205,15 @@ def conv_norm_sum(
     return total.view(groups, group_channels, per_group).permute(0, 2, 1).reshape(filters, group_channels).contiguous()
 
 
-def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Conv2d) -> Tensor:
+def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Module | ConvGeometry) -> Tensor:
     """Authors' variant: ``|| |K_ji| * mean_n |x_ni| ||_F`` from the (C, H, W) mean map."""
     return conv_norm_sum(mean_abs_x.unsqueeze(0), abs_weight, conv, budget=chunk_budget(mean_abs_x.device, mean_abs_x.element_size()))
 
 
-def _output_positions(x: Tensor, conv: torch.nn.Conv2d) -> int:
+def _output_positions(x: Tensor, conv: torch.nn.Module | ConvGeometry) -> int:
     """Number of output positions h1 * h2 of ``conv`` applied to ``x``."""
-    pad = conv._reversed_padding_repeated_twice
+    conv = as_geometry(conv)
+    pad = conv.padding
     sizes = []
     for dim in range(2):
         extent = x.shape[2 + dim] + pad[2 * (1 - dim)] + pad[2 * (1 - dim) + 1]
@@ -160,7 +222,7 @@ def _output_positions(x: Tensor, conv: torch.nn.Conv2d) -> int:
     return max(sizes[0], 0) * max(sizes[1], 0)
 
 
-def conv_output_positions(input_hw: tuple[int, int], conv: torch.nn.Conv2d) -> int:
+def conv_output_positions(input_hw: tuple[int, int], conv: torch.nn.Module | ConvGeometry) -> int:
     """h1 * h2 for an input of spatial size ``input_hw``."""
     return _output_positions(torch.empty(0, 0, *input_hw), conv)
 
@@ -175,14 +237,15 @@ def bias_term(bias: Tensor | None, positions: int = 1) -> Tensor | None:
 def contributions(
     module: torch.nn.Module, kind: str, entry: Mapping[str, Tensor], mode: str, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """(a_ij, bias share) of one Linear (``kind="linear"``) or Conv2d layer from the sums
-    of its input statistics (``entry``: ``count`` and ``abs_input``, or ``positions`` and
-    ``norms`` (``mode="paper"``) / ``abs_map`` (``mode="authors"``), see :mod:`nnrelief.stats`).
-    ``weight`` is the layer's weight laid out (out, in, *kernel) when ``module.weight`` is
-    stored otherwise (GPT-2's transposed ``Conv1D``)."""
+    """(a_ij, bias share) of one Linear (``kind="linear"``) or conv layer (Conv1d, Conv2d,
+    ConvTranspose2d) from the sums of its input statistics (``entry``: ``count`` and
+    ``abs_input``, or ``positions`` and ``norms`` (``mode="paper"``) / ``abs_map``
+    (``mode="authors"``, a map of :func:`conv_input`), see :mod:`nnrelief.stats`).
+    ``weight`` is a Linear layer's weight laid out (out, in) when ``module.weight`` is
+    stored otherwise (GPT-2's transposed ``Conv1D``). Conv contributions are (J, C/g)."""
     count = float(entry["count"])
-    weight = (module.weight if weight is None else weight).detach().float()
     if kind == "linear":
+        weight = (module.weight if weight is None else weight).detach().float()
         contrib = linear_contributions(weight, (entry["abs_input"].double() / count).float())
         return contrib, bias_term(module.bias)
     positions = int(round(float(entry["positions"]) / count))
@@ -190,7 +253,7 @@ def contributions(
         contrib = (entry["norms"].double() / count).float()
     else:
         mean_map = (entry["abs_map"].double() / count).float()
-        contrib = conv_mean_map_norms(mean_map, weight.abs(), module)
+        contrib = conv_mean_map_norms(mean_map, conv_kernel(module).detach().float().abs(), module)
     return contrib, bias_term(module.bias, positions)
 
 

@@ -71,27 +71,28 @@ class LinearInputObserver(Observer):
 class ConvInputObserver(Observer):
     """Conv input statistics: per-sample norms (paper) or the |x| map (authors)."""
 
-    def __init__(self, conv: nn.Conv2d, mode: str) -> None:
+    def __init__(self, conv: nn.Module, mode: str) -> None:
         super().__init__()
         self.conv = [conv]  # a list keeps the conv out of this module's children
+        self.geometry = scores.as_geometry(conv)  # Conv1d and ConvTranspose2d as 2-d direct convs
         self.mode = mode
         self.products: Tensor | None = None
         self.budget = scores.chunk_budget(conv.weight.device, conv.weight.element_size()) if mode == "paper" else None
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv[0]
-        abs_x = x.detach().abs()
+        abs_x = scores.conv_input(conv, x.detach().abs())
         if self.mode == "paper":
-            abs_weight = conv.weight.detach().abs().to(abs_x.dtype)
+            abs_weight = scores.conv_kernel(conv).detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
                 self.products = scores.kernel_products(abs_weight, conv.groups)
-            self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, conv, self.products, self.budget))
+            self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, self.geometry, self.products, self.budget))
         else:
             self.accumulate("abs_map", abs_x.sum(0).double())
         count = float(x.shape[0])
         self.add_count("count", count, x)
         # Stored times the count so that shards still add up; divided by the count when read.
-        positions = scores.conv_output_positions((x.shape[2], x.shape[3]), conv)
+        positions = scores.conv_output_positions((abs_x.shape[2], abs_x.shape[3]), self.geometry)
         self.add_count("positions", count * positions, x)
         return x
 

@@ -124,11 +124,11 @@ class RuleDeriver:
 
     def _layer(self, node: fx.Node, layer: str, source: str, kind: str) -> NodeRule:
         """A layer call; opaque where its input's channel axis is not the one it reads (a
-        Linear over the tokens of a (B, C, T) map) or its input is not a 4-d map (conv)."""
+        Linear over the tokens of a (B, C, T) map) or a conv's input is unbatched."""
         shape, out = shape_of(self.nodes[source]), shape_of(node)
         rule = self.rules.get(source)
         reads = None if shape is None else len(shape) - 1 if kind == "linear" else 1
-        understood = shape is not None and out is not None and (kind == "linear" or len(shape) == 4)
+        understood = shape is not None and out is not None and (kind == "linear" or len(shape) >= 3)
         if not understood or (rule is not None and rule.channels is not None and rule.axis != reads):
             return NodeRule(Rule.OPAQUE, [source], None)
         return self._with_axis(Rule.LAYER, node, [source], len(out) - 1 if kind == "linear" else 1, layer=layer)

@@ -50,12 +50,36 @@ def is_transposed_linear(module: nn.Module) -> bool:
     )
 
 
+def kernel_layout(module: nn.Module, tensor: Tensor) -> Tensor:
+    """``tensor`` (shaped like ``module.weight``) laid out (out, in / groups, *kernel): a
+    Conv1D's transposed, a ConvTranspose2d's (in, out / groups, ...) regrouped."""
+    if is_transposed_linear(module):
+        return tensor.t()
+    if isinstance(module, nn.ConvTranspose2d):
+        groups, (inputs, per_group) = module.groups, tensor.shape[:2]
+        laid = tensor.reshape(groups, inputs // groups, per_group, *tensor.shape[2:]).transpose(1, 2)
+        return laid.reshape(groups * per_group, inputs // groups, *tensor.shape[2:])
+    return tensor
+
+
+def module_layout(module: nn.Module, tensor: Tensor) -> Tensor:
+    """The inverse of :func:`kernel_layout`: back to ``module.weight``'s own layout."""
+    if is_transposed_linear(module):
+        return tensor.t()
+    if isinstance(module, nn.ConvTranspose2d):
+        groups, (outputs, per_group) = module.groups, tensor.shape[:2]
+        laid = tensor.reshape(groups, outputs // groups, per_group, *tensor.shape[2:]).transpose(1, 2)
+        return laid.reshape(groups * per_group, outputs // groups, *tensor.shape[2:])
+    return tensor
+
+
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight laid out (out, in, *kernel): transposed for a Conv1D."""
-    return module.weight.t() if is_transposed_linear(module) else module.weight
+    """The layer's weight laid out (out, in / groups, *kernel) (:func:`kernel_layout`)."""
+    return kernel_layout(module, module.weight)
 
 
-_UNSCORED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+_SCORED_CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+_UNSCORED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d, nn.Bilinear)
 
 
 def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
@@ -63,10 +87,10 @@ def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
     that NNrelief cannot score, (None, None) for anything else."""
     if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return "linear", None
-    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.LazyConv2d):
+    if isinstance(module, _SCORED_CONVS) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return "conv", None
     if isinstance(module, _UNSCORED):
-        return None, f"{type(module).__name__} is not scored (only Linear and Conv2d are)"
+        return None, f"{type(module).__name__} is not scored (only Linear, Conv1d, Conv2d and ConvTranspose2d are)"
     if isinstance(module, nn.RNNBase):
         return None, f"{type(module).__name__} weights are not scored (recurrent layers are left whole)"
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:

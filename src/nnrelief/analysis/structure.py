@@ -17,7 +17,8 @@ from .rules import VIEWS, NodeRule, Rule, op_name, shape_of
 log = logging.getLogger(__name__)
 
 # ATen op -> (index of the data input, index of the weight) of the layer calls recognised.
-LAYER_OPS = {"linear": (0, 1), "conv2d": (0, 1), "addmm": (1, 2)}
+LAYER_OPS = {"linear": (0, 1), "conv1d": (0, 1), "conv2d": (0, 1), "conv_transpose2d": (0, 1), "addmm": (1, 2)}
+CONV_OPS = {"conv1d", "conv2d", "conv_transpose2d"}
 _WEIGHT_PATH = {"mul", "to", "_to_copy", "alias", "detach", "t", "transpose", "permute", "contiguous", "clone"}
 _INPUT_PATH = VIEWS | {"pad", "constant_pad_nd", "contiguous", "clone", "_to_copy", "to"}
 
@@ -70,7 +71,7 @@ def find_sites(graph: fx.Graph, layers: dict[str, PrunableLayer]) -> list[LayerS
             continue
         source = _weight_source(node.args[indices[1]])
         layer = source.rsplit(".", 1)[0] if source else None
-        if layer not in layers or (layers[layer].kind == "conv") != (op_name(node) == "conv2d"):
+        if layer not in layers or (layers[layer].kind == "conv") != (op_name(node) in CONV_OPS):
             continue
         internal: list[str] = []
         data = node.args[indices[0]]
@@ -140,7 +141,7 @@ def find_joins(
         if rule.rule is not Rule.MERGE or op_name(node) not in ("add", "add_") or rule.product or len(rule.inputs) != 2:
             continue
         shape = shape_of(node)
-        if shape is None or len(shape) != 4 or rule.axis != 1 or rule.uses or rule.inputs[0] == rule.inputs[1]:
+        if shape is None or len(shape) not in (3, 4) or rule.axis != 1 or rule.uses or rule.inputs[0] == rule.inputs[1]:
             continue
         branches = [name for name in rule.inputs if name in branch_of]
         if len(branches) != 1:

@@ -36,7 +36,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from ..analysis import ChannelGraph, Rule, analyse, is_transposed_linear, weight_matrix
+from ..analysis import ChannelGraph, Rule, analyse, weight_matrix
+from ..analysis.layers import kernel_layout, module_layout
 from ..cleaning import LayerMask, clean
 from ..inputs import ModelInput
 from ..masks import current_mask, gate_of, is_masked, set_mask
@@ -170,7 +171,7 @@ def filter_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
 def _connection_mask(module: nn.Module) -> LayerMask:
     """The current keep mask of a layer at connection level (one entry per kernel)."""
     weight = current_mask(module, "weight")
-    weight = weight.t() if is_transposed_linear(module) else weight
+    weight = kernel_layout(module, weight)
     bias = current_mask(module, "bias")
     connections = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone()
     return LayerMask(connections.cpu(), None if bias is None else bias.clone().cpu(), groups=getattr(module, "groups", 1))
@@ -179,7 +180,7 @@ def _connection_mask(module: nn.Module) -> LayerMask:
 def _kernel_nonzeros(module: nn.Module) -> Tensor:
     """(J, C) nonzero weights of each kernel (of each weight for a Linear layer)."""
     weight = effective_tensor(module, "weight")
-    weight = weight.t() if is_transposed_linear(module) else weight
+    weight = kernel_layout(module, weight)
     nonzero = (weight != 0).long()
     return (nonzero.flatten(2).sum(dim=2) if nonzero.dim() > 2 else nonzero).cpu()
 
@@ -241,7 +242,7 @@ class FilterPlan:
             module = self.graph.layers[name].module
             shape = weight_matrix(module).shape
             weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-            set_mask(module, "weight", weight.t() if is_transposed_linear(module) else weight)
+            set_mask(module, "weight", module_layout(module, weight))
             if mask.bias is not None:
                 set_mask(module, "bias", mask.bias)
         for name, keep in batchnorms.items():
