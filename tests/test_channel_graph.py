@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import nnrelief
+from bn_helpers import calibrate_and_dim
 from nnrelief.analysis import analyse, map_axis
 from nnrelief.inputs import ModelInput
 from nnrelief.masks import current_mask
@@ -224,3 +225,72 @@ def test_unet_with_transposed_conv_and_skip_concatenation() -> None:
     assert type(small) is TinyUNet and small.up.in_channels <= 12 and small.down.out_channels <= 5
     assert small.fuse.in_channels == small.up.out_channels + small.down.out_channels
     _same_outputs(small, model, torch.randn(3, 3, 8, 8))
+
+
+def _t5() -> nn.Module:
+    return transformers.T5EncoderModel(transformers.T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8))
+
+
+def _albert() -> nn.Module:  # one layer's weights shared by every layer of the encoder
+    config = transformers.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    return transformers.AlbertForSequenceClassification(config)
+
+
+def _convnext() -> nn.Module:  # channels-last blocks: depthwise conv, then Linear layers on (B, H, W, C)
+    config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=3)
+    return transformers.ConvNextForImageClassification(config)
+
+
+def _images(seed: int, batch: int = 8) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+
+# family -> (builder, batch maker, FFN consumer whose first 5 input columns are zeroed, its producer)
+PLANTED_FFNS = {
+    "t5": (_t5, _text, "encoder.block.0.layer.1.DenseReluDense.wo", "encoder.block.0.layer.1.DenseReluDense.wi"),
+    "albert": (_albert, _text, "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output",
+               "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn"),
+    "convnext": (_convnext, _images, "convnext.encoder.stages.0.layers.0.pwconv2", "convnext.encoder.stages.0.layers.0.pwconv1"),
+}  # fmt: skip
+
+
+def _main_output(output: object) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.mark.parametrize("family", list(PLANTED_FFNS))
+def test_planted_ffn_neurons_are_removed_and_compacted_in_the_users_class(family: str) -> None:
+    build, batch, consumer, producer = PLANTED_FFNS[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        modules[consumer].weight[:, :5] = 0.0
+    for _ in range(2):
+        report = nnrelief.prune(model, [batch(seed=0)], alpha_fc=0.95, alpha_conv=0.95, progress=False)
+    assert report.analysis == "channel graph"
+    assert _rows_removed(modules[producer], slice(0, 5))
+    small = nnrelief.compact(model, batch(seed=1))
+    assert type(small) is type(model)
+    assert dict(small.named_modules())[producer].out_features <= modules[producer].out_features - 5
+    other = batch(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(_main_output(small(**other)), _main_output(model(**other)), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_mobilenetv2_dead_channels_removed_and_compacted() -> None:
+    config = transformers.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.35, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.MobileNetV2ForImageClassification(config)
+    x = _images(0, batch=16)["pixel_values"]
+    calibrate_and_dim(model, x, zero_shift=True)  # BN statistics from data (HF's init makes signals vanish), a quarter dead
+    report = nnrelief.prune(model, [{"pixel_values": x}], alpha_conv=0.95, alpha_fc=0.99, progress=False)
+    assert report.analysis == "channel graph" and 0 < report.kept < report.total
+    small = nnrelief.compact(model, {"pixel_values": x[:2]})
+    assert type(small) is type(model) and sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    other = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(pixel_values=other).logits, model(pixel_values=other).logits, rtol=1e-4, atol=1e-5)

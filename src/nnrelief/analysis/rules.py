@@ -64,7 +64,7 @@ class NodeRule:
 ZERO_PRESERVING = {
     "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "tanh", "tanh_", "hardtanh", "hardtanh_",
     "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "selu", "mish", "hardswish", "hardswish_", "dropout",
-    "feature_dropout", "alpha_dropout_", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as",
+    "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout_", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as",
     "neg", "abs", "sign", "sin", "erf", "asin", "atan", "sinh", "asinh", "atanh", "tan", "lift_fresh_copy",
     "view_as", "square",
 }  # fmt: skip
