@@ -206,6 +206,8 @@ def prune(
             bn_masks = clean(graph, masks, gates)
         check_same_on_all_ranks(_flat(masks, gates, bn_masks), "pruning masks")  # torchrun
         _apply(model, graph, masks, gates, bn_masks)
+        if graph.traced:
+            analyse(model, first)  # new masks or gates changed the modules: the next pass finds the capture made
     finally:
         for module, training in modes.items():
             module.train(training)
