@@ -54,18 +54,37 @@ class Observer(nn.Module):
         counts = {name: torch.full((), value, dtype=torch.float64, device=self.device) for name, value in self.counts.items()}
         return {**self.sums, **counts}
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+    def forward(self, x: Tensor) -> Tensor:
+        """Accumulate the statistics of ``x`` (returned unchanged)."""
+        self.observe(x, {})
+        return x
+
+    def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:  # pragma: no cover - overridden
+        """Accumulate the statistics of ``x``; ``memo`` shares |x| and its sums between the
+        observers of one tensor (see :func:`abs_of`, :func:`last_dim_sum`)."""
         raise NotImplementedError
+
+
+def abs_of(x: Tensor, memo: dict[str, Tensor]) -> Tensor:
+    """|x| (detached), computed once per tensor and memo."""
+    if "abs" not in memo:
+        memo["abs"] = x.detach().abs()
+    return memo["abs"]
+
+
+def last_dim_sum(x: Tensor, memo: dict[str, Tensor]) -> Tensor:
+    """sum of |x| over every dim but the last (float64), once per tensor and memo."""
+    if "last" not in memo:
+        memo["last"] = abs_of(x, memo).reshape(-1, x.shape[-1]).sum(0).double()
+    return memo["last"]
 
 
 class LinearInputObserver(Observer):
     """sum_n |x_ni| of a Linear input and the number of samples."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        total, count = scores.linear_abs_input_sum(x)
-        self.accumulate("abs_input", total)
-        self.add_count("count", float(count), x)
-        return x
+    def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
+        self.accumulate("abs_input", last_dim_sum(x, memo))  # = scores.linear_abs_input_sum(x)
+        self.add_count("count", float(x.numel() // max(x.shape[-1], 1)), x)
 
 
 class ConvInputObserver(Observer):
@@ -79,9 +98,9 @@ class ConvInputObserver(Observer):
         self.products: Tensor | None = None
         self.budget = scores.chunk_budget(conv.weight.device, conv.weight.element_size()) if mode == "paper" else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
         conv = self.conv[0]
-        abs_x = scores.conv_input(conv, x.detach().abs())
+        abs_x = scores.conv_input(conv, abs_of(x, memo))
         if self.mode == "paper":
             abs_weight = scores.conv_kernel(conv).detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
@@ -94,7 +113,6 @@ class ConvInputObserver(Observer):
         # Stored times the count so that shards still add up; divided by the count when read.
         positions = scores.conv_output_positions((abs_x.shape[2], abs_x.shape[3]), self.geometry)
         self.add_count("positions", count * positions, x)
-        return x
 
 
 class ActivityObserver(Observer):
@@ -104,19 +122,19 @@ class ActivityObserver(Observer):
         super().__init__()
         self.axis = axis
 
-    def forward(self, x: Tensor) -> Tensor:
-        dims = [d for d in range(x.dim()) if d != self.axis]
-        self.accumulate("activity", x.detach().abs().sum(dims).double())
-        return x
+    def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
+        if self.axis in (-1, x.dim() - 1):
+            self.accumulate("activity", last_dim_sum(x, memo))
+        else:
+            self.accumulate("activity", abs_of(x, memo).sum([d for d in range(x.dim()) if d != self.axis]).double())
 
 
 class MapObserver(Observer):
     """Sum over samples of |x| as a (C, H, W) map, and the sample count."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.accumulate("abs_map", x.detach().abs().sum(0).double())
+    def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
+        self.accumulate("abs_map", abs_of(x, memo).sum(0).double())
         self.add_count("count", float(x.shape[0]), x)
-        return x
 
 
 def _input_observer(layer: PrunableLayer, mode: str) -> Observer:

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..inputs import ModelInput
 log = logging.getLogger(__name__)
 
 INNER = "inner"  # the model's attribute name inside the capture wrapper
-_SINK: contextvars.ContextVar[Mapping[str, Callable[[Tensor], Any]] | None] = contextvars.ContextVar("nnrelief_sink", default=None)
+_SINK: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("nnrelief_sink", default=None)
 
 
 class TensorOutputs(nn.Module):
@@ -48,16 +48,25 @@ class TensorOutputs(nn.Module):
         return tuple(value for value in output if isinstance(value, Tensor))
 
 
-def watch(key: str, value: Tensor) -> None:
-    """Hand ``value`` to the observer of ``key`` while :func:`observing` is active."""
+def watch(keys: tuple[str, ...], value: Tensor) -> None:
+    """Hand ``value`` to the observers of ``keys`` while :func:`observing` is active. They
+    share one memo, so that what several need of the same tensor (|x|, its sum over all but
+    the last dim) is computed once: Q, K and V read the same input, and an FFN's activity
+    is its output layer's input."""
     sink = _SINK.get()
-    if sink is not None and key in sink:
-        sink[key](value)
+    if sink is None:
+        return
+    memo: dict[str, Tensor] = {}
+    for key in keys:
+        observer = sink.get(key)
+        if observer is not None:
+            observer.observe(value, memo)
 
 
 @contextlib.contextmanager
-def observing(observers: Mapping[str, Callable[[Tensor], Any]]) -> Iterator[None]:
-    """Route the :func:`watch` calls of captured graphs to ``observers`` (by key)."""
+def observing(observers: Mapping[str, Any]) -> Iterator[None]:
+    """Route the :func:`watch` calls of captured graphs to ``observers`` (by key; each has
+    ``observe(tensor, memo)``)."""
     token = _SINK.set(observers)
     try:
         yield
@@ -82,15 +91,18 @@ class Capture:
             self.module(*model_input.args, **model_input.kwargs)
 
     def add_watch_points(self, points: Mapping[str, list[str]]) -> None:
-        """Insert ``watch(key, node)`` after every node named in ``points[key]``."""
+        """Insert one ``watch(keys, node)`` after every node named in ``points`` (key -> nodes)."""
         nodes = {node.name: node for node in self.graph.nodes}
         placeholders = [node for node in self.graph.nodes if node.op == "placeholder"]
+        keys_of: dict[str, list[str]] = {}
         for key, names in points.items():
             for name in names:
-                node = nodes[name]
-                anchor = placeholders[-1] if node.op == "placeholder" else node  # none among the placeholders
-                with self.graph.inserting_after(anchor):
-                    self.graph.call_function(watch, (key, node))
+                keys_of.setdefault(name, []).append(key)
+        for name, keys in keys_of.items():
+            node = nodes[name]
+            anchor = placeholders[-1] if node.op == "placeholder" else node  # none among the placeholders
+            with self.graph.inserting_after(anchor):
+                self.graph.call_function(watch, (tuple(keys), node))
         self.module.recompile()
 
 
