@@ -294,3 +294,36 @@ def test_hf_mobilenetv2_dead_channels_removed_and_compacted() -> None:
     other = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(small(pixel_values=other).logits, model(pixel_values=other).logits, rtol=1e-4, atol=1e-5)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: every layer reads the concatenation of all earlier feature maps."""
+
+    def __init__(self, width: int = 8, growth: int = 6, layers: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(width + k * growth) for k in range(layers))
+        self.convs = nn.ModuleList(nn.Conv2d(width + k * growth, growth, 3, padding=1) for k in range(layers))
+        self.head = nn.Linear(width + layers * growth, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stem(x)
+        for norm, conv in zip(self.norms, self.convs):
+            features = torch.cat([features, conv(torch.relu(norm(features)))], dim=1)
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_densenet_block_concatenations_prune_and_compact_in_place() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = _calibrated(DenseBlock(), x)
+    with torch.no_grad():  # two channels of the first layer's output are read by nobody
+        for conv in model.convs[1:]:
+            conv.weight[:, 8:10] = 0.0
+        model.head.weight[:, 8:10] = 0.0
+    nnrelief.prune(model, [x], alpha_conv=0.98, alpha_fc=0.98, progress=False)
+    assert _rows_removed(model.convs[0], slice(0, 2))
+    small = nnrelief.compact(model, x[:2])
+    assert type(small) is DenseBlock and small.convs[0].out_channels <= 4
+    assert small.head.in_features == small.stem.out_channels + sum(conv.out_channels for conv in small.convs)
+    _same_outputs(small, model, torch.randn(3, 3, 8, 8))
