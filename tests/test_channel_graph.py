@@ -327,3 +327,29 @@ def test_densenet_block_concatenations_prune_and_compact_in_place() -> None:
     assert type(small) is DenseBlock and small.convs[0].out_channels <= 4
     assert small.head.in_features == small.stem.out_channels + sum(conv.out_channels for conv in small.convs)
     _same_outputs(small, model, torch.randn(3, 3, 8, 8))
+
+
+class WithAuxHead(nn.Module):
+    """An auxiliary head used only in training, and (``branchy``) data-dependent control flow."""
+
+    def __init__(self, branchy: bool) -> None:
+        super().__init__()
+        self.branchy = branchy
+        self.body, self.head, self.aux = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branchy and x.sum() > 0:  # torch.export cannot capture this
+            x = x * 2
+        hidden = torch.relu(self.body(x))
+        return self.head(hidden) + (self.aux(hidden) if self.training else 0)
+
+
+@pytest.mark.parametrize("branchy", [False, True], ids=["captured", "connection-level"])
+def test_a_layer_that_never_runs_is_skipped_and_listed(branchy: bool) -> None:
+    torch.manual_seed(0)
+    model = WithAuxHead(branchy)
+    report = nnrelief.prune(model, [torch.randn(10, 6)], alpha_fc=0.9, progress=False)
+    assert "aux" in report.skipped and "never" in report.skipped["aux"]
+    assert {entry.name for entry in report.layers} == {"body", "head"}
+    assert report.analysis.startswith("connection level") == branchy
+    assert model.training  # the user's mode is restored
