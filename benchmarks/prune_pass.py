@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -132,6 +133,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timings per measurement, best kept (default: 1 on CPU, 5 on CUDA)")
+    parser.add_argument("--memory-scaling", action="store_true",
+                        help="also: LeNet-5's extra peak memory at 20,000 against 2,000 pruning samples "
+                             "(batches of 250, median of 3 runs; goal <= 1.1)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "DATASET", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats is None:
@@ -145,8 +149,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit(f"--device {args.device}: CUDA is not available on this machine")
 
-    def run(model_name: str, dataset: str, what: str) -> dict:
-        command = [sys.executable, __file__, "--samples", str(args.samples), "--batch", str(args.batch),
+    def run(model_name: str, dataset: str, what: str, samples: int = args.samples, batch: int = args.batch) -> dict:
+        command = [sys.executable, __file__, "--samples", str(samples), "--batch", str(batch),
                    "--data-dir", args.data_dir, "--device", args.device, "--repeats", str(args.repeats),
                    "--one", model_name, dataset, what]
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -175,6 +179,10 @@ def main() -> None:
             f"{paper['extra_peak_mb']:>6.1f} | {forward['data']}",
             flush=True,
         )
+    if args.memory_scaling:
+        peaks = {n: statistics.median(run("lenet5", "mnist", "paper", n, 250)["extra_peak_mb"] for _ in range(3)) for n in (2000, 20000)}
+        print(f"LeNet-5 pass, extra peak memory (median of 3): {peaks[2000]:.1f} MB at 2,000 samples, "
+              f"{peaks[20000]:.1f} MB at 20,000: ratio {peaks[20000] / max(peaks[2000], 1e-9):.2f} (goal <= 1.1)")
 
 
 def _per_batch(pass_: dict, forward: dict) -> float:

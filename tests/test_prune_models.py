@@ -284,3 +284,13 @@ def test_keyword_and_positional_batches():
 def test_model_without_prunable_layers():
     with pytest.raises(ValueError, match="no Linear or Conv2d"):
         nnrelief.prune(nn.Sequential(nn.ReLU()), [torch.rand(2, 3)])
+
+
+def test_zero_samples_in_total_are_refused_and_the_model_is_untouched():
+    torch.manual_seed(0)
+    model = lenet300_100()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="hold no samples"):
+        nnrelief.prune(model, [torch.randn(0, 784), torch.randn(0, 784)], progress=False)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
