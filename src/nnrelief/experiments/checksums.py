@@ -141,7 +141,8 @@ class Checksums:
             again = read_entries(self.folder)
             if again == entries:
                 break
-            entries, data = again, (self.folder / name).read_bytes()
+            self._entries = entries = again
+            data = (self.folder / name).read_bytes()
             digest = sha256_of(data)
         path = self.folder / name
         raise DamagedFileError(path, f"{path} is damaged or was replaced: it does not match its checksum in "

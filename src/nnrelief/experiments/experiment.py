@@ -55,6 +55,7 @@ def claim_run_folder(cfg: ExperimentConfig, folder: RunFolder) -> None:
         return
     if not folder.is_unused():
         raise RunConflictError(f"{folder.path} is not empty and holds no {files.CONFIG}: not a run folder")
+    folder.require_writable("the run has not started")
     folder.write_json(files.CONFIG, current)
 
 
@@ -102,10 +103,11 @@ def _recorded_settings(folder: RunFolder) -> dict[str, object] | None:
 
 def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFileError) -> None:
     """Rewrite a damaged ``config.json`` when the run shows that it held ``cfg``'s
-    settings: those of ``history.json``, or (before the first iteration) its checksum."""
+    settings: with those ``history.json`` records, or (before the first iteration) with
+    ``cfg``'s if that reproduces its checksum."""
     current = cfg.to_dict()
     recorded = _recorded_settings(folder)
-    text = json.dumps(current, indent=2, allow_nan=False) + "\n"
+    text = json.dumps(recorded or current, indent=2, allow_nan=False) + "\n"
     entry = checksums.of(folder.path).entry(files.CONFIG)
     if recorded is not None:
         what = f"{damage.problem}, and the settings {folder / files.HISTORY_JSON} records are not this command's"
@@ -114,7 +116,7 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
         raise RunConflictError(f"{damage.problem}, and the run holds no other record of its settings yet; run "
                                "exactly the command that made it, or delete the folder to start over")  # fmt: skip
     folder.require_writable(f"{folder / files.CONFIG} is damaged")
-    logger.warning("%s was damaged; rewritten with this command's settings, which the run records", folder / files.CONFIG)
+    logger.warning("%s was damaged; rewritten with the settings the run records", folder / files.CONFIG)
     folder.write_text(files.CONFIG, text)
 
 
@@ -127,7 +129,10 @@ def run_command(folder: RunFolder) -> str | None:
     if recorded is None:
         return None
     cfg = ExperimentConfig.from_dict(recorded)
-    return reproduce_command(cfg, cfg.data_dir or "DATA") + f" --run-dir {shlex.quote(str(folder.path))}"
+    command = reproduce_command(cfg, cfg.data_dir or "DATA")
+    if cfg.data_dir is None and nndata.get_spec(cfg.dataset).packaged:
+        command = command.rpartition(" --data-dir ")[0]
+    return command + f" --run-dir {shlex.quote(str(folder.path))}"
 
 
 def stored_config(folder: RunFolder) -> ExperimentConfig:

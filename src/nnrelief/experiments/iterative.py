@@ -253,11 +253,14 @@ class _Loop:
     def start(self, num_iters: int) -> None:
         """Resume from the folder's state, or record iteration 0; refuse a folder that is not
         writable before any work it would have to store."""
-        if self.folder is not None and (self.folder.exists(files.STATE) or self.folder.exists(files.HISTORY_JSON)):
-            self._resume()
+        if self.folder is not None and (self.folder.exists(files.STATE) or self._state_lost()):
+            kept_state = self._resume()
             left = self._work_left(num_iters)
             if left is not None:
                 self.folder.require_writable(left)
+            if self.phase != "pruned":
+                self.folder.write_history(self.history, self.extra)  # repairs damaged history files
+                self._check_model_files(kept_state)
             return
         if self.folder is not None:
             self.folder.require_writable("the run has not started")
@@ -269,6 +272,15 @@ class _Loop:
         self.save()
         logger.info("iteration 0 (dense): %s", _describe(record))
 
+    def _state_lost(self) -> bool:
+        """Whether the state is gone while the history shows pruning iterations (then it is
+        rebuilt; a history of iteration 0 alone is what a kill before the first state leaves)."""
+        assert self.folder is not None
+        try:
+            return self.folder.exists(files.HISTORY_JSON) and len(self.folder.read_history().records) > 1
+        except DamagedFileError:
+            return False
+
     def _work_left(self, num_iters: int) -> str | None:
         if self.phase == "pruned":
             assert self.pending is not None
@@ -278,7 +290,8 @@ class _Loop:
             return None
         return f"iterations {done + 1}-{num_iters} are left"
 
-    def _resume(self) -> None:
+    def _resume(self) -> Mapping[str, Tensor]:
+        """Load the folder's state (rebuilt if damaged); the model it holds."""
         assert self.folder is not None
         path = self.folder / files.STATE
         try:
@@ -292,13 +305,11 @@ class _Loop:
         self.history = History.from_dict(state["history"])
         self.phase, self.previous = state["phase"], state["previous"]
         self.pending = IterationRecord.from_dict(state["pending"]) if state["pending"] else None
-        if self.phase != "pruned":
-            self.folder.write_history(self.history, self.extra)  # repairs damaged history files
-            self._check_model_files(state["model"])
         logger.info(
             "resuming %s: %d iteration(s) done%s", self.folder.path, self.history.records[-1].iteration,
             f", iteration {self.pending.iteration} pruned but not retrained" if self.pending else "",
         )  # fmt: skip
+        return state["model"]
 
     def _kept_iteration(self) -> int:
         """The iteration whose weights the model holds after a finished iteration."""

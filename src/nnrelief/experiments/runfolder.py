@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from ..distributed import from_main, is_main
-from ..fileio import save_text, save_torch, temporary_name_pattern
+from ..fileio import fixable_write_error, save_text, save_torch, temporary_name_pattern
 from . import checksums
 from .checksums import MANIFEST, DamagedFileError, RunFolderError
 from .history import History
@@ -289,7 +289,7 @@ class RunFolder:
                 raise DamagedFileError(damage.path, f"{damage.problem} (rebuilding it from {source} gave other "
                                                     "content)", "restore it from a copy")  # fmt: skip
         self.require_writable(f"{self.path / name} is damaged")
-        logger.warning("%s was damaged; rebuilt from %s", self.path / name, source)
+        logger.warning("%s; rebuilt from %s", damage.problem, source)
         self.save(name, obj)
 
     def drop_if_damaged(self, name: str) -> None:
@@ -301,15 +301,11 @@ class RunFolder:
             logger.warning("%s; removed: its training phase restarts from the beginning", damage.problem)
             self.remove(name)
 
-    @property
-    def writable(self) -> bool:
-        """Whether this object holds the folder's lock (on rank 0: whether it writes)."""
-        return self._lock_key is not None
-
     def require_writable(self, work: str) -> None:
-        """Raise :class:`RunFolderError` before any work if the folder was opened read-only
-        (no lock) while ``work`` (e.g. "iterations 3-5 are left") needs writing."""
-        if from_main(lambda: self._lock_key is None):
+        """Raise :class:`RunFolderError` before any work if this process does not hold the
+        folder's lock (it was opened read-only) while ``work`` (e.g. "iterations 3-5 are
+        left") needs writing."""
+        if from_main(lambda: self.path.resolve() not in _HELD):
             raise RunFolderError(f"run folder {self.path} is not writable, and {work}: make it writable (or copy "
                                  "it elsewhere and give that --run-dir) and run again")  # fmt: skip
 
@@ -421,7 +417,10 @@ class RunFolder:
                 path.unlink(missing_ok=True)
 
     def _lock(self) -> Path | None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise fixable_write_error(error, self.path) or error from None
         key = self.path.resolve()
         if key in _HELD:
             _HELD[key].holders += 1
