@@ -66,11 +66,14 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_hash(path: Path) -> str | None:
-    try:
-        return sha256_of(path.read_bytes())
-    except FileNotFoundError:
-        return None
+def _file_hash(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of the file at ``path``, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _entries_digest(files: dict[str, Any]) -> str:
@@ -169,9 +172,8 @@ class Checksums:
         if name == MANIFEST:
             return
         entries = self._load()
-        data = temp.read_bytes()
-        was = self._hash_on_disk(name)
-        entries[name] = {"sha256": sha256_of(data), "size": len(data), "was": was}
+        digest, size = _file_hash(temp)
+        entries[name] = {"sha256": digest, "size": size, "was": self._hash_on_disk(name)}
         self._confirmed.discard(name)
         self._save()
 
@@ -193,8 +195,11 @@ class Checksums:
         entry = self._load().get(name)
         if name in self._confirmed and entry is not None:
             return entry["sha256"]
-        digest = _file_hash(self.folder / name)
-        return digest if digest is not None and _accepts(entry, digest) else None
+        try:
+            digest = _file_hash(self.folder / name)[0]
+        except FileNotFoundError:
+            return None
+        return digest if _accepts(entry, digest) else None
 
     def _save(self) -> None:
         entries = self._load()

@@ -116,7 +116,7 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
         raise RunConflictError(f"{damage.problem}, and the run holds no other record of its settings yet; run "
                                "exactly the command that made it, or delete the folder to start over")  # fmt: skip
     folder.require_writable(f"{folder / files.CONFIG} is damaged")
-    logger.warning("%s was damaged; rewritten with the settings the run records", folder / files.CONFIG)
+    logger.warning("%s; rewritten with the settings the run records", damage.problem)
     folder.write_text(files.CONFIG, text)
 
 
@@ -361,7 +361,8 @@ class Experiment:
             try:
                 state = self.folder.load(dense_copy)
             except (DamagedFileError, FileNotFoundError):
-                raise damage from None
+                raise DamagedFileError(damage.path, f"{damage.problem}, and {dense_copy} cannot rebuild it",
+                                       "delete it to train the dense model again, or restore it from a copy") from None
             self.folder.rebuild(files.TRAINED, state, damage, source=dense_copy)
             return state
 

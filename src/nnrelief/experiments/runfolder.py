@@ -26,8 +26,8 @@ loaded tensor file must hold finite values (:class:`DamagedFileError` names the 
 what to do). Which damaged files a run rebuilds when run again: ``history.csv/.json``
 (from ``relief_state.pt``), the latest ``model-iter<k>.pt`` (the model in
 ``relief_state.pt``), ``relief_state.pt`` (from that model file and ``history.json``),
-``trained.pt`` and ``model-iter0.pt`` (from each other), ``init.pt`` (from the seed; kept
-only if it matches its checksum), ``config.json`` (from the settings recorded in
+``trained.pt`` and ``model-iter0.pt`` (from each other), ``init.pt`` (from the seed, if
+that reproduces its checksum), ``config.json`` (from the settings recorded in
 ``history.json``); a damaged ``*.ckpt`` is dropped and its training phase restarts (same
 result). Any other damaged file has to be restored from a copy, or the run started over.
 
