@@ -54,11 +54,11 @@ class RunFolderError(ValueError):
 
 class DamagedFileError(RunFolderError):
     """A run file does not match its checksum, cannot be parsed, or holds non-finite
-    weights: ``path`` is the file, ``problem`` what is wrong, ``remedy`` what to do."""
+    weights: ``path`` is the file, ``problem`` what is wrong; the message adds what to do."""
 
     def __init__(self, path: Path, problem: str, remedy: str = "") -> None:
         super().__init__(f"{problem}; {remedy}" if remedy else problem)
-        self.path, self.problem, self.remedy = path, problem, remedy
+        self.path, self.problem = path, problem
 
 
 def sha256_of(data: bytes) -> str:
