@@ -32,6 +32,7 @@ checked again against the checksums as they are then, before the file is called 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -216,5 +217,8 @@ def _sync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:  # some file systems cannot sync a folder: the renames are theirs to order
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
