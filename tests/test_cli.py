@@ -99,12 +99,34 @@ def test_bad_flags_are_one_line(argv, needle, capsys):
         (["train", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
         (["train", "--amp", "fp8"], "amp must be one of ('off', 'bf16', 'fp16')"),
         (["train", "--model", "resnet20", "--dataset", "mnist-sample"], "expects inputs"),
+        (["train", "--preset", "demo", "--retrain-milestones", "-1"], "setting retrain_milestones must be positive"),
+        (["train", "--preset", "demo", "--retrain-epochs", "0"], "setting retrain_epochs must be in [1, inf)"),
+        (["prune", "--config", "."], "config file . is a folder; give a TOML file"),
+        (["prune", "--config", "binary.toml"], "config file binary.toml is not a text file (not UTF-8)"),
+        (["eval", "."], ". is a folder; give a weights file, e.g. model-iter<k>.pt"),
     ],
 )
 def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "binary.toml").write_bytes(b"\x7fELF\x02\x01\xd0\xff")
     assert main(argv) == 1
     assert needle in one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.toml"]  # nothing created
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--lr", "1e308"], "setting lr 1e+308 overflows the float32 weights"),
+        (["--retrain-lr", "1e300"], "setting retrain_lr 1e+300 overflows"),
+        (["--weight-decay", "1e300"], "setting weight_decay 1e+300 overflows"),
+        (["--gamma", "1e300", "--milestones", "1", "2"], "setting gamma 1e+300 at 2 milestone(s) raises lr"),
+    ],
+)
+def test_settings_that_overflow_float32_are_refused_before_anything_is_created(flags, needle, capsys, tmp_path):
+    assert main(["prune", "--preset", "demo", *flags, "--runs-root", str(tmp_path / "runs")]) == 1
+    assert needle in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--momentum", "--weight-decay", "--gamma"])
@@ -177,6 +199,31 @@ def test_compact_checkpoint(small_run, tmp_path, capsys):
     x = torch.rand(5, 1, 28, 28)
     assert torch.allclose(scripted(x), masked(x), atol=1e-5)
     assert sparse_file.stat().st_size < checkpoint.stat().st_size
+
+
+def test_eval_of_a_run_folder_names_its_selected_model(small_run, capsys):
+    assert main(["eval", str(small_run), "-q"]) == 1
+    assert f"{small_run} is a folder; give a weights file, e.g. {small_run / 'model-iter2.pt'}" in one_line_error(
+        capsys.readouterr().err)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["eval", "compact"])
+def test_a_dataset_that_does_not_fit_the_model_is_refused(command, small_run, tmp_path, capsys):
+    argv = [command, str(small_run / "model-iter2.pt"), "--dataset", "cifar10", "-q"]
+    assert main(argv + (["-o", str(tmp_path / "small.pt")] if command == "compact" else [])) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "model lenet300_100 takes inputs (1, 28, 28), but dataset cifar10 has images (3, 32, 32)" in line
+    assert not (tmp_path / "small.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--iteration", "99"], "iteration 99 is not a pruning iteration of"), (["--samples", "0"], "samples >= 1")],
+)
+def test_report_choices_the_run_cannot_meet_are_errors(flags, needle, small_run, tmp_path, capsys):
+    assert main(["report", str(small_run), "-o", str(tmp_path / "out"), *flags, "-q"]) == 1
+    assert needle in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_of_another_model_names_every_difference(small_run, capsys):

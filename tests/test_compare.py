@@ -125,9 +125,21 @@ def test_resume_extends_every_method(compared, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(compared, run)
     before = by_method(read_rows(run))
+    compare = run / "compare"
+    own, mine = compare / ".compare.ab12cd34.tmp.csv", compare / ".notes.ab12cd34.tmp.txt"
+    magnitude_temp, random_temp = compare / "magnitude" / ".history.q1w2e3r4.tmp.csv", compare / "random" / ".history.q1.tmp.csv"
+    for path in (own, mine, magnitude_temp, random_temp):
+        path.write_text("left by a killed write")
+    latest = compare / "magnitude" / "model-iter2.pt"
+    good = latest.read_bytes()
+    latest.write_bytes(good[: len(good) // 2])  # damaged: rebuilt from the baseline's state
     threads = torch.get_num_threads()
     assert main(["compare", *SMALL, "--num-iters", "3", "--run-dir", str(run), "--methods", "magnitude"]) == 0
     torch.set_num_threads(threads)
+    assert latest.read_bytes() == good
+    # the comparison's own temporary files and those of the baseline it ran are gone; the
+    # random baseline (not run now: nobody writes its folder) and other files keep theirs
+    assert not own.exists() and not magnitude_temp.exists() and mine.exists() and random_temp.exists()
     after = by_method(read_rows(run))
     assert list(after) == ["nnrelief", "magnitude"]
     assert len(after["magnitude"]) == len(after["nnrelief"]) == 4

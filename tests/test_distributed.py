@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,40 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path):
         "nnrelief prune: error: [rank 0/2] stopped because rank 1 failed: OSError: disk lost on rank 1"
     ], outputs[0][1]
     assert TABLE_HEADER not in outputs[0][0] + outputs[1][0]
+
+
+_STOPPING_RANK = """
+import os, signal, sys, time
+import nnrelief.training
+from nnrelief.cli import main
+
+if os.environ["RANK"] == "1":  # this rank stops (SIGSTOP) in its second epoch and never answers again
+    train_epoch = nnrelief.training.train_epoch
+    calls = []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open("stopped-at", "w") as file:
+                file.write(str(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return train_epoch(*args, **kwargs)
+
+    nnrelief.training.train_epoch = stopping
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stopped_rank_is_given_up_after_the_timeout(tmp_path):
+    script = tmp_path / "stopping.py"
+    script.write_text(textwrap.dedent(_STOPPING_RANK))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(script),
+               "prune", *SMALL, "--epochs", "3", "--runs-root", "runs"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=child_env(NNRELIEF_DIST_TIMEOUT="3"), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    after_stop = time.time() - float((tmp_path / "stopped-at").read_text())
+    assert done.returncode != 0
+    assert "[rank 0/2] stopped because another rank failed or did not answer" in done.stderr, done.stderr
+    # the stopped worker ignores torchrun's SIGTERM: left to torchrun it would be killed only
+    # after its 30 s --shutdown-timeout, and the job would end >= 33 s after the stop
+    assert after_stop < 15, f"the job ended {after_stop:.1f} s after the stop"

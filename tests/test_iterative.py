@@ -162,28 +162,37 @@ def test_damaged_history_is_named_and_repaired(finished_run, tmp_path):
     assert (run_dir / "history.json").read_text() == good
 
 
-def test_unreadable_state_is_named_without_unsafe_advice(finished_run, tmp_path):
+def test_unreadable_state_is_rebuilt_or_named_without_unsafe_advice(finished_run, tmp_path, caplog):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
+    (run_dir / "checksums.json").unlink()  # as written before checksums: the state is unpickled
     torch.save({"format": 1, "object": Fraction(1, 3)}, run_dir / "relief_state.pt")  # not tensors only
+    again = Experiment(small_config(), run_dir, progress=False).run()
+    assert without_times(again) == without_times(finished_run[1])
+    assert f"{run_dir / 'relief_state.pt'} cannot be read" in caplog.text
+    assert "rebuilt from model-iter3.pt and history.json" in caplog.text
+    torch.save({"format": 1, "object": Fraction(1, 3)}, run_dir / "relief_state.pt")
+    (run_dir / "model-iter3.pt").unlink()  # what it would be rebuilt from
     with pytest.raises(RunFolderError) as info:
         Experiment(small_config(), run_dir, progress=False).run()
     message = str(info.value)
-    assert str(run_dir / "relief_state.pt") in message and "delete it" in message
+    assert str(run_dir / "relief_state.pt") in message and "cannot be rebuilt" in message and "restore it" in message
     assert "weights_only" not in message
 
 
 @pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", "pickled"])
-def test_unreadable_checkpoint_is_named_without_unsafe_advice(content, tmp_path):
+def test_unreadable_checkpoint_is_dropped_with_a_warning(content, tmp_path, caplog):
     run_dir = tmp_path / "run"
     experiment = Experiment(small_config(), run_dir, progress=False)
     if content == "pickled":
         torch.save({"epoch": Fraction(1, 2)}, run_dir / "dense.ckpt")
     else:
         (run_dir / "dense.ckpt").write_bytes(content)
-    with pytest.raises(RunFolderError) as info:
-        experiment.train_dense()
-    assert str(run_dir / "dense.ckpt") in str(info.value) and "weights_only" not in str(info.value)
+    model = experiment.train_dense()
+    assert f"{run_dir / 'dense.ckpt'} cannot be read" in caplog.text and "restarts from the beginning" in caplog.text
+    assert "weights_only" not in caplog.text
+    reference = Experiment(small_config(), tmp_path / "reference", progress=False).train_dense()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
 def test_a_kill_during_the_first_config_write_does_not_block_the_folder(tmp_path):
@@ -198,12 +207,18 @@ def test_a_kill_during_the_first_config_write_does_not_block_the_folder(tmp_path
 def test_temporary_files_of_killed_writes_are_removed(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
-    left = [run_dir / ".retrain-2.a8d7.tmp.ckpt", run_dir / ".dense.x1.tmp.ckpt", run_dir / "compare" / "random" / ".model-iter1.q.tmp.pt"]
-    for path in left:
+    own = [run_dir / ".retrain-2.a8d7.tmp.ckpt", run_dir / ".dense.x1.tmp.ckpt", run_dir / ".checksums.k2l3m4n5.tmp.json"]
+    baseline = run_dir / "compare" / "random" / ".model-iter1.q.tmp.pt"  # a run folder of its own
+    others = [run_dir / ".notes.x1.tmp.txt", run_dir / "report" / ".report.ab12.tmp.md"]
+    for path in [*own, baseline, *others]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
     Experiment(small_config(), run_dir, progress=False).close()
-    assert not any(path.exists() for path in left)
+    assert not any(path.exists() for path in own)
+    assert baseline.exists() and all(path.exists() for path in others)
+    with RunFolder(baseline.parent):  # its own writer removes it
+        assert not baseline.exists()
+    assert all(path.exists() for path in others)
 
 
 def test_extending_a_finished_run_equals_a_longer_run(finished_run, tmp_path):
@@ -444,5 +459,6 @@ def test_run_folder_with_other_settings_is_refused(tmp_path):
     Experiment(small_config(num_iters=5), tmp_path / "run", progress=False)  # free field
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(RunConflictError, match="not a run folder"):
+    with pytest.raises(RunFolderError, match="not a run folder: it holds other files .notes.txt."):
         Experiment(small_config(), tmp_path / "other", progress=False)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]  # no lock, nothing else

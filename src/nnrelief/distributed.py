@@ -17,7 +17,8 @@ The rules the rest of nnrelief follows in a run of several processes:
 * Files: rank 0 alone reads and writes the run folder; what it reads reaches the other
   ranks through :func:`from_main`, so the run folder need not be on a shared filesystem.
 * Failures: :func:`failing_together` turns an error on one rank into an error on all of
-  them, each saying which rank failed and why, instead of a hang.
+  them, each saying which rank failed and why, instead of a hang; a rank that stopped
+  answering is given up after ``$NNRELIEF_DIST_TIMEOUT`` seconds, and the job ends then.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import datetime
 import hashlib
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -295,6 +297,38 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _stopped_siblings() -> list[int]:
+    """Process ids of the other workers of this machine's torchrun agent (the children of
+    our parent) that are stopped (SIGSTOP: state ``T``); none outside torchrun or Linux."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return []
+    parent, stopped = os.getppid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rpartition(")")[2].split()  # after "pid (name)": state, ppid, ...
+        except OSError:
+            continue
+        if fields[:1] == ["T"] and int(fields[1]) == parent:
+            stopped.append(int(entry))
+    return stopped
+
+
+def _end_stopped_siblings() -> None:
+    """End the stopped workers that made this one time out, as torchrun would (SIGTERM),
+    now rather than after torchrun's --shutdown-timeout (30 s): a stopped process acts on
+    SIGTERM only once continued."""
+    for pid in _stopped_siblings():
+        logger.warning("ending process %d, a stopped worker of this torchrun", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+        except OSError:  # gone meanwhile, or not ours
+            logger.debug("could not end process %d", pid, exc_info=True)
+
+
 def _is_collective_failure(error: BaseException) -> bool:
     dist_error = getattr(dist, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):
@@ -312,7 +346,10 @@ def failing_together() -> Iterator[None]:
     The failing rank leaves its message in the rendezvous store and exits the block;
     the others, waiting in a collective, see the connection close (gloo) or time out
     (``$NNRELIEF_DIST_TIMEOUT``, NCCL) and raise :class:`DistributedError` naming the
-    failing rank and its message. Outside a process group the block runs unchanged.
+    failing rank and its message. A rank that timed out waiting also ends the workers of
+    its torchrun that are stopped (SIGSTOP): they would ignore torchrun's SIGTERM and keep
+    the job alive for torchrun's ``--shutdown-timeout`` (30 s) more. Outside a process group
+    the block runs unchanged.
     """
     try:
         yield
@@ -323,5 +360,7 @@ def failing_together() -> Iterator[None]:
             _announce(error)
             raise
         cause = _announced()
+        if cause is None:
+            _end_stopped_siblings()
         reason = f"{cause}" if cause else f"another rank failed or did not answer ({_first_line(error)})"
         raise DistributedError(f"stopped because {reason}") from error

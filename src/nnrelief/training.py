@@ -64,6 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = ("adam", "sgd", "adamw")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_SCHEDULES = ("step", "cosine")
 AMP_MODES = ("off", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,7 +153,25 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        self._check_float32()
         _check_device_name(self.device)
+
+    def _check_float32(self) -> None:
+        """The optimizers apply lr and weight decay to float32 weights: refuse values that
+        overflow float32 there (Adam scales lr by up to 10 at its first step; the step
+        schedule multiplies it by gamma at each milestone)."""
+        largest_lr = self.lr * 10
+        for _ in self.milestones if self.lr_schedule == "step" else ():
+            largest_lr *= max(1.0, self.gamma)  # inf rather than OverflowError
+        limit = f"float32's largest number is {_FLOAT32_MAX:.4g}"
+        if not self.lr * 10 <= _FLOAT32_MAX:
+            raise ValueError(f"lr {self.lr:g} overflows the float32 weights (the optimizers scale it by up to 10; {limit})")
+        if not largest_lr <= _FLOAT32_MAX:
+            raise ValueError(f"gamma {self.gamma:g} at {len(self.milestones)} milestone(s) raises lr {self.lr:g} "
+                             f"beyond float32 ({limit})")  # fmt: skip
+        if not self.weight_decay * max(1.0, self.lr) <= _FLOAT32_MAX:
+            raise ValueError(f"weight_decay {self.weight_decay:g} overflows the float32 weights (times lr "
+                             f"{self.lr:g}; {limit})")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of all fields."""

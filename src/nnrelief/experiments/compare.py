@@ -240,6 +240,7 @@ def run_comparison(
             except ValueError as error:
                 raise ConfigError(f"method {name} cannot prune {experiment.cfg.model}: {error}") from None
     reference = experiment.run()
+    RunFolder(experiment.run_dir / COMPARE_DIR).remove_temporary()  # under the run's lock
     limit = experiment.cfg.num_iters
     if reference.records[-1].iteration > limit:  # the run folder holds a longer run
         reference = History(reference.records[: limit + 1], reference.stopped_early, min(reference.selected_iteration, limit))

@@ -59,6 +59,10 @@ _RANGES: dict[str, str] = {
 }  # fmt: skip
 
 
+# TrainConfig field of retraining -> the setting it comes from (lr: retrain_lr when given).
+_RETRAIN_NAMES = {"epochs": "retrain_epochs", "milestones": "retrain_milestones"}
+
+
 def _in_interval(value: float, interval: str) -> bool:
     low, high = (float(bound) for bound in interval[1:-1].split(","))
     above = value >= low if interval[0] == "[" else value > low
@@ -163,11 +167,13 @@ class ExperimentConfig:
             )
         if self.score not in SCORE_MODES:
             raise ConfigError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
-        try:
-            self.train_config()
-            self.train_config(retrain_iteration=1)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        for retrain_iteration, names in ((None, {}), (1, _RETRAIN_NAMES)):
+            try:
+                self.train_config(retrain_iteration)
+            except ValueError as error:  # TrainConfig names its own field first: use the setting's name
+                name, _, rest = str(error).partition(" ")
+                name = "retrain_lr" if name == "lr" and retrain_iteration and self.retrain_lr is not None else names.get(name, name)
+                raise ConfigError(f"setting {name} {rest}") from None
 
     def _check_numbers(self) -> None:
         """Every number finite and in its range (NaN fails every comparison, so check first); the
@@ -313,11 +319,15 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "(pip install tomli)"
             ) from None
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a TOML file of settings")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8); give a TOML file of settings") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
 

@@ -10,8 +10,10 @@ any point.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,13 +24,14 @@ from .. import data as nndata
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
 from ..masks import restore_masks
-from ..models import get_model
+from ..models import get_model, input_shape
 from ..training import evaluate, fit, resolve_device
+from . import checksums
 from . import runfolder as files
-from .config import FREE_FIELDS, LATER_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed
+from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed
 from .history import History, IterationRecord
 from .iterative import relieve
-from .runfolder import RunFolder
+from .runfolder import DamagedFileError, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +40,111 @@ _EVAL_BATCH = 500
 
 def claim_run_folder(cfg: ExperimentConfig, folder: RunFolder) -> None:
     """Make ``folder`` the run folder of ``cfg``: refuse one holding other settings or other
-    files; write ``config.json`` only when it is missing (an existing run is never rewritten).
+    files; write ``config.json`` only when it is missing (an existing run is never rewritten)
+    or damaged and the run's records show it held these settings (:func:`_rebuild_config`).
     A ``config.json`` written before a setting of :data:`LATER_FIELDS` existed counts as
     having its default."""
     current = cfg.to_dict()
     if folder.exists(files.CONFIG):
-        stored = {**LATER_FIELDS, **folder.read_json(files.CONFIG)}
-        diff = [k for k in current if k not in FREE_FIELDS and stored.get(k) != current[k]]
-        if diff:
-            details = ", ".join(f"{k}: stored={stored.get(k)!r} now={current[k]!r}" for k in diff)
-            raise RunConflictError(
-                f"run folder {folder.path} holds a run with other settings ({details}); "
-                "choose another --run-dir or delete it"
-            )
+        try:
+            stored = read_config(folder).to_dict()
+        except DamagedFileError as damage:
+            _rebuild_config(cfg, folder, damage)
+            return
+        _refuse_other_settings(stored, current, f"run folder {folder.path} holds a run with other settings")
         return
     if not folder.is_unused():
         raise RunConflictError(f"{folder.path} is not empty and holds no {files.CONFIG}: not a run folder")
+    folder.require_writable("the run has not started")
     folder.write_json(files.CONFIG, current)
+
+
+def _refuse_other_settings(
+    stored: Mapping[str, object], current: Mapping[str, object], what: str,
+    remedy: str = "choose another --run-dir or delete it",
+) -> None:  # fmt: skip
+    diff = [k for k in current if k not in FREE_FIELDS and stored.get(k) != current[k]]
+    if diff:
+        details = ", ".join(f"{k}: stored={stored.get(k)!r} now={current[k]!r}" for k in diff)
+        raise RunConflictError(f"{what} ({details}); {remedy}")
+
+
+def read_config(folder: RunFolder) -> ExperimentConfig:
+    """The settings in the run's ``config.json``; :class:`DamagedFileError` names the file
+    when it is damaged or not a run's settings."""
+    return config_from(folder.read_json(files.CONFIG), folder / files.CONFIG)
+
+
+def config_from(data: object, path: Path) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` stored as ``data`` in ``path`` (settings added later,
+    or recorded ones, may be missing); :class:`DamagedFileError` naming ``path`` otherwise."""
+    optional = set(LATER_FIELDS) | RECORDED_FIELDS
+    if not isinstance(data, Mapping):
+        problem = f"a JSON {type(data).__name__}, not an object of settings"
+    else:
+        missing = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in data and f.name not in optional]
+        problem = f"setting(s) {missing} missing" if missing else None
+        if problem is None:
+            try:
+                return ExperimentConfig.from_dict({**LATER_FIELDS, **data})
+            except ConfigError as error:
+                problem = str(error)
+    raise DamagedFileError(path, f"{path} does not hold a run's settings ({problem})", files.remedy(path.name))
+
+
+def _recorded_settings(folder: RunFolder) -> dict[str, object] | None:
+    """The settings ``history.json`` records (the latest invocation's), if it is intact."""
+    try:
+        data = folder.read_json(files.HISTORY_JSON) if folder.exists(files.HISTORY_JSON) else None
+        return config_from(data.get("config"), folder / files.HISTORY_JSON).to_dict() if isinstance(data, dict) else None
+    except DamagedFileError:
+        return None
+
+
+def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFileError) -> None:
+    """Rewrite a damaged ``config.json`` when the run shows that it held ``cfg``'s
+    settings: with those ``history.json`` records, or (before the first iteration) with
+    ``cfg``'s if that reproduces its checksum."""
+    current = cfg.to_dict()
+    recorded = _recorded_settings(folder)
+    text = json.dumps(recorded or current, indent=2, allow_nan=False) + "\n"
+    entry = checksums.of(folder.path).entry(files.CONFIG)
+    if recorded is not None:
+        what = f"{damage.problem}, and the settings {folder / files.HISTORY_JSON} records are not this command's"
+        _refuse_other_settings(recorded, current, what, f"`{run_command(folder)}` rewrites it")
+    elif entry is None or entry["sha256"] != checksums.sha256_of(text.encode()):
+        raise RunConflictError(f"{damage.problem}, and the run holds no other record of its settings yet; run "
+                               "exactly the command that made it, or delete the folder to start over")  # fmt: skip
+    folder.require_writable(f"{folder / files.CONFIG} is damaged")
+    logger.warning("%s; rewritten with the settings the run records", damage.problem)
+    folder.write_text(files.CONFIG, text)
+
+
+def run_command(folder: RunFolder) -> str | None:
+    """The ``nnrelief prune`` command that rewrites the damaged ``config.json`` of
+    ``folder`` from the settings ``history.json`` records (``None`` without them)."""
+    from ..reporting.results import reproduce_command  # the reporting package imports this module
+
+    recorded = _recorded_settings(folder)
+    if recorded is None:
+        return None
+    cfg = ExperimentConfig.from_dict(recorded)
+    command = reproduce_command(cfg, cfg.data_dir or "DATA")
+    if cfg.data_dir is None and nndata.get_spec(cfg.dataset).packaged:
+        command = command.rpartition(" --data-dir ")[0]
+    return command + f" --run-dir {shlex.quote(str(folder.path))}"
+
+
+def stored_config(folder: RunFolder) -> ExperimentConfig:
+    """:func:`read_config` for commands that read a run: a damaged ``config.json`` is
+    named with the command that rewrites it."""
+    try:
+        return read_config(folder)
+    except DamagedFileError as damage:
+        command = run_command(folder)
+        if command is None:
+            raise
+        raise DamagedFileError(damage.path, damage.problem, f"`{command}` (the settings the run recorded) rewrites it") from None
 
 
 def device_of(name: str) -> torch.device:
@@ -70,31 +161,23 @@ def load_weights(
     """Load a saved ``state_dict`` (with or without masks) into a fresh model.
 
     ``model`` defaults to the one in the ``config.json`` next to the file (a run folder);
-    the number of classes comes from ``dataset`` (default: that config's). Returns the
-    model (on CPU, eval mode) and the run's config if there is one.
+    the number of classes comes from ``dataset`` (default: that config's). The file is
+    checked against the run's checksums and for finite values. Returns the model (on CPU,
+    eval mode) and the run's config if there is one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a weights file, e.g. {path / _selected_model(path)}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     run = RunFolder(path.parent)
-    cfg = ExperimentConfig.from_dict(run.read_json(files.CONFIG)) if run.exists(files.CONFIG) else None
+    cfg = stored_config(run) if run.exists(files.CONFIG) else None
     model_name = model or (cfg.model if cfg else None)
     dataset_name = dataset or (cfg.dataset if cfg else None)
     if model_name is None or dataset_name is None:
         raise ConfigError(f"{path} is not in a run folder: give the model and the dataset")
-    if dataset_name not in nndata.DATASETS:
-        raise ConfigError(f"unknown dataset {dataset_name!r}; known: {', '.join(sorted(nndata.DATASETS))}")
-    try:
-        net = get_model(model_name, nndata.get_spec(dataset_name).num_classes)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is a user error here
-        raise ConfigError(
-            f"{path} is not a readable state_dict file ({type(error).__name__}); give a model-iter<k>.pt, "
-            "trained.pt or init.pt written by nnrelief"
-        ) from None
+    net = _fresh_model(model_name, dataset_name)
+    state = run.load(path.name)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
     try:
@@ -102,6 +185,30 @@ def load_weights(
     except ValueError as error:
         raise ConfigError(f"{path} does not fit model {model_name}: {error}; give --model/--dataset of the run") from None
     return net.eval(), cfg
+
+
+def _selected_model(run_dir: Path) -> str:
+    try:
+        return files.model_file(RunFolder(run_dir).read_history().selected_iteration)
+    except (OSError, DamagedFileError):
+        return "model-iter<k>.pt"
+
+
+def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
+    """An untrained ``model_name`` for ``dataset_name``'s classes; refused if the dataset's
+    images do not fit the model."""
+    if dataset_name not in nndata.DATASETS:
+        raise ConfigError(f"unknown dataset {dataset_name!r}; known: {', '.join(sorted(nndata.DATASETS))}")
+    spec = nndata.get_spec(dataset_name)
+    try:
+        net = get_model(model_name, spec.num_classes)
+        expected = input_shape(model_name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if tuple(expected) != tuple(spec.image_shape):
+        raise ConfigError(f"model {model_name} takes inputs {tuple(expected)}, but dataset {dataset_name} has images "
+                          f"{tuple(spec.image_shape)}: give the dataset the model was trained on (--dataset)")  # fmt: skip
+    return net
 
 
 class Experiment:
@@ -214,29 +321,50 @@ class Experiment:
         return {name: fn(model) for name, fn in self.eval_fns().items()}
 
     def initial_model(self) -> nn.Module:
-        """The untrained model, built from the seed (stored as ``init.pt``) on the device."""
+        """The untrained model, built from the seed (stored as ``init.pt``; rebuilt from the
+        seed if damaged, when that reproduces its checksum) on the device."""
         torch.manual_seed(derive_seed(self.cfg.seed, "init"))
         model = get_model(self.cfg.model, self.cfg.num_classes)
-        if self.folder.exists(files.INIT):
-            model.load_state_dict(self.folder.load(files.INIT))
-        else:
+        if not self.folder.exists(files.INIT):
             self.folder.save(files.INIT, cpu_state(model))
+            return model.to(self.device)
+        try:
+            model.load_state_dict(self.folder.load(files.INIT))
+        except DamagedFileError as damage:
+            self.folder.rebuild(files.INIT, cpu_state(model), damage, source="the seed")
         return model.to(self.device)
 
     def train_dense(self) -> nn.Module:
-        """The dense trained model: loaded from ``trained.pt``, or trained (resumably)."""
+        """The dense trained model: loaded from ``trained.pt`` (rebuilt from
+        ``model-iter0.pt`` if damaged), or trained (resumably)."""
+        trained = self.folder.exists(files.TRAINED)
+        if not trained:
+            self.folder.require_writable("the dense model is not trained yet")
         model = self.initial_model()
-        if self.folder.exists(files.TRAINED):
-            model.load_state_dict(self.folder.load(files.TRAINED))
+        if trained:
+            model.load_state_dict(self._trained_weights())
             logger.info("dense model loaded from %s", self.folder / files.TRAINED)
         else:
             logger.info("training the dense %s on %s", self.cfg.model, self.cfg.dataset)
-            self.folder.check_readable(files.DENSE_CHECKPOINT)
+            self.folder.drop_if_damaged(files.DENSE_CHECKPOINT)
             fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
                 checkpoint_path=self.folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
             self.folder.save(files.TRAINED, cpu_state(model))
         self.folder.remove(files.DENSE_CHECKPOINT)
         return model
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        try:
+            return self.folder.load(files.TRAINED)
+        except DamagedFileError as damage:
+            dense_copy = files.model_file(0)
+            try:
+                state = self.folder.load(dense_copy)
+            except (DamagedFileError, FileNotFoundError):
+                raise DamagedFileError(damage.path, f"{damage.problem}, and {dense_copy} cannot rebuild it",
+                                       "delete it to train the dense model again, or restore it from a copy") from None
+            self.folder.rebuild(files.TRAINED, state, damage, source=dense_copy)
+            return state
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
         """The initial weights the surviving weights are rewound to (``None`` without rewinding)."""
@@ -249,7 +377,7 @@ class Experiment:
         folder = folder if folder is not None else self.folder
         phase = f"retraining, iteration {iteration}" if method is None else f"{method} retraining, iteration {iteration}"
         folder.remove(files.RETRAIN_CHECKPOINTS, keep=files.retrain_checkpoint(iteration))
-        folder.check_readable(files.retrain_checkpoint(iteration))
+        folder.drop_if_damaged(files.retrain_checkpoint(iteration))
         fit(model, self.train_loader("retrain", iteration), self.val_batches,
             self.cfg.train_config(retrain_iteration=iteration),
             checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress, desc=phase)  # fmt: skip
@@ -257,6 +385,9 @@ class Experiment:
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
         model = self.train_dense()
+        damage = self.folder.damaged(files.model_file(0))  # the loop's copy of the dense model
+        if damage is not None:
+            self.folder.rebuild(files.model_file(0), cpu_state(model), damage, source=files.TRAINED)
 
         def finished(record: IterationRecord) -> None:
             self.folder.remove(files.retrain_checkpoint(record.iteration))

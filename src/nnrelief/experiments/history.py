@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,28 @@ from ..metrics import summarize
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _is_table(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, Mapping) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+# What each stored field of an IterationRecord must be: (test, description).
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (_is_int, "an integer") for name in ("iteration", "params_remaining", "params_total", "macs_dense", "macs_sparse")},
+    **{name: (_is_number, "a number") for name in ("prune_seconds", "retrain_seconds", "seconds")},
+    **{name: (_is_table(_is_number), "an object of numbers") for name in ("accuracy_before", "accuracy_after")},
+    **{name: (_is_table(_is_int), "an object of integers") for name in ("alive", "channels_total")},
+    "report": (lambda value: value is None or isinstance(value, Mapping), "an object or null"),
+}
 
 
 @dataclass
@@ -99,9 +121,18 @@ class IterationRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IterationRecord:
-        """Inverse of :meth:`to_dict`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming the field that is missing or of
+        the wrong type."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an iteration must be an object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, (test, description) in _FIELD_TYPES.items():
+            if name not in data:
+                if fields[name].default is dataclasses.MISSING:
+                    raise ValueError(f"an iteration lacks {name!r}")
+            elif not test(data[name]):
+                raise ValueError(f"{name!r} of an iteration must be {description}, got {data[name]!r:.40}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
 
 
 @dataclass
@@ -134,12 +165,22 @@ class History:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> History:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            records=[IterationRecord.from_dict(r) for r in data["iterations"]],
-            stopped_early=bool(data["stopped_early"]),
-            selected_iteration=int(data["selected_iteration"]),
-        )
+        """Inverse of :meth:`to_dict`; ``ValueError`` saying what does not fit."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("iterations"), list):
+            raise ValueError("a history must be an object with a list of 'iterations'")
+        records = []
+        for index, row in enumerate(data["iterations"]):
+            try:
+                records.append(IterationRecord.from_dict(row))
+            except ValueError as error:
+                raise ValueError(f"iterations[{index}]: {error}") from None
+        if [r.iteration for r in records] != list(range(len(records))):
+            raise ValueError("the iterations must be numbered 0, 1, 2, ...")
+        selected, stopped = data.get("selected_iteration"), data.get("stopped_early")
+        if not isinstance(stopped, bool) or not _is_int(selected) or not 0 <= selected < max(len(records), 1):
+            raise ValueError(f"'stopped_early' must be true/false and 'selected_iteration' one of the iterations, got "
+                             f"{stopped!r} and {selected!r}")  # fmt: skip
+        return cls(records=records, stopped_early=stopped, selected_iteration=selected)
 
     def to_csv(self) -> str:
         """The history as CSV text, one row per iteration."""

@@ -29,7 +29,7 @@ from ..pruning import SCORE_MODES, prune
 from ..report import PruneReport
 from . import runfolder as files
 from .history import History, IterationRecord, measure
-from .runfolder import RunFolder
+from .runfolder import DamagedFileError, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def relieve(
     folder = RunFolder(run_dir).open_for_writing() if run_dir is not None else None
     try:
         loop = _Loop(model, prune_step, train_fn, eval_fns, shape, settings, rewind_state, folder, history_extra)
-        loop.start()
+        loop.start(num_iters)
         return loop.run(num_iters, early_stop_margin, early_stop_metric, progress, on_iteration_end)
     finally:
         if folder is not None:
@@ -250,11 +250,20 @@ class _Loop:
             "previous": self.previous, "history": self.history.to_dict(), "pending": pending,
         })  # fmt: skip
 
-    def start(self) -> None:
-        """Resume from the folder's state, or record iteration 0."""
-        if self.folder is not None and self.folder.exists(files.STATE):
-            self._resume()
+    def start(self, num_iters: int) -> None:
+        """Resume from the folder's state, or record iteration 0; refuse a folder that is not
+        writable before any work it would have to store."""
+        if self.folder is not None and (self.folder.exists(files.STATE) or self._state_lost()):
+            kept_state = self._resume()
+            left = self._work_left(num_iters)
+            if left is not None:
+                self.folder.require_writable(left)
+            if self.phase != "pruned":
+                self.folder.write_history(self.history, self.extra)  # repairs damaged history files
+                self._check_model_files(kept_state)
             return
+        if self.folder is not None:
+            self.folder.require_writable("the run has not started")
         start = time.perf_counter()
         accuracy = self.evaluate()
         record = IterationRecord(0, dict(accuracy), dict(accuracy), **measure(self.model, self.shape))
@@ -263,20 +272,84 @@ class _Loop:
         self.save()
         logger.info("iteration 0 (dense): %s", _describe(record))
 
-    def _resume(self) -> None:
+    def _state_lost(self) -> bool:
+        """Whether the state is gone while the history shows pruning iterations (then it is
+        rebuilt; a history of iteration 0 alone is what a kill before the first state leaves)."""
         assert self.folder is not None
-        state = self.folder.load(files.STATE)
+        try:
+            return self.folder.exists(files.HISTORY_JSON) and len(self.folder.read_history().records) > 1
+        except DamagedFileError:
+            return False
+
+    def _work_left(self, num_iters: int) -> str | None:
+        if self.phase == "pruned":
+            assert self.pending is not None
+            return f"iteration {self.pending.iteration} is to be retrained"
+        done = self.history.records[-1].iteration
+        if self.phase == "stopped" or done >= num_iters:
+            return None
+        return f"iterations {done + 1}-{num_iters} are left"
+
+    def _resume(self) -> Mapping[str, Tensor]:
+        """Load the folder's state (rebuilt if damaged); the model it holds."""
+        assert self.folder is not None
+        path = self.folder / files.STATE
+        try:
+            state = self.folder.load(files.STATE)
+        except FileNotFoundError:
+            state = self._rebuilt_state(DamagedFileError(path, f"{path} is missing (its history is there)"))
+        except DamagedFileError as damage:
+            state = self._rebuilt_state(damage)
         _check_state(state, self.settings, self.folder / files.STATE)
         restore_masks(self.model, state["model"])
         self.history = History.from_dict(state["history"])
         self.phase, self.previous = state["phase"], state["previous"]
         self.pending = IterationRecord.from_dict(state["pending"]) if state["pending"] else None
-        if self.phase != "pruned":
-            self.folder.write_history(self.history, self.extra)  # repairs damaged history files
         logger.info(
             "resuming %s: %d iteration(s) done%s", self.folder.path, self.history.records[-1].iteration,
             f", iteration {self.pending.iteration} pruned but not retrained" if self.pending else "",
         )  # fmt: skip
+        return state["model"]
+
+    def _kept_iteration(self) -> int:
+        """The iteration whose weights the model holds after a finished iteration."""
+        return self.history.selected_iteration if self.phase == "stopped" else self.history.records[-1].iteration
+
+    def _rebuilt_state(self, damage: DamagedFileError) -> dict[str, Any]:
+        """The state after the last finished iteration, from its weights and ``history.json``."""
+        assert self.folder is not None
+        try:
+            history = self.folder.read_history()
+            stopped = history.stopped_early
+            kept = history.selected_iteration if stopped else history.records[-1].iteration
+            model = self.folder.load(files.model_file(kept))
+        except (DamagedFileError, FileNotFoundError) as error:
+            reason = error.problem if isinstance(error, DamagedFileError) else error
+            raise DamagedFileError(damage.path, f"{damage.problem}, and it cannot be rebuilt ({reason})",
+                                   "restore it from a copy, or start the run over in a new folder") from None  # fmt: skip
+        state = {"format": _STATE_FORMAT, "settings": self.settings, "phase": "stopped" if stopped else "retrained",
+                 "model": model, "previous": None, "history": history.to_dict(), "pending": None}  # fmt: skip
+        self.folder.rebuild(files.STATE, state, damage, source=f"{files.model_file(kept)} and {files.HISTORY_JSON}",
+                            exact=False)  # fmt: skip
+        return state
+
+    def _check_model_files(self, kept_state: Mapping[str, Tensor]) -> None:
+        """Rebuild the model file of the kept iteration from the state if it is damaged or
+        missing; name any other damaged model file (the run goes on without it; a deleted
+        one is not missed)."""
+        assert self.folder is not None
+        kept = self._kept_iteration()
+        for record in self.history.records:
+            name = files.model_file(record.iteration)
+            missing = record.iteration == kept and not self.folder.exists(name)
+            damage = DamagedFileError(self.folder / name, f"{self.folder / name} is missing") if missing else None
+            damage = damage or self.folder.damaged(name)
+            if damage is None:
+                continue
+            if record.iteration == kept:
+                self.folder.rebuild(name, dict(kept_state), damage, source=files.STATE)
+            else:
+                logger.warning("%s; the run goes on without it", damage)
 
     def run(
         self, num_iters: int, margin: float | None, metric: str, progress: bool,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..analysis import analyse
 from ..experiments import runfolder as files
-from ..experiments.config import ExperimentConfig
+from ..experiments.config import ConfigError, ExperimentConfig
 from ..experiments.experiment import load_weights
 from ..experiments.history import History
 from ..fileio import save_text
@@ -77,6 +77,7 @@ def write_report(
     runs = [load_run(path) for path in run_dirs]
     if not runs:
         raise ValueError("write_report needs at least one run folder")
+    _check_choices(runs, iteration, samples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefixes = _prefixes(runs)
@@ -112,6 +113,18 @@ def write_report(
     save_text("\n".join(lines) + "\n", path)
     logger.info("wrote %s", path)
     return path
+
+
+def _check_choices(runs: Sequence[RunData], iteration: int | None, samples: int) -> None:
+    """Refuse an iteration or a sample count the connection picture cannot use, before
+    anything is drawn."""
+    if samples < 1:
+        raise ConfigError(f"the connection scores need at least one training image (samples >= 1), got {samples}")
+    for run in runs:
+        last = run.history.records[-1].iteration
+        if iteration is not None and not 1 <= iteration <= last:
+            choices = f"1-{last}" if last else "none yet"
+            raise ConfigError(f"iteration {iteration} is not a pruning iteration of {run.path} ({choices})")
 
 
 def _prefixes(runs: Sequence[RunData]) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..experiments import runfolder as files
 from ..experiments.config import ConfigError, ExperimentConfig
+from ..experiments.experiment import stored_config
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 
@@ -45,7 +46,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     for needed in (files.CONFIG, files.HISTORY_JSON):
         if not folder.exists(needed):
             raise ConfigError(f"{folder.path} is not a finished run folder: {needed} is missing")
-    return RunData(folder.path, ExperimentConfig.from_dict(folder.read_json(files.CONFIG)), folder.read_history())
+    return RunData(folder.path, stored_config(folder), folder.read_history())
 
 
 def unique_labels(runs: Sequence[RunData]) -> list[str]:
