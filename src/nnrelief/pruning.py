@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from . import scores as score_fns
 from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, map_key, weight_matrix
 from .analysis.layers import kernel_layout, module_layout
+from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
 from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from .distributed import check_same_on_all_ranks
@@ -71,34 +73,86 @@ def _connection_mask(module: nn.Module) -> LayerMask:
     )
 
 
-def _select_all(
-    model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics, mode: str, alpha_fc: float, alpha_conv: float
-) -> dict[str, LayerMask]:
-    masks = {}
+Contributions = dict[str, tuple[Tensor, Tensor | None]]
+AlphaOf = Callable[[str, str], float]  # (layer name, kind) -> alpha
+
+
+def _contributions(layers: dict[str, PrunableLayer], stats: Statistics, mode: str) -> Contributions:
+    """(a_ij, bias share) of every layer, on the CPU: computed once, selected from as often as needed."""
+    result = {}
     for layer in layers.values():
         weight = weight_matrix(layer.module).detach()
         contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode, weight)
-        alpha = alpha_fc if layer.kind == "linear" else alpha_conv
-        keep_weight, keep_bias = select(contrib.cpu(), None if bias_share is None else bias_share.cpu(), alpha)
-        old = _connection_mask(layer.module)
-        shift = None
-        if layer.batchnorm is not None:
-            shift = batchnorm_constant(model.get_submodule(layer.batchnorm))
-        masks[layer.name] = LayerMask(
-            keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), shift, old.groups
-        )
-    return masks
+        result[layer.name] = (contrib.cpu(), None if bias_share is None else bias_share.cpu())
+    return result
+
+
+class _Planner:
+    """The masks of one pass for given alphas (selection, then structure cleaning), and the
+    remaining fraction they give; the statistics and contributions are computed once."""
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, layers: dict[str, PrunableLayer], stats: Statistics,
+                 contributions: Contributions) -> None:  # fmt: skip
+        self.model, self.graph, self.layers, self.stats, self.contributions = model, graph, layers, stats, contributions
+        self.old = {name: _connection_mask(layer.module) for name, layer in layers.items()}
+        self.shifts = {
+            name: batchnorm_constant(model.get_submodule(layer.batchnorm)) for name, layer in layers.items() if layer.batchnorm
+        }
+        self.taps = {name: _kept_taps(layer.module) for name, layer in layers.items()}
+        self.total = sum(current_mask(layer.module, "weight").numel() for layer in layers.values())
+        self.total += sum(int(m.bias.numel()) for m in self.old.values() if m.bias is not None)
+        modules = dict(model.named_modules())
+        self.gates = {}
+        for node, module_name in graph.gates.items():
+            existing = gate_of(modules[module_name])
+            self.gates[node] = existing.cpu() if existing is not None else torch.ones(graph.rules[node].channels, dtype=torch.bool)
+
+    def masks(self, alpha_of: AlphaOf) -> tuple[dict[str, LayerMask], dict[str, Tensor], dict[str, Tensor]]:
+        """(layer masks, shortcut gates, BatchNorm masks) of the pass."""
+        masks = {}
+        for name, layer in self.layers.items():
+            contrib, bias_share = self.contributions[name]
+            keep_weight, keep_bias = select(contrib, bias_share, alpha_of(name, layer.kind))
+            old = self.old[name]
+            masks[name] = LayerMask(
+                keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), self.shifts.get(name), old.groups
+            )
+        gates = {node: gate.clone() for node, gate in self.gates.items()}
+        bn_masks: dict[str, Tensor] = {}
+        if self.graph.traced:
+            _remove_dead(self.graph, self.stats, masks)
+            _residual_rule(self.graph, self.stats, masks, gates, lambda layer: alpha_of(layer, "conv"))
+            bn_masks = clean(self.graph, masks, gates)
+        return masks, gates, bn_masks
+
+    def remaining(self, alpha_of: AlphaOf) -> float:
+        """kept / total weights and biases of the layers under the pass's masks (as the report counts)."""
+        masks, _, _ = self.masks(alpha_of)
+        kept = sum(int((self.taps[name] * mask.weight).sum()) for name, mask in masks.items())
+        kept += sum(int(mask.bias.sum()) for mask in masks.values() if mask.bias is not None)
+        return kept / self.total if self.total else 1.0
+
+
+def _kept_taps(module: nn.Module) -> Tensor:
+    """Per connection (kernel), how many of its weight entries are still kept: (J, C/g) int."""
+    weight = kernel_layout(module, current_mask(module, "weight"))
+    return weight.flatten(2).sum(dim=2).cpu() if weight.dim() > 2 else weight.long().cpu()
 
 
 def _remove_dead(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:
-    for layer in graph.layers.values():
-        entry = stats.get(activity_key(layer.name))
+    for name, mask in masks.items():
+        entry = stats.get(activity_key(name))
         if entry is not None:
-            masks[layer.name].remove_neurons(entry["activity"].cpu() == 0)
+            mask.remove_neurons(entry["activity"].cpu() == 0)
 
 
-def _residual_rule(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha: float) -> None:
+def _residual_rule(
+    graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask], gates: dict[str, Tensor], alpha_of: Callable[[str], float]
+) -> None:
     for join in graph.joins:
+        if join.layer not in masks:
+            continue  # a spared branch keeps its filters; its shortcut is left alone too
+        alpha = alpha_of(join.layer)
         branch, shortcut = stats[map_key(join.branch)], stats[map_key(join.shortcut)]
         prune_branch, mask_shortcut = residual_decisions(
             (branch["abs_map"].double() / float(branch["count"])).float().cpu(),
@@ -147,6 +201,10 @@ def prune(
     alpha_conv: float = 0.9,
     score: str = "paper",
     progress: bool = True,
+    ignore: Iterable[Selector] | Selector | None = None,
+    only: Iterable[Selector] | Selector | None = None,
+    alphas: Mapping[str, float] | None = None,
+    target: float | None = None,
 ) -> PruneReport:
     """Run one NNrelief pruning pass on ``model`` in place.
 
@@ -164,6 +222,17 @@ def prune(
     Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
     The model's train/eval mode and requires_grad flags are left as they were.
 
+    Choices (as in ``torch.nn.utils.prune`` / Torch-Pruning / NNI): ``ignore`` spares layers
+    (name glob patterns such as ``"features.0"`` or ``"*.classifier"``, or module types),
+    ``only`` prunes just the matching layers; a spared layer keeps every weight, and so keeps
+    its producers' channels in use, and is listed in ``report.skipped``. ``alphas`` maps name
+    patterns to a layer's alpha (the first match wins; others use ``alpha_fc`` /
+    ``alpha_conv``). ``target`` is the remaining fraction of the scored layers' weights and
+    biases to reach (as ``report.remaining_fraction`` counts it): one alpha for every layer,
+    found from the pass's own statistics by bisection (no second pass), is used and reported
+    as ``report.settings["alpha"]``; passing it back as ``alpha_fc`` and ``alpha_conv``
+    gives the same masks.
+
     Under ``torchrun`` (a torch.distributed group of several processes) each process
     passes its own part of the pruning set: the statistics are summed over processes,
     and the masks are compared (by hash) before they are applied; ranks that disagree
@@ -171,6 +240,8 @@ def prune(
     """
     alpha_fc = check_alpha(alpha_fc, "alpha_fc")
     alpha_conv = check_alpha(alpha_conv, "alpha_conv")
+    ignore, only = check_selectors(ignore, "ignore"), check_selectors(only, "only")
+    alphas, target = check_alphas(alphas), check_target(target)
     if score not in SCORE_MODES:
         raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
     _check_finite(model)
@@ -193,17 +264,13 @@ def prune(
         all_reduce_statistics(stats)
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
-        masks = _select_all(model, layers, stats, score, alpha_fc, alpha_conv)
-        bn_masks: dict[str, Tensor] = {}
-        gates: dict[str, Tensor] = {}
-        if graph.traced:
-            modules = dict(model.named_modules())
-            for node, module_name in graph.gates.items():
-                existing = gate_of(modules[module_name])
-                gates[node] = existing.cpu() if existing is not None else torch.ones(graph.rules[node].channels, dtype=torch.bool)
-            _remove_dead(graph, stats, masks)
-            _residual_rule(graph, stats, masks, gates, alpha_conv)
-            bn_masks = clean(graph, masks, gates)
+        layers = _unspared(model, layers, skipped, ignore, only)
+        planner = _Planner(model, graph, layers, stats, _contributions(layers, stats, score))
+        found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+        if found is None:
+            masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
+        else:
+            masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
         check_same_on_all_ranks(_flat(masks, gates, bn_masks), "pruning masks")  # torchrun
         _apply(model, graph, masks, gates, bn_masks)
         if graph.traced:
@@ -211,9 +278,12 @@ def prune(
     finally:
         for module, training in modes.items():
             module.train(training)
+    choices = {"alphas": dict(alphas)} if alphas else {}
+    if target is not None:
+        choices.update(target=target, alpha=found)
     report = build_report(
         ((name, layer.module) for name, layer in layers.items()),
-        alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=samples,
+        alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, samples=samples, **choices,
     )
     report.skipped = skipped
     report.analysis = "channel graph" if graph.traced else f"connection level: {graph.reason}"
@@ -262,6 +332,18 @@ def _layers_that_ran(graph: ChannelGraph, stats: Statistics) -> tuple[dict[str, 
     for name in missing:
         skipped[name] = "never ran on the pruning batches (an unused head, or its weight read by other code)"
     return {name: layer for name, layer in graph.layers.items() if name not in missing}, skipped
+
+
+def _unspared(
+    model: nn.Module, layers: dict[str, PrunableLayer], skipped: dict[str, str], ignore: list[Selector], only: list[Selector]
+) -> dict[str, PrunableLayer]:
+    """The layers the pass prunes; the spared ones are added to ``skipped``."""
+    spared = spared_layers({name: layer.module for name, layer in layers.items()}, ignore, only)
+    if spared and len(spared) == len(layers):
+        raise ValueError(f"ignore=/only= spare every layer of {type(model).__name__} ({', '.join(sorted(spared))}): nothing to prune")
+    for name in sorted(spared):
+        skipped[name] = "spared by ignore=/only=: every weight kept"
+    return {name: layer for name, layer in layers.items() if name not in spared}
 
 
 def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics) -> int:

@@ -1,0 +1,87 @@
+"""Which layers a pass prunes, with which alpha, and the alpha that reaches a target size.
+
+Pure helpers of :func:`nnrelief.prune`'s ``ignore=``, ``only=``, ``alphas=`` and ``target=``:
+layer names match glob patterns (``fnmatch``: ``"features.0"``, ``"*.mlp.*"``) or module
+types (``nn.Embedding``, ``transformers.pytorch_utils.Conv1D``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch.nn as nn
+
+from .selection import check_alpha
+
+Selector = str | type
+"""A layer name pattern or a module type."""
+
+
+def check_selectors(selectors: Iterable[Selector] | Selector | None, name: str) -> list[Selector]:
+    """``selectors`` as a list (one pattern or type alone is a list of one); refuses other items."""
+    if selectors is None:
+        return []
+    items = [selectors] if isinstance(selectors, (str, type)) else list(selectors)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"{name} takes layer name patterns (str) or module types, got {item!r} ({type(item).__name__})")
+    return items
+
+
+def matches(name: str, module: nn.Module, selectors: list[Selector]) -> bool:
+    """Whether the layer ``name`` (``module``) is one of ``selectors``."""
+    return any(fnmatchcase(name, item) if isinstance(item, str) else isinstance(module, item) for item in selectors)
+
+
+def spared_layers(layers: Mapping[str, nn.Module], ignore: list[Selector], only: list[Selector]) -> set[str]:
+    """Layers a pass leaves whole: those matching ``ignore`` and, when ``only`` is given, those not matching it."""
+    return {
+        name for name, module in layers.items()
+        if matches(name, module, ignore) or (only and not matches(name, module, only))
+    }  # fmt: skip
+
+
+def check_alphas(alphas: Mapping[str, float] | None) -> dict[str, float]:
+    """``alphas`` (layer name pattern -> alpha) with every alpha checked."""
+    if alphas is None:
+        return {}
+    if not isinstance(alphas, Mapping):
+        raise TypeError(f"alphas maps layer name patterns to alphas (e.g. {{'classifier': 0.99}}), got {type(alphas).__name__}")
+    return {str(pattern): check_alpha(alpha, f"alphas[{pattern!r}]") for pattern, alpha in alphas.items()}
+
+
+def alpha_for(name: str, kind: str, alphas: Mapping[str, float], alpha_fc: float, alpha_conv: float) -> float:
+    """The alpha of one layer: the first pattern of ``alphas`` it matches, else by its kind."""
+    for pattern, alpha in alphas.items():
+        if fnmatchcase(name, pattern):
+            return alpha
+    return alpha_fc if kind == "linear" else alpha_conv
+
+
+def check_target(target: Any) -> float | None:
+    """``target`` (remaining fraction) as a float in (0, 1], or None."""
+    if target is None:
+        return None
+    value = float(target)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"target is the fraction of the scored weights and biases to keep, in (0, 1]; got {target!r}")
+    return value
+
+
+def find_alpha(remaining: Callable[[float], float], target: float, steps: int = 24) -> float:
+    """The alpha in (0, 1] whose ``remaining(alpha)`` (non-decreasing in alpha) comes closest
+    to ``target``: bisection, then the nearer of the two bracketing alphas."""
+    low, high = 0.0, 1.0
+    if remaining(high) <= target:
+        return high
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if remaining(middle) < target:
+            low = middle
+        else:
+            high = middle
+    if low == 0.0:
+        return high
+    return low if abs(remaining(low) - target) < abs(remaining(high) - target) else high
