@@ -249,3 +249,9 @@ def test_sparse_keeps_tied_parameters(tmp_path: Path) -> None:
     loaded = load_sparse(save_sparse(model, tmp_path / "tied.pt"))
     assert loaded[2].weight is loaded[0].weight
     _assert_same(model, loaded, torch.randn(3, 4))
+
+
+def test_an_example_the_model_rejects_is_named_with_its_layer() -> None:
+    model = get_model("lenet5", 10)
+    with pytest.raises(ValueError, match=r"compact: the model rejected the example of shape \(2, 1, 20, 20\) in layer fc1 \(Linear\)"):
+        compact(model, torch.rand(2, 1, 20, 20))

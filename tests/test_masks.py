@@ -129,3 +129,23 @@ def test_mode_and_requires_grad_are_restored():
     nnrelief.prune(model, [torch.rand(8, 1, 28, 28)], progress=False)
     assert model.training and model.conv1.training and not model.fc2.training
     assert not model.conv1.weight_orig.requires_grad and model.conv2.weight_orig.requires_grad
+
+
+def test_restore_masks_refuses_what_is_not_a_binary_state_dict():
+    import nnrelief
+    from nnrelief.models import lenet300_100
+
+    torch.manual_seed(0)
+    pruned = lenet300_100()
+    nnrelief.prune(pruned, [torch.rand(8, 784)], alpha_fc=0.8, progress=False)
+    with pytest.raises(TypeError, match="needs a state dict"):
+        nnrelief.restore_masks(lenet300_100(), [1, 2])
+    for bad in (0.5, float("nan")):
+        state = {key: value.clone() for key, value in pruned.state_dict().items()}
+        state["fc1.weight_mask"][0, 0] = bad
+        fresh = lenet300_100()
+        before = {key: value.clone() for key, value in fresh.state_dict().items()}
+        with pytest.raises(ValueError, match="fc1.weight_mask"):
+            nnrelief.restore_masks(fresh, state)
+        assert fresh.state_dict().keys() == before.keys()
+        assert all(torch.equal(fresh.state_dict()[key], value) for key, value in before.items())

@@ -45,6 +45,7 @@ from .analysis import ChannelGraph, analyse
 from .analysis.capture import TensorOutputs
 from .analysis.layers import weight_matrix
 from .cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
+from .diagnostics import rejected_input
 from .export import save_sparse
 from .graph import ModelGraph, NodeRule, Rule, build_graph
 from .inputs import ModelInput, example_input
@@ -73,9 +74,12 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     model; otherwise the masks are folded in and no channel is removed (a warning says so).
     """
     work = _clone(model).eval()  # capturing runs a forward: no BN statistics update
+    example = example_input(example if example is not None else _default_example(work))
+    rejected = rejected_input(work, example)
+    if rejected is not None:
+        raise ValueError(f"compact: {rejected}".replace("a pruning batch", "the example"))
     gates = _take_gates(work)
     make_permanent(work)
-    example = example_input(example if example is not None else _default_example(work))
     narrowed = _narrow(work, gates, example)
     if narrowed is not None:
         return narrowed.train(model.training)

@@ -93,8 +93,15 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
     state dict, then loads every value. Use it instead of ``model.load_state_dict`` for
     checkpoints saved after ``nnrelief.prune``. All or nothing: a state dict that does not
     fit (missing or unexpected keys with ``strict``, other shapes) raises ``ValueError``
-    listing every difference, and ``model`` is left unchanged.
+    listing every difference, and ``model`` is left unchanged; so do masks or gates holding
+    anything but 0 and 1 (a 0.5 or a NaN: a damaged or foreign file).
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"restore_masks needs a state dict (a mapping of names to tensors, as torch.load of a saved "
+            f"model gives), got {type(state_dict).__name__}"
+        )
+    _check_binary(state_dict)
     modules = dict(model.named_modules())
     masked, gated = [], []
     for key, value in state_dict.items():
@@ -116,6 +123,20 @@ def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bo
         set_gate(module, torch.ones(value.shape, dtype=torch.bool), value if weights is None else weights)
     model.load_state_dict(state_dict, strict=strict)
     refresh_masked(model)
+
+
+def _check_binary(state_dict: Mapping[str, Any]) -> None:
+    """Refuse mask and gate entries other than 0 and 1, naming them."""
+    bad = [
+        key for key, value in state_dict.items()
+        if (key.endswith("_mask") or key.rpartition(".")[2] == GATE) and isinstance(value, Tensor)
+        and value.is_floating_point() and not bool(((value == 0) | (value == 1)).all())
+    ]  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"masks must hold only 0 and 1, but {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold other values "
+            "(a damaged or foreign file); the model was left unchanged"
+        )
 
 
 def _check_fits(
