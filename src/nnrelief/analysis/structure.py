@@ -36,10 +36,10 @@ class ResidualJoin:
 
 @dataclass
 class LayerSite:
-    """Nodes of one layer call: the op, its output (after in-module reshapes), its input."""
+    """Nodes of one layer call: its output (after in-module reshapes), its input, and the
+    nodes between them."""
 
     layer: str
-    op: str
     output: str
     input: str
     internal: list[str]
@@ -82,7 +82,7 @@ def find_sites(graph: fx.Graph, layers: dict[str, PrunableLayer]) -> list[LayerS
         while len(output.users) == 1 and scope(next(iter(output.users))) == layer and op_name(next(iter(output.users))) in VIEWS:
             internal.append(output.name)
             output = next(iter(output.users))
-        sites.append(LayerSite(layer, node.name, output.name, data.name, internal))
+        sites.append(LayerSite(layer, output.name, data.name, internal))
     return sites
 
 
