@@ -108,17 +108,28 @@ def test_a_module_called_twice_is_cleaned_only_where_both_calls_agree() -> None:
     nnrelief.prune(model, [((a, b),)], alpha_fc=1.0, progress=False)
     alive = current_mask(model.shared, "weight").any(dim=1)
     assert not alive[1] and alive[0] and alive[2:].all()
+    small = nnrelief.compact(model, (a[:2], b[:2]))
+    assert type(small) is TwiceCalled and small.shared.out_features == 7 and small.head.in_features == 14
+    with torch.no_grad():
+        torch.testing.assert_close(small(a, b), model(a, b), rtol=1e-4, atol=1e-5)
 
 
 def test_torch_transformer_encoder_scores_every_linear_and_lists_the_packed_projection() -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
-    report = nnrelief.prune(model, [torch.randn(4, 5, 16)], alpha_fc=0.9, progress=False)
+    with torch.no_grad():
+        model[0].layers[0].linear2.weight[:, :4] = 0.0  # four FFN neurons feed nothing
+    x = torch.randn(4, 5, 16)
+    report = nnrelief.prune(model, [x], alpha_fc=0.95, progress=False)
     names = {entry.name for entry in report.layers}
     for index in range(2):
         assert {f"0.layers.{index}.linear1", f"0.layers.{index}.linear2", f"0.layers.{index}.self_attn.out_proj"} <= names
         assert "packed query/key/value" in report.skipped[f"0.layers.{index}.self_attn"]
+    small = nnrelief.compact(model, x[:2])
+    assert type(small) is nn.Sequential and small[0].layers[0].linear1.out_features <= 28
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_recurrent_layers_are_listed_as_skipped() -> None:
