@@ -51,7 +51,7 @@ from .graph import ModelGraph, NodeRule, Rule, build_graph
 from .inputs import ModelInput, example_input
 from .masks import _GATE_HOOK, GATE, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
-from .narrowing import Declined, InPlacePlan
+from .narrowing import Declined, Groups, InPlacePlan
 
 log = logging.getLogger(__name__)
 
@@ -237,23 +237,6 @@ def _analyse(model: nn.Module, graph: ModelGraph | ChannelGraph, gates: dict[str
             return live, used_channels(graph, masks, gates)
 
 
-class _Groups:
-    """Union-find over node names: tensors that must carry the same channels."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, name: str) -> str:
-        self.parent.setdefault(name, name)
-        while self.parent[name] != name:
-            self.parent[name] = self.parent[self.parent[name]]
-            name = self.parent[name]
-        return name
-
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
 def _has_literal_shape(node: fx.Node) -> bool:
     """A view/reshape whose target shape has hard-coded sizes beyond the batch dim."""
     is_reshape = (node.op == "call_method" and node.target in ("view", "reshape")) or (
@@ -284,7 +267,7 @@ class _Plan:
         self.nodes = {node.name: node for node in self.gm.graph.nodes}
         self.modules = dict(self.gm.named_modules())
         live, used = _analyse(graph.module, graph, gates)
-        self.groups = _Groups()
+        self.groups = Groups()
         forced: set[str] = set()
         self._couple(forced)
         self.keep = self._decide(live, used, forced)

@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .analysis.layers import LayerCall, find_layers
 from .analysis.rules import NodeRule, Rule
+from .analysis.structure import ResidualJoin
 from .inputs import ModelInput, example_input
 
 log = logging.getLogger(__name__)
@@ -90,17 +91,6 @@ class PrunableLayer:
     def calls(self) -> list[LayerCall]:
         """The layer's one traced call (the shape :func:`nnrelief.cleaning.clean` reads)."""
         return [LayerCall(self.node, self.input_node, self.structured, self.chain_end)]
-
-
-@dataclass
-class ResidualJoin:
-    """An addition of a conv branch (ending in ``branch``) and a shortcut path."""
-
-    node: str
-    layer: str
-    branch: str
-    shortcut: str
-    gate_module: str | None
 
 
 @dataclass

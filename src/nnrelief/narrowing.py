@@ -27,7 +27,7 @@ from .analysis.rules import BATCHNORMS, op_name
 log = logging.getLogger(__name__)
 
 
-class _Groups:
+class Groups:
     """Union-find over node names: tensors that must carry the same channels."""
 
     def __init__(self) -> None:
@@ -61,7 +61,7 @@ class InPlacePlan:
         self.graph = graph
         self.nodes = {node.name: node for node in graph.capture.graph.nodes}
         self.modules = dict(model.named_modules())
-        self.groups = _Groups()
+        self.groups = Groups()
         self.forced: set[str] = set()
         self.parameters: list[tuple[str, str, int]] = []  # (parameter, node, axis of the parameter)
         self.norms: dict[str, list[str]] = {}  # BatchNorm module -> its input nodes
