@@ -175,7 +175,9 @@ def _flat(masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[
     return flat
 
 
-def _apply(model: nn.Module, graph: ChannelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
+def apply_layer_masks(model: nn.Module, masks: dict[str, LayerMask], bn_masks: dict[str, Tensor]) -> None:
+    """Mask layers (connection-level masks expanded to whole kernels) and BatchNorm channels
+    of ``model``, ANDed with their existing masks: nothing revives."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
@@ -188,6 +190,11 @@ def _apply(model: nn.Module, graph: ChannelGraph, masks: dict[str, LayerMask], g
         if not bool(keep.all()) or getattr(modules[name], "weight_mask", None) is not None:
             set_mask(modules[name], "weight", keep)
             set_mask(modules[name], "bias", keep)
+
+
+def _apply(model: nn.Module, graph: ChannelGraph, masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> None:
+    apply_layer_masks(model, masks, bn_masks)
+    modules = dict(model.named_modules())
     for node, module_name in graph.gates.items():
         if not bool(gates[node].all()):
             set_gate(modules[module_name], gates[node], model_weights(model))

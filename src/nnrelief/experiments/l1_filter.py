@@ -37,11 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import ChannelGraph, Rule, analyse, weight_matrix
-from ..analysis.layers import kernel_layout, module_layout
+from ..analysis.layers import kernel_layout
 from ..cleaning import LayerMask, clean
 from ..inputs import ModelInput
-from ..masks import current_mask, gate_of, is_masked, set_mask
+from ..masks import current_mask, gate_of
 from ..metrics import effective_tensor, layer_macs
+from ..pruning import apply_layer_masks
 from ..report import PruneReport, build_report
 
 __all__ = ["FilterPlan", "bisect_fraction", "breakpoints", "filter_l1_norms", "filter_layers", "l1_filter_prune", "removal_counts"]
@@ -237,18 +238,7 @@ class FilterPlan:
 
     def apply(self, masks: dict[str, LayerMask], batchnorms: dict[str, Tensor]) -> None:
         """Mask the model's layers and BatchNorms (ANDed with their masks: nothing revives)."""
-        modules = dict(self.model.named_modules())
-        for name, mask in masks.items():
-            module = self.graph.layers[name].module
-            shape = weight_matrix(module).shape
-            weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-            set_mask(module, "weight", module_layout(module, weight))
-            if mask.bias is not None:
-                set_mask(module, "bias", mask.bias)
-        for name, keep in batchnorms.items():
-            if not bool(keep.all()) or is_masked(modules[name], "weight"):
-                set_mask(modules[name], "weight", keep)
-                set_mask(modules[name], "bias", keep)
+        apply_layer_masks(self.model, masks, batchnorms)
 
 
 def l1_filter_prune(model: nn.Module, target_macs: float, input_shape: tuple[int, ...]) -> PruneReport:
