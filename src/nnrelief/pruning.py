@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import scores as score_fns
-from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, map_key, weight_matrix
+from .analysis import ChannelGraph, PrunableLayer, activity_key, analyse, input_key, map_key, refresh, weight_matrix
 from .analysis.layers import kernel_layout, module_layout
 from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
 from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
@@ -281,7 +281,7 @@ def prune(
         check_same_on_all_ranks(_flat(masks, gates, bn_masks), "pruning masks")  # torchrun
         _apply(model, graph, masks, gates, bn_masks)
         if graph.traced:
-            analyse(model, first)  # new masks or gates changed the modules: the next pass finds the capture made
+            refresh(model, first, graph)  # new masks or gates changed the modules: the next pass finds them captured
     finally:
         for module, training in modes.items():
             module.train(training)

@@ -32,13 +32,14 @@ from torch import Tensor
 from ..inputs import ModelInput
 from .capture import Capture, capture, observing, scope
 from .derive import RuleDeriver
+from .follow import ModuleState, follow_masks, module_state
 from .layers import LayerCall, PrunableLayer, find_layers, is_transposed_linear, prunable_kind, weight_matrix
 from .rules import NodeRule, Rule, map_axis
 from .structure import ResidualJoin, attach_calls, find_joins, find_sites
 
 __all__ = [
     "ChannelGraph", "LayerCall", "NodeRule", "PrunableLayer", "ResidualJoin", "Rule", "activity_key", "analyse", "graph_for",
-    "map_axis",
+    "map_axis", "refresh",
     "input_key", "is_transposed_linear", "map_key", "observing", "prunable_kind", "weight_matrix",
 ]  # fmt: skip
 
@@ -58,6 +59,7 @@ class ChannelGraph:
     gates: dict[str, str] = field(default_factory=dict)  # shortcut node -> module to gate
     reason: str | None = None  # why there is no capture
     signature: tuple = ()  # of the inputs it was captured for
+    modules: ModuleState = field(default_factory=dict)  # the model's modules when captured
 
     @property
     def traced(self) -> bool:
@@ -129,6 +131,32 @@ def _signature(example: ModelInput, dynamic: bool) -> tuple:
     return (dynamic, tuple(describe(v) for v in example.args), tuple((k, describe(v)) for k, v in example.kwargs.items()))
 
 
+def refresh(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> ChannelGraph:
+    """The graph of ``model`` after a pass added masks or gates to it (``graph`` is its graph
+    before): the capture follows them in place where it can (no new export), else the
+    model is captured again. Either way the next :func:`analyse` finds it."""
+    stored = _CACHE.get(model)
+    fingerprint = _fingerprint(model)
+    if stored is not None and stored[0] == fingerprint:
+        return graph
+    captured = graph.capture
+    if captured is not None and graph.modules and graph.signature:
+        gate_nodes = {module: node for node, module in graph.gates.items()}
+        try:
+            followed = follow_masks(captured, model, graph.modules, gate_nodes)
+        except Exception as error:  # noqa: BLE001 - a capture half followed is dropped: captured again
+            log.debug("could not follow the new masks in the capture (%s: %s); capturing again", type(error).__name__, error)
+            followed = False
+        if followed:
+            layers, skipped = find_layers(model)
+            new = _derive(model, captured, layers, skipped)
+            new.signature = graph.signature
+            _CACHE[model] = (fingerprint, {new.signature: new})
+            return new
+    _CACHE.pop(model, None)
+    return analyse(model, example)
+
+
 def _build(model: nn.Module, example: ModelInput) -> ChannelGraph:
     layers, skipped = find_layers(model)
     try:
@@ -137,6 +165,11 @@ def _build(model: nn.Module, example: ModelInput) -> ChannelGraph:
         reason = f"torch.export could not capture {type(model).__name__} ({type(error).__name__}: {_first_line(error)})"
         log.info("%s: pruning at connection level, no structure cleaning", reason)
         return ChannelGraph(layers, skipped, reason=reason)
+    return _derive(model, captured, layers, skipped)
+
+
+def _derive(model: nn.Module, captured: Capture, layers: dict[str, PrunableLayer], skipped: dict[str, str]) -> ChannelGraph:
+    """The channel graph from a capture of ``model`` (watch points added to it)."""
     modules = dict(model.named_modules())
     sites = find_sites(captured.graph, layers)
     layer_of = {site.output: (site.layer, site.input, layers[site.layer].kind) for site in sites}
@@ -150,9 +183,9 @@ def _build(model: nn.Module, example: ModelInput) -> ChannelGraph:
         skipped[name] = "never runs in the forward pass (an unused head, or its weight read by other code)"
         del layers[name]
     joins, gates = find_joins(layers, rules, captured.graph, modules)
-    graph = ChannelGraph(layers, skipped, captured, rules, joins, batchnorms, gates)
+    graph = ChannelGraph(layers, skipped, captured, rules, joins, batchnorms, gates, modules=module_state(model))
     captured.add_watch_points(_watch_points(graph))
-    log.debug("captured %s: %d nodes, %d layers, %d residual joins", type(model).__name__, len(nodes), len(layers), len(joins))
+    log.debug("channel graph of %s: %d nodes, %d layers, %d residual joins", type(model).__name__, len(nodes), len(layers), len(joins))
     return graph
 
 

@@ -33,13 +33,20 @@ _SINK: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar
 
 
 class TensorOutputs(nn.Module):
-    """Calls the model and returns only the tensors of its output (drops caches etc.)."""
+    """Calls the model and returns only the tensors of its output (drops caches etc.).
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``keywords``, the last positional inputs are passed to the model as those keyword
+    inputs (torch.export cannot make the batch of a ``**kwargs`` input dynamic)."""
+
+    def __init__(self, model: nn.Module, keywords: tuple[str, ...] = ()) -> None:
         super().__init__()
         setattr(self, INNER, model)
+        self.keywords = keywords
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        if self.keywords:
+            split = len(args) - len(self.keywords)
+            args, kwargs = args[:split], {**dict(zip(self.keywords, args[split:])), **kwargs}
         output = getattr(self, INNER)(*args, **kwargs)
         if isinstance(output, Mapping):
             output = list(output.values())
@@ -80,6 +87,7 @@ class Capture:
 
     module: fx.GraphModule
     dynamic_batch: bool
+    keywords: tuple[str, ...] = ()  # keyword inputs, passed after the positional ones
 
     @property
     def graph(self) -> fx.Graph:
@@ -88,7 +96,7 @@ class Capture:
     def run(self, model_input: ModelInput) -> None:
         """One forward pass of the capture on ``model_input`` (no grad)."""
         with torch.no_grad():
-            self.module(*model_input.args, **model_input.kwargs)
+            self.module(*model_input.args, *(model_input.kwargs[name] for name in self.keywords))
 
     def add_watch_points(self, points: Mapping[str, list[str]]) -> None:
         """Insert one ``watch(keys, node)`` after every node named in ``points`` (key -> nodes)."""
@@ -138,18 +146,13 @@ def _identity_views(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> 
     return None
 
 
-def _dynamic_shapes(model_input: ModelInput) -> dict[str, Any]:
+def _dynamic_shapes(inputs: tuple[Any, ...]) -> dict[str, Any]:
     def spec(value: Any) -> Any:
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] > 1:
             return {0: torch.export.Dim.AUTO}
         return None
 
-    shapes: dict[str, Any] = {}
-    if model_input.args:
-        shapes["args"] = tuple(spec(v) for v in model_input.args)
-    if model_input.kwargs:
-        shapes["kwargs"] = {k: spec(v) for k, v in model_input.kwargs.items()}
-    return shapes
+    return {"args": tuple(spec(v) for v in inputs)} if inputs else {}
 
 
 @contextlib.contextmanager
@@ -166,19 +169,19 @@ def _quiet_torch() -> Iterator[None]:
 
 def capture(model: nn.Module, model_input: ModelInput) -> Capture:
     """Export ``model`` (in its current mode) on ``model_input``; raises what export raises."""
-    wrapper = TensorOutputs(model)
+    keywords = tuple(model_input.kwargs)
+    wrapper = TensorOutputs(model, keywords)
+    inputs = (*model_input.args, *model_input.kwargs.values())
     hooks = [m.register_forward_hook(_identity_views) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_torch():
             # Masked layers set their .weight in a pre-hook; export warns about the assignment.
             warnings.simplefilter("ignore")
             try:
-                program = torch.export.export(
-                    wrapper, model_input.args, model_input.kwargs, dynamic_shapes=_dynamic_shapes(model_input), strict=False
-                )
+                program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(inputs), strict=False)
             except Exception as error:  # noqa: BLE001 - retried with static shapes
                 log.debug("export with a dynamic batch failed (%s); static shapes", error)
-                program = torch.export.export(wrapper, model_input.args, model_input.kwargs, strict=False)
+                program = torch.export.export(wrapper, inputs, strict=False)
             module = program.module()
     finally:
         for hook in hooks:
@@ -188,4 +191,4 @@ def capture(model: nn.Module, model_input: ModelInput) -> Capture:
         isinstance(node.meta.get("val"), Tensor) and not isinstance(node.meta["val"].shape[0], int)
         for node in placeholders if isinstance(node.meta.get("val"), Tensor) and node.meta["val"].dim() > 0
     )  # fmt: skip
-    return Capture(module, dynamic)
+    return Capture(module, dynamic, keywords)
