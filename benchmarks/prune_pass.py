@@ -11,8 +11,8 @@ subprocess so peak-memory readings do not mix.
 
 "ratio" is a pass on a fresh copy of the model: it captures the model (torch.export, once
 per model and input signature). "cached" is the third pass on the same model, as the
-iterations of a run prune it: the capture is reused (the first pass adds the masks, which
-changes the modules, so the second captures once more). "per batch" leaves out the pass's
+iterations of a run prune it: the capture is reused (the masks and gates a pass adds are
+written into it, no second export). "per batch" leaves out the pass's
 fixed cost (capture, selection, cleaning: timed as the same pass on the first batch only):
 (pass - one-batch pass) / (forward - one batch's forward), the cost of streaming one more
 batch relative to the forward pass.

@@ -24,7 +24,7 @@ from nnrelief.experiments.experiment import Experiment
 from nnrelief.inputs import ModelInput
 from nnrelief.masks import current_mask
 from nnrelief.models import INPUT_SHAPES, MODELS, get_model
-from nnrelief.pruning import _Inputs
+from nnrelief.pruning.batches import PruningBatches
 from nnrelief.stats import collect
 from nnrelief.training import TrainConfig, _train_step, fit, make_optimizer, train_epoch
 
@@ -125,7 +125,7 @@ def test_pruning_pass_loop_never_synchronises() -> None:
     model = get_model("resnet20", 10).to(CUDA).eval()
     x = torch.rand(64, 3, 32, 32, device=CUDA)
     graph = analyse(model, ModelInput((x[:32],)))
-    inputs = _Inputs([x[:32], (x[32:], None)], CUDA)
+    inputs = PruningBatches([x[:32], (x[32:], None)], CUDA)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -5,7 +5,6 @@ masks a fresh capture of the masked model gives."""
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Callable
 from typing import Any
 
