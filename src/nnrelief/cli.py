@@ -379,6 +379,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:
+        done = experiment.finished()
+        if done is not None:
+            print(f"{experiment.run_dir}: already finished ({done.records[-1].iteration} iterations, selected "
+                  f"{files.model_file(done.selected_iteration)}); nothing to do")  # fmt: skip
+            return 0
         history = experiment.run()
     print(history.table())
     print(f"run folder: {experiment.run_dir} (history.csv, history.json, model-iter<k>.pt)")

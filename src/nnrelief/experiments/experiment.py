@@ -29,9 +29,10 @@ from ..training import evaluate, fit, resolve_device
 from . import checksums
 from . import runfolder as files
 from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed
+from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
 from .iterative import relieve
-from .runfolder import DamagedFileError, RunFolder
+from .runfolder import DamagedFileError, RunFolder, RunLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ def config_from(data: object, path: Path) -> ExperimentConfig:
     raise DamagedFileError(path, f"{path} does not hold a run's settings ({problem})", files.remedy(path.name))
 
 
-def _recorded_settings(folder: RunFolder) -> dict[str, object] | None:
-    """The settings ``history.json`` records (the latest invocation's), if it is intact."""
+def recorded_settings(folder: RunFolder) -> dict[str, object] | None:
+    """The settings ``history.json`` records (the latest invocation's, with ``num_iters``
+    the iterations the run holds when it asked for fewer), if it is intact."""
     try:
         data = folder.read_json(files.HISTORY_JSON) if folder.exists(files.HISTORY_JSON) else None
         return config_from(data.get("config"), folder / files.HISTORY_JSON).to_dict() if isinstance(data, dict) else None
@@ -106,7 +108,7 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
     settings: with those ``history.json`` records, or (before the first iteration) with
     ``cfg``'s if that reproduces its checksum."""
     current = cfg.to_dict()
-    recorded = _recorded_settings(folder)
+    recorded = recorded_settings(folder)
     text = json.dumps(recorded or current, indent=2, allow_nan=False) + "\n"
     entry = checksums.of(folder.path).entry(files.CONFIG)
     if recorded is not None:
@@ -120,12 +122,37 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
     folder.write_text(files.CONFIG, text)
 
 
+def _shared_weights(shared: RunFolder) -> dict[str, torch.Tensor] | None:
+    """The trained weights of a shared dense folder; None if not there or damaged (said)."""
+    if not shared.exists(files.TRAINED):
+        return None
+    try:
+        state = shared.load(files.TRAINED)
+    except DamagedFileError as damage:
+        logger.warning("%s; the dense model is trained again", damage.problem)
+        return None
+    logger.info("dense model shared with the runs trained the same way: %s", shared / files.TRAINED)
+    return state
+
+
+def _claim_dense_folder(cfg: ExperimentConfig, shared: RunFolder) -> None:
+    """Record the dense settings in a new shared dense folder; refuse one that holds others."""
+    settings = dense_settings(cfg)
+    if not shared.exists(files.DENSE_SETTINGS):
+        shared.write_json(files.DENSE_SETTINGS, settings)
+        return
+    stored = shared.read_json(files.DENSE_SETTINGS)
+    if stored != settings:
+        raise RunConflictError(f"shared dense folder {shared.path} holds a dense model trained with other settings "
+                               f"({files.DENSE_SETTINGS}: {stored}); move or delete it")  # fmt: skip
+
+
 def run_command(folder: RunFolder) -> str | None:
     """The ``nnrelief prune`` command that rewrites the damaged ``config.json`` of
     ``folder`` from the settings ``history.json`` records (``None`` without them)."""
     from ..reporting.results import reproduce_command  # the reporting package imports this module
 
-    recorded = _recorded_settings(folder)
+    recorded = recorded_settings(folder)
     if recorded is None:
         return None
     cfg = ExperimentConfig.from_dict(recorded)
@@ -334,9 +361,17 @@ class Experiment:
             self.folder.rebuild(files.INIT, cpu_state(model), damage, source="the seed")
         return model.to(self.device)
 
+    @property
+    def dense_dir(self) -> Path:
+        """The folder of the dense model shared by the runs that train it the same way
+        (:mod:`nnrelief.experiments.dense`)."""
+        return dense_folder(self.run_dir, self.cfg)
+
     def train_dense(self) -> nn.Module:
-        """The dense trained model: loaded from ``trained.pt`` (rebuilt from
-        ``model-iter0.pt`` if damaged), or trained (resumably)."""
+        """The dense trained model: loaded from the run's ``trained.pt`` (rebuilt from
+        ``model-iter0.pt`` if damaged); else copied from the shared dense folder, trained
+        there first (resumably) if no run has yet. A run whose dense training started in its
+        own folder (before dense models were shared) finishes it there."""
         trained = self.folder.exists(files.TRAINED)
         if not trained:
             self.folder.require_writable("the dense model is not trained yet")
@@ -344,14 +379,48 @@ class Experiment:
         if trained:
             model.load_state_dict(self._trained_weights())
             logger.info("dense model loaded from %s", self.folder / files.TRAINED)
+        elif self.folder.exists(files.DENSE_CHECKPOINT):
+            self._fit_dense(model, self.folder)
+            self.folder.save(files.TRAINED, cpu_state(model))
         else:
-            logger.info("training the dense %s on %s", self.cfg.model, self.cfg.dataset)
-            self.folder.drop_if_damaged(files.DENSE_CHECKPOINT)
-            fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
-                checkpoint_path=self.folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
+            model.load_state_dict(self._shared_dense(model))
             self.folder.save(files.TRAINED, cpu_state(model))
         self.folder.remove(files.DENSE_CHECKPOINT)
         return model
+
+    def _fit_dense(self, model: nn.Module, folder: RunFolder) -> None:
+        logger.info("training the dense %s on %s in %s", self.cfg.model, self.cfg.dataset, folder.path)
+        folder.drop_if_damaged(files.DENSE_CHECKPOINT)
+        fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
+            checkpoint_path=folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
+
+    def _shared_dense(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained weights in the shared dense folder, trained there (under its lock) from
+        ``model``'s initial weights if they are not there yet."""
+        shared = RunFolder(self.dense_dir)
+        state = _shared_weights(shared)
+        if state is not None:
+            return state
+        try:
+            shared.open_for_writing()
+        except RunLockedError as error:
+            raise RunLockedError(f"the shared dense model {shared.path} is being trained by another run with the same "
+                                 f"training settings ({error}); run again when it has finished") from None  # fmt: skip
+        try:
+            from_main(_claim_dense_folder, self.cfg, shared)
+            state = _shared_weights(shared)  # trained meanwhile by the process that held the lock?
+            if state is not None:
+                return state
+            shared.drop_if_damaged(files.TRAINED)
+            if not shared.exists(files.INIT):
+                shared.save(files.INIT, cpu_state(model))
+            self._fit_dense(model, shared)
+            state = cpu_state(model)
+            shared.save(files.TRAINED, state)
+            shared.remove(files.DENSE_CHECKPOINT)
+            return state
+        finally:
+            shared.close()
 
     def _trained_weights(self) -> dict[str, torch.Tensor]:
         try:
@@ -382,6 +451,25 @@ class Experiment:
             self.cfg.train_config(retrain_iteration=iteration),
             checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress, desc=phase)  # fmt: skip
 
+    def _iterations_done(self) -> int:
+        """The retrained iterations the run folder's history holds (0 if none or unreadable)."""
+        try:
+            return self.folder.read_history().records[-1].iteration if self.folder.exists(files.HISTORY_JSON) else 0
+        except DamagedFileError:
+            return 0
+
+    def finished(self) -> History | None:
+        """The run's history if it is already finished (``num_iters`` iterations retrained, or
+        stopped early), without changing anything; else None."""
+        if not self.folder.exists(files.STATE) or not self.folder.exists(files.HISTORY_JSON):
+            return None
+        try:
+            history = self.folder.read_history()
+        except DamagedFileError:
+            return None
+        done = history.records[-1].iteration if history.records else 0
+        return history if history.stopped_early or done >= self.cfg.num_iters else None
+
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
         model = self.train_dense()
@@ -406,7 +494,7 @@ class Experiment:
             early_stop_margin=self.cfg.early_stop_margin,
             progress=self.progress,
             on_iteration_end=finished,
-            history_extra={"config": self.cfg.to_dict()},
+            history_extra={"config": {**self.cfg.to_dict(), "num_iters": max(self.cfg.num_iters, self._iterations_done())}},
         )
         self.folder.remove(files.RETRAIN_CHECKPOINTS)
         return history

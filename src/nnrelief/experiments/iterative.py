@@ -258,8 +258,8 @@ class _Loop:
             left = self._work_left(num_iters)
             if left is not None:
                 self.folder.require_writable(left)
+            self.folder.write_history(self.history, self.extra)  # repairs damaged history files
             if self.phase != "pruned":
-                self.folder.write_history(self.history, self.extra)  # repairs damaged history files
                 self._check_model_files(kept_state)
             return
         if self.folder is not None:
@@ -282,12 +282,12 @@ class _Loop:
             return False
 
     def _work_left(self, num_iters: int) -> str | None:
+        done = self.history.records[-1].iteration
+        if self.phase == "stopped" or done >= num_iters:
+            return None  # a pruned iteration beyond num_iters waits, unretrained, for a longer run
         if self.phase == "pruned":
             assert self.pending is not None
             return f"iteration {self.pending.iteration} is to be retrained"
-        done = self.history.records[-1].iteration
-        if self.phase == "stopped" or done >= num_iters:
-            return None
         return f"iterations {done + 1}-{num_iters} are left"
 
     def _resume(self) -> Mapping[str, Tensor]:
@@ -359,7 +359,7 @@ class _Loop:
         bar = tqdm(total=num_iters, initial=min(done, num_iters), desc="nnrelief iterations",
                    unit="iter", disable=None if progress else True)  # fmt: skip
         try:
-            while not self.history.stopped_early and (self.phase == "pruned" or done < num_iters):
+            while not self.history.stopped_early and done < num_iters:
                 if self.phase != "pruned":
                     self.prune(done + 1, keep_previous=margin is not None)
                 finished = self.retrain()

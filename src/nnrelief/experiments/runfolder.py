@@ -75,6 +75,7 @@ CONFIG = "config.json"
 INIT = "init.pt"
 TRAINED = "trained.pt"
 DENSE_CHECKPOINT = "dense.ckpt"
+DENSE_SETTINGS = "dense.json"  # in a shared dense model's folder (experiments.dense)
 STATE = "relief_state.pt"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
@@ -82,7 +83,7 @@ LOCK = ".lock"
 COMPARE_FILES = ("compare.csv", "compare.json", "compare.md", "compare.png")
 # Every name nnrelief writes into a run folder (and into compare/): only temporary files
 # of these names are removed, so nothing of anyone else's is touched.
-RUN_FILES = (CONFIG, INIT, TRAINED, DENSE_CHECKPOINT, STATE, HISTORY_CSV, HISTORY_JSON, MANIFEST,
+RUN_FILES = (CONFIG, INIT, TRAINED, DENSE_CHECKPOINT, DENSE_SETTINGS, STATE, HISTORY_CSV, HISTORY_JSON, MANIFEST,
              "model-iter*.pt", "retrain-*.ckpt", *COMPARE_FILES)  # fmt: skip
 _TEMPORARY = [temporary_name_pattern(name) for name in RUN_FILES]
 _MARKERS = (MANIFEST, CONFIG, STATE)  # what makes a folder a run folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..experiments import runfolder as files
 from ..experiments.config import ConfigError, ExperimentConfig
-from ..experiments.experiment import stored_config
+from ..experiments.experiment import recorded_settings, stored_config
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 
@@ -46,7 +47,11 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     for needed in (files.CONFIG, files.HISTORY_JSON):
         if not folder.exists(needed):
             raise ConfigError(f"{folder.path} is not a finished run folder: {needed} is missing")
-    return RunData(folder.path, stored_config(folder), folder.read_history())
+    config = stored_config(folder)
+    recorded = recorded_settings(folder)  # the latest invocation's number of iterations
+    if recorded is not None and isinstance(recorded.get("num_iters"), int):
+        config = dataclasses.replace(config, num_iters=recorded["num_iters"])
+    return RunData(folder.path, config, folder.read_history())
 
 
 def unique_labels(runs: Sequence[RunData]) -> list[str]:
