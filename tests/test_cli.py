@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import nnrelief
-from nnrelief.cli import FIELD_HELP, main
-from nnrelief.experiments.config import RECORDED_FIELDS, ExperimentConfig
+from nnrelief.cli import build_parser, main
+from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig
 from nnrelief.experiments.experiment import load_weights
 from nnrelief.export import load_sparse
+from nnrelief.settings import specs
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [
@@ -56,9 +57,47 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"nnrelief {nnrelief.__version__}"
 
 
-def test_every_setting_has_a_flag_with_help():
-    fields = {f.name for f in __import__("dataclasses").fields(ExperimentConfig)}
-    assert set(FIELD_HELP) == fields - RECORDED_FIELDS
+def test_every_setting_has_a_flag_with_its_declared_help():
+    prune = build_parser().commands["prune"]
+    helps = {a.dest: a.help for a in prune._actions if a.option_strings}
+    for name, spec in specs(ExperimentConfig).items():
+        assert spec.help
+        assert (name in helps) == (name not in RECORDED_FIELDS)
+        if name in helps:
+            assert helps[name].startswith(spec.help.replace("%", "%%"))
+            assert spec.range is None or f"in {spec.range}" in helps[name]
+
+
+def test_help_shows_the_values_of_the_given_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--preset", "resnet20-cifar10", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "values shown: preset resnet20-cifar10" in out
+    assert "(preset: sgd)" in out and "(preset: 80 120)" in out and "(default: paper)" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(preset: {PRESETS['demo']['epochs']})" in out and "(default: 60)" not in out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: 60)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["prune", "--retrain-epoch", "1"], "unrecognized arguments: --retrain-epoch 1 (did you mean --retrain-epochs?)"),
+        (["prune", "--retrain_epochs", "1"], "unrecognized arguments: --retrain_epochs 1 (did you mean --retrain-epochs?)"),
+        (["prune", "--alpha_fc=0.9"], "(did you mean --alpha-fc?)"),
+        (["eval", "x.pt", "--batch_size", "3"], "(did you mean --batch-size?)"),
+        (["--verb", "prune"], "unrecognized arguments: --verb"),
+    ],
+)
+def test_flags_are_never_abbreviated_and_unknown_ones_get_the_closest(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in one_line_error(capsys.readouterr().err)
 
 
 def test_recorded_fields_have_no_flag(capsys):
@@ -94,12 +133,13 @@ def test_bad_flags_are_one_line(argv, needle, capsys):
     [
         (["eval", "missing.pt"], "checkpoint missing.pt not found"),
         (["prune", "--config", "missing.toml"], "config file missing.toml not found"),
-        (["train", "--dataset", "mnist", "--no-progress"], "needs a data directory"),
+        (["train", "--dataset", "mnist", "--no-progress"], "dataset 'mnist' needs a data directory: give --data-dir DIR"),
         (["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "nowhere", "--no-progress"], "not found"),
-        (["train", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
+        (["train", "--alpha-fc", "1.5"], "setting alpha_fc must be in (0, 1], got 1.5 (flag --alpha-fc)"),
+        (["train", "--optimizer", "sdg"], "got 'sdg' (did you mean sgd?) (flag --optimizer)"),
         (["train", "--amp", "fp8"], "amp must be one of ('off', 'bf16', 'fp16')"),
         (["train", "--model", "resnet20", "--dataset", "mnist-sample"], "expects inputs"),
-        (["train", "--preset", "demo", "--retrain-milestones", "-1"], "setting retrain_milestones must be positive"),
+        (["train", "--preset", "demo", "--retrain-milestones", "-1"], "setting retrain_milestones entries must be in [1, inf), got [-1]"),
         (["train", "--preset", "demo", "--retrain-epochs", "0"], "setting retrain_epochs must be in [1, inf)"),
         (["prune", "--config", "."], "config file . is a folder; give a TOML file"),
         (["prune", "--config", "binary.toml"], "config file binary.toml is not a text file (not UTF-8)"),
@@ -112,6 +152,24 @@ def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     assert main(argv) == 1
     assert needle in one_line_error(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.toml"]  # nothing created
+
+
+@pytest.mark.parametrize("key", ["retrain-epochs", "retrain_epoch", "Retrain_Epochs"])
+def test_unknown_toml_keys_get_the_closest_setting(key, capsys, tmp_path):
+    (tmp_path / "exp.toml").write_text(f"{key} = 1\n")
+    assert main(["prune", "--config", str(tmp_path / "exp.toml"), "--runs-root", str(tmp_path / "runs")]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"exp.toml: unknown setting(s) ['{key}'] (did you mean retrain_epochs?)" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_choices_in_any_case_are_one_setting_and_one_run_folder(tmp_path, capsys):
+    argv = ["train", *SMALL, "--epochs", "1", "--runs-root", str(tmp_path)]
+    assert main([*argv, "--optimizer", "SGD", "--amp", "BF16", "--lr-schedule", "Cosine", "--score", "PAPER"]) == 0
+    assert main([*argv, "--optimizer", "sgd", "--amp", "bf16", "--lr-schedule", "cosine", "--score", "paper"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert (stored["optimizer"], stored["amp"], stored["lr_schedule"], stored["score"]) == ("sgd", "bf16", "cosine", "paper")
 
 
 @pytest.mark.parametrize(

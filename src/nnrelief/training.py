@@ -43,9 +43,12 @@ from tqdm.auto import tqdm
 from .distributed import all_reduce_sums, broadcast_buffers, from_main, wrap_model
 from .fileio import save_torch
 from .masks import refresh_masked
+from .settings import check_fields, document, normalise_choice, setting
 
 __all__ = [
     "AMP_MODES",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
     "Batches",
     "EpochRecord",
     "EvalResult",
@@ -63,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_OPTIMIZERS = ("adam", "sgd", "adamw")
+OPTIMIZERS = ("adam", "sgd", "adamw")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LR_SCHEDULES = ("step", "cosine")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -82,77 +85,45 @@ class Batches(Protocol):
     def __len__(self) -> int: ...
 
 
+@document
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (JSON-serialisable via :meth:`to_dict`).
 
-    Attributes:
-        optimizer: ``"adam"``, ``"sgd"`` or ``"adamw"``.
-        lr: initial learning rate.
-        momentum: SGD momentum (ignored by Adam/AdamW).
-        weight_decay: L2 penalty (Adam, SGD) or decoupled decay (AdamW).
-        epochs: number of epochs.
-        milestones: epochs after which the learning rate is multiplied by ``gamma``
-            (``lr_schedule="step"`` only).
-        gamma: learning-rate decay factor at each milestone.
-        lr_schedule: ``"step"`` (decay by ``gamma`` at each milestone) or ``"cosine"``
-            (per-epoch cosine annealing from ``lr`` to 0 over ``epochs``).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        amp: mixed precision on CUDA: ``"off"``, ``"bf16"`` (bfloat16 autocast) or
-            ``"fp16"`` (float16 autocast with a ``GradScaler``); ignored on the CPU.
-            ``True``/``False`` (checkpoints written before the modes existed) mean
-            ``"fp16"``/``"off"``.
-        compile: run the model through ``torch.compile`` (first epoch slower while it
-            compiles).
-        grad_clip: maximal global gradient norm, or ``None`` for no clipping.
-        label_smoothing: label smoothing of the training loss (evaluation uses plain CE).
-        seed: seed of Python, NumPy and torch RNGs at the start of :func:`fit`.
-    """
+    ``amp`` ``True``/``False`` (checkpoints written before the modes existed) mean
+    ``"fp16"``/``"off"``; a choice given in another case (``"SGD"``) is spelled as declared."""
 
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 10
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    lr_schedule: str = "step"
-    device: str = "auto"
-    amp: str = "off"
-    compile: bool = False
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
-    seed: int = 0
+    optimizer: str = setting("adam", help="adam, sgd or adamw", choices=OPTIMIZERS)
+    lr: float = setting(1e-3, help="initial learning rate", range="(0, inf)")
+    momentum: float = setting(0.9, help="SGD momentum (ignored by Adam/AdamW)", range="[0, 1)")
+    weight_decay: float = setting(0.0, help="L2 penalty (Adam, SGD) or decoupled decay (AdamW)", range="[0, inf)")
+    epochs: int = setting(10, help="number of epochs", range="[1, inf)")
+    milestones: list[int] = setting(
+        factory=list, range="[1, inf)", metavar="EPOCH",
+        help="epochs after which the learning rate is multiplied by gamma (lr_schedule 'step' only; none = no decay)",
+    )  # fmt: skip
+    gamma: float = setting(0.1, help="learning-rate decay factor at each milestone", range="(0, inf)")
+    lr_schedule: str = setting(
+        "step", choices=LR_SCHEDULES,
+        help="learning-rate schedule: 'step' (decay by gamma at each milestone) or 'cosine' (annealing to 0 over the epochs)",
+    )  # fmt: skip
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    amp: str = setting(
+        "off", choices=AMP_MODES,
+        help="mixed precision of training on CUDA: off, bf16 (bfloat16 autocast) or fp16 (float16 autocast with a "
+        "GradScaler); ignored on the CPU",
+    )  # fmt: skip
+    compile: bool = setting(False, help="train through torch.compile (the first epoch is slower while it compiles)")
+    grad_clip: float | None = setting(None, help="maximal global gradient norm (None: no clipping)", range="(0, inf)")
+    label_smoothing: float = setting(
+        0.0, help="label smoothing of the training loss (evaluation uses plain cross-entropy)", range="[0, 1)"
+    )
+    seed: int = setting(0, help="seed of Python, NumPy and torch RNGs at the start of fit()")
 
     def __post_init__(self) -> None:
-        self.optimizer = self.optimizer.lower()
         self.milestones = [int(m) for m in self.milestones]
         self.amp = amp_mode(self.amp)
-        for name in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.grad_clip is not None and not math.isfinite(self.grad_clip):
-            raise ValueError(f"grad_clip must be a finite number or None, got {self.grad_clip}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if any(m < 1 for m in self.milestones):
-            raise ValueError(f"milestones must be positive epochs, got {self.milestones}")
-        if self.gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_fields(self)
         self._check_float32()
         _check_device_name(self.device)
 
@@ -192,9 +163,7 @@ def amp_mode(value: str | bool) -> str:
     ``"fp16"``/``"off"``."""
     if isinstance(value, bool):
         return "fp16" if value else "off"
-    if value not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, got {value!r}")
-    return value
+    return normalise_choice(value, AMP_MODES, "amp")
 
 
 class TrainingDivergedError(ValueError):

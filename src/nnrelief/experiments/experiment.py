@@ -246,7 +246,8 @@ class Experiment:
         self.progress = progress and is_main()
         spec = nndata.get_spec(cfg.dataset)
         if cfg.data_dir is None and not spec.packaged:
-            raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory (data_dir)")
+            raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory: give --data-dir DIR (data_dir in a config file; "
+                              "with --download the files are fetched into it)")
         self.augment = spec.augment if cfg.augment is None else cfg.augment
         self.train_set, self.val_set, self.test_set = self._load_data()
         self.folder.open_for_writing()
