@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import torch
 
 import nnrelief
 from nnrelief.cli import build_parser, main
-from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig
+from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig, resolve_config
 from nnrelief.experiments.experiment import load_weights
 from nnrelief.export import load_sparse
+from nnrelief.masks import current_mask
+from nnrelief.reporting.results import reproduce_command
 from nnrelief.settings import specs
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
@@ -331,6 +334,66 @@ def test_config_file_and_flags(tmp_path, capsys):
     assert (stored["epochs"], stored["num_iters"], stored["train_subset"], stored["val_size"]) == (1, 1, 500, 300)
     assert stored["model"] == "lenet300_100" and stored["rewind"] is True
     assert stored["amp"] == "bf16" and stored["compile"] is False  # bf16 is ignored on the CPU
+
+
+# ----------------------------------------------------------------------------- pass choices
+
+
+def reports(run_dir: Path) -> list[dict]:
+    return [row["report"] for row in json.loads((run_dir / "history.json").read_text())["iterations"][1:]]
+
+
+def test_ignore_keeps_a_layer_dense_and_target_remaining_is_each_pass_fraction(tmp_path):
+    flags = [*SMALL, "--ignore", "fc3", "--target-remaining", "0.5", "--run-dir", str(tmp_path / "run")]
+    assert main(["prune", *flags]) == 0
+    first, second = reports(tmp_path / "run")
+    assert first["remaining_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert second["remaining_fraction"] == pytest.approx(0.25, abs=0.02)
+    assert [layer["name"] for layer in first["layers"]] == ["fc1", "fc2"] and "fc3" in first["skipped"]
+    model, _ = load_weights(tmp_path / "run" / "model-iter2.pt")
+    assert current_mask(model.fc3).all() and not current_mask(model.fc1).all()
+
+
+def test_alphas_choose_the_alpha_of_matching_layers(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('alphas = {"fc1" = 0.5, "fc*" = 0.99}\n')
+    assert main(["prune", *SMALL, "--num-iters", "1", "--config", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    (report,) = reports(tmp_path / "run")
+    assert report["settings"]["alphas"] == {"fc1": 0.5, "fc*": 0.99}
+    kept = {layer["name"]: layer["weights_kept"] / layer["weights_total"] for layer in report["layers"]}
+    assert kept["fc1"] < 0.5 < kept["fc2"]
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--ignore", "fc9"], "setting ignore: pattern 'fc9' matches no layer of lenet300_100 (fc1, fc2, fc3) (flag --ignore)"),
+        (["--only", "conv*"], "setting only: pattern 'conv*' matches no layer"),
+        (["--alphas", "fc1"], "setting alphas entries are PATTERN=ALPHA with ALPHA in (0, 1]"),
+        (["--alphas", "fc1=0"], "got 'fc1=0' (flag --alphas)"),
+        (["--ignore", "fc*"], "spare every layer of lenet300_100: nothing to prune"),
+        (["--target-remaining", "1"], "setting target_remaining must be in (0, 1), got 1.0 (flag --target-remaining)"),
+        (["--target-remaining", "0.5", "--alphas", "fc1=0.5"], "give one of --alphas and --target-remaining"),
+    ],
+)
+def test_bad_pass_choices_are_refused_before_anything_is_created(flags, needle, tmp_path, capsys):
+    assert main(["prune", *SMALL, *flags, "--runs-root", str(tmp_path / "runs")]) == 1
+    assert needle in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pass_choices_are_in_the_rebuilt_command_and_the_folder_hash():
+    overrides = {"ignore": ["fc3"], "alphas": ["fc1=0.8", "fc*=0.99"], "dataset": "mnist-sample"}
+    cfg, _ = resolve_config(None, None, overrides)
+    words = shlex.split(reproduce_command(cfg))
+    assert words[words.index("--ignore") + 1] == "fc3" and "--target-remaining" not in words
+    assert words[words.index("--alphas") + 1 : words.index("--alphas") + 3] == ["fc1=0.8", "fc*=0.99"]
+    args = build_parser().parse_args(words[1:])
+    names = [name for name in specs(ExperimentConfig) if hasattr(args, name)]
+    rebuilt, _ = resolve_config(None, None, {name: getattr(args, name) for name in names})
+    assert rebuilt.config_hash() == cfg.config_hash()
+    swapped, _ = resolve_config(None, None, {**overrides, "alphas": ["fc*=0.99", "fc1=0.8"]})
+    assert swapped.config_hash() != cfg.config_hash()  # the first match wins: the order is a setting
 
 
 # ----------------------------------------------------------------------------- resume after kill

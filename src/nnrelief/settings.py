@@ -47,6 +47,9 @@ class Spec:
         choices: the allowed words; given in any case, a value becomes its choice's spelling.
         flag: whether the setting has a command-line flag.
         metavar: the placeholder of its values in ``--help``.
+        convert: ``convert(name, value)`` turns another spelling of a value (e.g. a TOML
+            table) into the field's type before it is checked; ``ValueError`` starting
+            with ``name`` for a bad one.
     """
 
     help: str
@@ -54,6 +57,7 @@ class Spec:
     choices: tuple[str, ...] | None = None
     flag: bool = True
     metavar: str | None = None
+    convert: Callable[[str, Any], Any] | None = None
 
 
 def setting(
@@ -65,11 +69,12 @@ def setting(
     factory: Callable[[], Any] | None = None,
     flag: bool = True,
     metavar: str | None = None,
+    convert: Callable[[str, Any], Any] | None = None,
 ) -> Any:
     """A dataclass field declaring its :class:`Spec` (``factory`` for mutable defaults)."""
     if range is not None:
         _bounds(range)  # a malformed interval fails where it is declared
-    spec = Spec(help, range, None if choices is None else tuple(choices), flag, metavar)
+    spec = Spec(help, range, None if choices is None else tuple(choices), flag, metavar, convert)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={_KEY: spec})
     return dataclasses.field(default=default, metadata={_KEY: spec})
@@ -79,9 +84,10 @@ def like(cls: type, name: str, default: Any = dataclasses.MISSING, *, factory: C
          help: str | None = None) -> Any:  # fmt: skip
     """A field with the range and choices of ``cls``'s field ``name`` (the same setting in
     another place), another default and, optionally, a help line of its own."""
-    spec = specs(cls)[name]
-    return setting(default, help=help or spec.help, range=spec.range, choices=spec.choices, factory=factory,
-                   flag=spec.flag, metavar=spec.metavar)  # fmt: skip
+    spec = dataclasses.replace(specs(cls)[name], help=help or specs(cls)[name].help)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={_KEY: spec})
+    return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
 def spec_of(f: dataclasses.Field[Any]) -> Spec:
@@ -138,7 +144,8 @@ def normalise_choice(value: str, choices: Sequence[str], name: str) -> str:
 
 def check_value(name: str, value: Any, spec: Spec) -> Any:
     """``value`` checked against ``spec`` (finite, in range, one of the choices) and with a
-    choice spelled as declared; ``ValueError`` saying what is wrong otherwise."""
+    choice spelled as declared; ``ValueError`` saying what is wrong otherwise. The caller
+    applies ``spec.convert`` first (:func:`check_fields` does)."""
     items = value if isinstance(value, list) else [value]
     numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if any(not math.isfinite(v) for v in numbers):
@@ -154,7 +161,8 @@ def check_value(name: str, value: Any, spec: Spec) -> Any:
 def check_fields(obj: Any) -> None:
     """Check every declared field of the dataclass instance ``obj`` in place (:func:`check_value`)."""
     for f in dataclasses.fields(obj):
-        setattr(obj, f.name, check_value(f.name, getattr(obj, f.name), spec_of(f)))
+        spec, value = spec_of(f), getattr(obj, f.name)
+        setattr(obj, f.name, check_value(f.name, value if spec.convert is None else spec.convert(f.name, value), spec))
 
 
 def check_keys(data: Mapping[str, Any], known: Iterable[str], where: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import types
@@ -44,7 +45,45 @@ def derive_seed(*parts: object) -> int:
 FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
 # Settings added after the first release: left out of the folder hash while at these
 # defaults, and assumed to have them in run folders written before they existed.
-LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step", "amp": "off", "compile": False}
+LATER_FIELDS: dict[str, Any] = {
+    "lr_schedule": "step", "amp": "off", "compile": False, "ignore": [], "only": [], "alphas": [], "target_remaining": None,
+}  # fmt: skip
+
+
+def _patterns(name: str, value: Any) -> Any:
+    """Layer name patterns (one alone is a list of one), each non-empty without surrounding spaces."""
+    items = [value] if isinstance(value, str) else value
+    for item in items if isinstance(items, (list, tuple)) else ():
+        if isinstance(item, str) and (not item or item != item.strip()):
+            raise ValueError(f"{name} takes layer name patterns such as 'fc3' or 'features.*', got {item!r}")
+    return items
+
+
+def _alpha_entries(name: str, value: Any) -> Any:
+    """``PATTERN=ALPHA`` entries (a TOML table ``{pattern = alpha}`` in its order) with ALPHA in
+    (0, 1], spelled ``pattern=float``; a pattern may appear once."""
+    if isinstance(value, Mapping):
+        value = [f"{pattern}={alpha}" for pattern, alpha in value.items()]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return items  # the type check names it
+    entries: dict[str, float] = {}
+    for item in items:
+        pattern, _, text = str(item).rpartition("=")
+        alpha = _number(text)
+        if not pattern.strip() or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"{name} entries are PATTERN=ALPHA with ALPHA in (0, 1], e.g. 'classifier.*=0.99'; got {item!r}")
+        if pattern.strip() in entries:
+            raise ValueError(f"{name} gives pattern {pattern.strip()!r} twice (the first match wins): keep one")
+        entries[pattern.strip()] = alpha
+    return [f"{pattern}={alpha!r}" for pattern, alpha in entries.items()]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 # TrainConfig field of retraining -> the setting it comes from (lr: retrain_lr when given).
@@ -89,6 +128,17 @@ class ExperimentConfig:
     alpha_conv: float = setting(0.9, help="fraction of each filter's signal kept in conv layers", range="(0, 1]")
     score: str = setting("paper", choices=SCORE_MODES,
                          help="conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)")
+    ignore: list[str] = setting(factory=list, metavar="PATTERN", convert=_patterns,
+                                help="layers every pass leaves whole: name glob patterns, e.g. 'fc3' 'features.*'")
+    only: list[str] = setting(factory=list, metavar="PATTERN", convert=_patterns,
+                              help="prune only the layers matching these name glob patterns (the others stay whole)")
+    alphas: list[str] = setting(factory=list, metavar="PATTERN=ALPHA", convert=_alpha_entries,
+                                help="per-layer alpha instead of --alpha-fc/--alpha-conv, first match wins, e.g. "
+                                "'features.0=0.8' 'classifier.*=0.99' (TOML: a table {pattern = alpha})")
+    target_remaining: float | None = setting(
+        None, range="(0, 1)", help="each pass keeps this fraction of what the previous one left (iteration k prunes to "
+        "target_remaining**k of the scored weights) with one alpha for every layer, found by bisection ('none': the alphas)",
+    )  # fmt: skip
     num_iters: int = setting(10, help="pruning iterations (may be raised to extend a finished run)", range="[0, inf)")
     prune_samples: int = setting(1000, range="[1, inf)",
                                  help="training samples in the pruning set, drawn anew each iteration (seeded by seed and the iteration)")
@@ -111,13 +161,17 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
+            spec, value = spec_of(f), getattr(self, f.name)
             try:
-                value = _convert(getattr(self, f.name), hints[f.name], f.name)
-                setattr(self, f.name, check_value(f.name, value, spec_of(f)))
+                value = _convert(value if spec.convert is None else spec.convert(f.name, value), hints[f.name], f.name)
+                setattr(self, f.name, check_value(f.name, value, spec))
             except ValueError as error:
                 raise _setting_error(f.name, str(error).partition(" ")[2]) from None
         self._check_processes()
         self._check_model_and_dataset()
+        if self.target_remaining is not None and self.alphas:
+            raise ConfigError("setting alphas has no effect with target_remaining (one alpha for every layer is searched): "
+                              "give one of --alphas and --target-remaining")  # fmt: skip
         for retrain_iteration, names in ((None, {}), (1, _RETRAIN_NAMES)):
             try:
                 self.train_config(retrain_iteration)
@@ -169,6 +223,11 @@ class ExperimentConfig:
             gamma=self.gamma, lr_schedule=self.lr_schedule, device=self.device, seed=seed,
             amp=self.amp, compile=self.compile,
         )  # fmt: skip
+
+    @property
+    def alpha_map(self) -> dict[str, float]:
+        """:attr:`alphas` as :func:`nnrelief.prune` takes them: pattern -> alpha, in order."""
+        return {pattern: float(alpha) for pattern, _, alpha in (entry.rpartition("=") for entry in self.alphas)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of all fields."""
