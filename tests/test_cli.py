@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,10 +16,13 @@ import pytest
 import torch
 
 import nnrelief
-from nnrelief.cli import FIELD_HELP, main
-from nnrelief.experiments.config import RECORDED_FIELDS, ExperimentConfig
+from nnrelief.cli import build_parser, main
+from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig, resolve_config
 from nnrelief.experiments.experiment import load_weights
 from nnrelief.export import load_sparse
+from nnrelief.masks import current_mask
+from nnrelief.reporting.results import reproduce_command
+from nnrelief.settings import specs
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]
 SMALL = [
@@ -56,9 +60,47 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"nnrelief {nnrelief.__version__}"
 
 
-def test_every_setting_has_a_flag_with_help():
-    fields = {f.name for f in __import__("dataclasses").fields(ExperimentConfig)}
-    assert set(FIELD_HELP) == fields - RECORDED_FIELDS
+def test_every_setting_has_a_flag_with_its_declared_help():
+    prune = build_parser().commands["prune"]
+    helps = {a.dest: a.help for a in prune._actions if a.option_strings}
+    for name, spec in specs(ExperimentConfig).items():
+        assert spec.help
+        assert (name in helps) == (name not in RECORDED_FIELDS)
+        if name in helps:
+            assert helps[name].startswith(spec.help.replace("%", "%%"))
+            assert spec.range is None or f"in {spec.range}" in helps[name]
+
+
+def test_help_shows_the_values_of_the_given_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--preset", "resnet20-cifar10", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "values shown: preset resnet20-cifar10" in out
+    assert "(preset: sgd)" in out and "(preset: 80 120)" in out and "(default: paper)" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(preset: {PRESETS['demo']['epochs']})" in out and "(default: 60)" not in out
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: 60)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["prune", "--retrain-epoch", "1"], "unrecognized arguments: --retrain-epoch 1 (did you mean --retrain-epochs?)"),
+        (["prune", "--retrain_epochs", "1"], "unrecognized arguments: --retrain_epochs 1 (did you mean --retrain-epochs?)"),
+        (["prune", "--alpha_fc=0.9"], "(did you mean --alpha-fc?)"),
+        (["eval", "x.pt", "--batch_size", "3"], "(did you mean --batch-size?)"),
+        (["--verb", "prune"], "unrecognized arguments: --verb"),
+    ],
+)
+def test_flags_are_never_abbreviated_and_unknown_ones_get_the_closest(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert needle in one_line_error(capsys.readouterr().err)
 
 
 def test_recorded_fields_have_no_flag(capsys):
@@ -94,12 +136,13 @@ def test_bad_flags_are_one_line(argv, needle, capsys):
     [
         (["eval", "missing.pt"], "checkpoint missing.pt not found"),
         (["prune", "--config", "missing.toml"], "config file missing.toml not found"),
-        (["train", "--dataset", "mnist", "--no-progress"], "needs a data directory"),
+        (["train", "--dataset", "mnist", "--no-progress"], "dataset 'mnist' needs a data directory: give --data-dir DIR"),
         (["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "nowhere", "--no-progress"], "not found"),
-        (["train", "--alpha-fc", "1.5"], "alpha_fc must be in (0, 1]"),
+        (["train", "--alpha-fc", "1.5"], "setting alpha_fc must be in (0, 1], got 1.5 (flag --alpha-fc)"),
+        (["train", "--optimizer", "sdg"], "got 'sdg' (did you mean sgd?) (flag --optimizer)"),
         (["train", "--amp", "fp8"], "amp must be one of ('off', 'bf16', 'fp16')"),
         (["train", "--model", "resnet20", "--dataset", "mnist-sample"], "expects inputs"),
-        (["train", "--preset", "demo", "--retrain-milestones", "-1"], "setting retrain_milestones must be positive"),
+        (["train", "--preset", "demo", "--retrain-milestones", "-1"], "setting retrain_milestones entries must be in [1, inf), got [-1]"),
         (["train", "--preset", "demo", "--retrain-epochs", "0"], "setting retrain_epochs must be in [1, inf)"),
         (["prune", "--config", "."], "config file . is a folder; give a TOML file"),
         (["prune", "--config", "binary.toml"], "config file binary.toml is not a text file (not UTF-8)"),
@@ -112,6 +155,24 @@ def test_user_errors_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     assert main(argv) == 1
     assert needle in one_line_error(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.toml"]  # nothing created
+
+
+@pytest.mark.parametrize("key", ["retrain-epochs", "retrain_epoch", "Retrain_Epochs"])
+def test_unknown_toml_keys_get_the_closest_setting(key, capsys, tmp_path):
+    (tmp_path / "exp.toml").write_text(f"{key} = 1\n")
+    assert main(["prune", "--config", str(tmp_path / "exp.toml"), "--runs-root", str(tmp_path / "runs")]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"exp.toml: unknown setting(s) ['{key}'] (did you mean retrain_epochs?)" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_choices_in_any_case_are_one_setting_and_one_run_folder(tmp_path, capsys):
+    argv = ["train", *SMALL, "--epochs", "1", "--runs-root", str(tmp_path)]
+    assert main([*argv, "--optimizer", "SGD", "--amp", "BF16", "--lr-schedule", "Cosine", "--score", "PAPER"]) == 0
+    assert main([*argv, "--optimizer", "sgd", "--amp", "bf16", "--lr-schedule", "cosine", "--score", "paper"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert (stored["optimizer"], stored["amp"], stored["lr_schedule"], stored["score"]) == ("sgd", "bf16", "cosine", "paper")
 
 
 @pytest.mark.parametrize(
@@ -273,6 +334,66 @@ def test_config_file_and_flags(tmp_path, capsys):
     assert (stored["epochs"], stored["num_iters"], stored["train_subset"], stored["val_size"]) == (1, 1, 500, 300)
     assert stored["model"] == "lenet300_100" and stored["rewind"] is True
     assert stored["amp"] == "bf16" and stored["compile"] is False  # bf16 is ignored on the CPU
+
+
+# ----------------------------------------------------------------------------- pass choices
+
+
+def reports(run_dir: Path) -> list[dict]:
+    return [row["report"] for row in json.loads((run_dir / "history.json").read_text())["iterations"][1:]]
+
+
+def test_ignore_keeps_a_layer_dense_and_target_remaining_is_each_pass_fraction(tmp_path):
+    flags = [*SMALL, "--ignore", "fc3", "--target-remaining", "0.5", "--run-dir", str(tmp_path / "run")]
+    assert main(["prune", *flags]) == 0
+    first, second = reports(tmp_path / "run")
+    assert first["remaining_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert second["remaining_fraction"] == pytest.approx(0.25, abs=0.02)
+    assert [layer["name"] for layer in first["layers"]] == ["fc1", "fc2"] and "fc3" in first["skipped"]
+    model, _ = load_weights(tmp_path / "run" / "model-iter2.pt")
+    assert current_mask(model.fc3).all() and not current_mask(model.fc1).all()
+
+
+def test_alphas_choose_the_alpha_of_matching_layers(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('alphas = {"fc1" = 0.5, "fc*" = 0.99}\n')
+    assert main(["prune", *SMALL, "--num-iters", "1", "--config", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    (report,) = reports(tmp_path / "run")
+    assert report["settings"]["alphas"] == {"fc1": 0.5, "fc*": 0.99}
+    kept = {layer["name"]: layer["weights_kept"] / layer["weights_total"] for layer in report["layers"]}
+    assert kept["fc1"] < 0.5 < kept["fc2"]
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--ignore", "fc9"], "setting ignore: pattern 'fc9' matches no layer of lenet300_100 (fc1, fc2, fc3) (flag --ignore)"),
+        (["--only", "conv*"], "setting only: pattern 'conv*' matches no layer"),
+        (["--alphas", "fc1"], "setting alphas entries are PATTERN=ALPHA with ALPHA in (0, 1]"),
+        (["--alphas", "fc1=0"], "got 'fc1=0' (flag --alphas)"),
+        (["--ignore", "fc*"], "spare every layer of lenet300_100: nothing to prune"),
+        (["--target-remaining", "1"], "setting target_remaining must be in (0, 1), got 1.0 (flag --target-remaining)"),
+        (["--target-remaining", "0.5", "--alphas", "fc1=0.5"], "give one of --alphas and --target-remaining"),
+    ],
+)
+def test_bad_pass_choices_are_refused_before_anything_is_created(flags, needle, tmp_path, capsys):
+    assert main(["prune", *SMALL, *flags, "--runs-root", str(tmp_path / "runs")]) == 1
+    assert needle in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pass_choices_are_in_the_rebuilt_command_and_the_folder_hash():
+    overrides = {"ignore": ["fc3"], "alphas": ["fc1=0.8", "fc*=0.99"], "dataset": "mnist-sample"}
+    cfg, _ = resolve_config(None, None, overrides)
+    words = shlex.split(reproduce_command(cfg))
+    assert words[words.index("--ignore") + 1] == "fc3" and "--target-remaining" not in words
+    assert words[words.index("--alphas") + 1 : words.index("--alphas") + 3] == ["fc1=0.8", "fc*=0.99"]
+    args = build_parser().parse_args(words[1:])
+    names = [name for name in specs(ExperimentConfig) if hasattr(args, name)]
+    rebuilt, _ = resolve_config(None, None, {name: getattr(args, name) for name in names})
+    assert rebuilt.config_hash() == cfg.config_hash()
+    swapped, _ = resolve_config(None, None, {**overrides, "alphas": ["fc*=0.99", "fc1=0.8"]})
+    assert swapped.config_hash() != cfg.config_hash()  # the first match wins: the order is a setting
 
 
 # ----------------------------------------------------------------------------- resume after kill

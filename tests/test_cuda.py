@@ -26,7 +26,8 @@ from nnrelief.masks import current_mask
 from nnrelief.models import INPUT_SHAPES, MODELS, get_model
 from nnrelief.pruning.batches import PruningBatches
 from nnrelief.stats import collect
-from nnrelief.training import TrainConfig, _train_step, fit, make_optimizer, train_epoch
+from nnrelief.training import TrainConfig, fit, make_optimizer, train_epoch
+from nnrelief.training.loops import _train_step
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_iterative import small_config
 
 import nnrelief.experiments.experiment as experiment_module
 from nnrelief.experiments import runfolder as files
 from nnrelief.experiments.dense import dense_name
 from nnrelief.experiments.experiment import Experiment
 from nnrelief.reporting.runs import load_run
+from test_iterative import small_config
 
 
 def _count_fits(monkeypatch: pytest.MonkeyPatch) -> list[str]:

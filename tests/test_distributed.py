@@ -28,7 +28,7 @@ from nnrelief.cli import main
 from nnrelief.experiments.config import ConfigError, ExperimentConfig
 from nnrelief.models import get_model
 from nnrelief.reporting.results import reproduce_command
-from nnrelief.training import TrainConfig, evaluate, fit
+from nnrelief.training import TrainConfig, evaluate, fit, parallel
 
 WORLD = 2
 SMALL = [
@@ -105,11 +105,11 @@ def test_even_shards_need_a_batch_divisible_by_the_processes():
 def test_one_process_helpers_are_no_ops():
     assert not distributed.is_distributed() and distributed.is_main() and distributed.world_size() == 1
     values = (torch.tensor(2.0), torch.tensor(3))
-    assert distributed.all_reduce_sums(*values) == values
+    assert parallel.all_reduce_sums(*values) == values
     distributed.check_same_on_all_ranks({"a": torch.ones(3)}, "masks")
     assert distributed.from_main(lambda a, b: a + b, 1, b=2) == 3
     model = torch.nn.Linear(2, 2)
-    assert distributed.wrap_model(model) is model
+    assert parallel.wrap_model(model) is model
     assert not distributed.init_from_env("cpu")  # no WORLD_SIZE in the environment
 
 
@@ -312,11 +312,11 @@ def test_commands_that_need_one_process_refuse_torchrun(tmp_path, capsys, monkey
 
 _FAILING_RANK = """
 import os, sys
-import nnrelief.training
+import nnrelief.training.fitting
 from nnrelief.cli import main
 
 if os.environ["RANK"] == "1":  # this rank's disk fails in the second epoch (an OSError: a one-line error)
-    train_epoch = nnrelief.training.train_epoch
+    train_epoch = nnrelief.training.fitting.train_epoch
     calls = []
 
     def broken(*args, **kwargs):
@@ -325,7 +325,7 @@ if os.environ["RANK"] == "1":  # this rank's disk fails in the second epoch (an 
             raise OSError("disk lost on rank 1")
         return train_epoch(*args, **kwargs)
 
-    nnrelief.training.train_epoch = broken
+    nnrelief.training.fitting.train_epoch = broken
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -356,11 +356,11 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path):
 
 _STOPPING_RANK = """
 import os, signal, sys, time
-import nnrelief.training
+import nnrelief.training.fitting
 from nnrelief.cli import main
 
 if os.environ["RANK"] == "1":  # this rank stops (SIGSTOP) in its second epoch and never answers again
-    train_epoch = nnrelief.training.train_epoch
+    train_epoch = nnrelief.training.fitting.train_epoch
     calls = []
 
     def stopping(*args, **kwargs):
@@ -371,7 +371,7 @@ if os.environ["RANK"] == "1":  # this rank stops (SIGSTOP) in its second epoch a
             os.kill(os.getpid(), signal.SIGSTOP)
         return train_epoch(*args, **kwargs)
 
-    nnrelief.training.train_epoch = stopping
+    nnrelief.training.fitting.train_epoch = stopping
 sys.exit(main(sys.argv[1:]))
 """
 

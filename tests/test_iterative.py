@@ -30,9 +30,9 @@ from nnrelief.experiments.config import (
     resolve_config,
     run_name,
 )
-from nnrelief.experiments.experiment import Experiment, claim_run_folder, load_weights
+from nnrelief.experiments.experiment import Experiment, claim_run_folder, load_weights, read_config
 from nnrelief.experiments.history import History
-from nnrelief.experiments.iterative import relieve, rewind
+from nnrelief.experiments.iterative import PassChoices, relieve, rewind
 from nnrelief.experiments.runfolder import RunFolder, RunFolderError
 from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
@@ -436,7 +436,7 @@ def test_config_hash_ignores_only_free_fields():
 def test_later_fields_keep_old_run_folders_valid(tmp_path):
     """A setting added after a run folder was written neither renames nor refuses it."""
     base = ExperimentConfig()
-    assert {"lr_schedule", "amp", "compile"} <= set(LATER_FIELDS)
+    assert {"lr_schedule", "amp", "compile", "ignore", "only", "alphas", "target_remaining"} <= set(LATER_FIELDS)
     old = {k: v for k, v in base.to_dict().items() if k not in LATER_FIELDS}
     digest = hashlib.sha256(
         json.dumps({k: v for k, v in old.items() if k not in FREE_FIELDS}, sort_keys=True).encode()
@@ -450,6 +450,19 @@ def test_later_fields_keep_old_run_folders_valid(tmp_path):
         claim_run_folder(ExperimentConfig(lr_schedule="cosine"), RunFolder(tmp_path))
     with pytest.raises(RunConflictError, match="amp"):
         claim_run_folder(ExperimentConfig(amp="bf16"), RunFolder(tmp_path))
+    assert run_name(read_config(RunFolder(tmp_path)), "x") == run_name(base, "x") == f"x-{digest}"
+    assert ExperimentConfig(ignore=["fc3"]).config_hash() != digest
+    assert ExperimentConfig(target_remaining=0.5).config_hash() != digest
+    with pytest.raises(RunConflictError, match=r"alphas: stored=\[\] now=\['fc1=0.5'\]"):
+        claim_run_folder(ExperimentConfig(alphas={"fc1": 0.5}), RunFolder(tmp_path))
+
+
+def test_pass_choices_are_stored_with_the_loop_state_only_when_made():
+    assert PassChoices().settings() == {}  # loop states written before the choices existed resume
+    choices = PassChoices(ignore=("fc3",), target_remaining=0.5)
+    assert choices.settings() == {"ignore": ["fc3"], "target_remaining": 0.5}
+    assert [choices.arguments(k)["target"] for k in (1, 2, 3)] == [0.5, 0.25, 0.125]
+    assert choices.arguments(1)["ignore"] == ["fc3"] and PassChoices().arguments(4)["target"] is None
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):

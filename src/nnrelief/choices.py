@@ -85,3 +85,17 @@ def find_alpha(remaining: Callable[[float], float], target: float, steps: int = 
     if low == 0.0:
         return high
     return low if abs(remaining(low) - target) < abs(remaining(high) - target) else high
+
+
+def iteration_target(per_pass: float, iteration: int) -> float:
+    """The remaining fraction iteration ``iteration`` (1, 2, ...) prunes to when each pass
+    keeps ``per_pass`` of what the previous one left: ``per_pass ** iteration``."""
+    if iteration < 1:
+        raise ValueError(f"iterations are counted from 1, got {iteration}")
+    return check_target(per_pass) ** iteration
+
+
+def unmatched_patterns(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The name patterns of ``patterns`` that match none of ``names``."""
+    names = list(names)
+    return [pattern for pattern in patterns if not any(fnmatchcase(name, pattern) for name in names)]

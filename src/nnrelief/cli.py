@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,12 +43,11 @@ from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
-from .experiments.config import PRESETS, RECORDED_FIELDS, ConfigError, ExperimentConfig, resolve_config, run_name
+from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, device_of, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
 from .metrics import file_size, summarize
-from .models import MODELS
 from .reporting.results import (
     load_results,
     plot_results,
@@ -58,6 +57,7 @@ from .reporting.results import (
     update_marked_blocks,
 )
 from .reporting.seeds import seed_groups
+from .settings import describe, flag_of, specs, suggestion
 from .training import evaluate
 
 logger = logging.getLogger("nnrelief.cli")
@@ -74,42 +74,6 @@ _DISTRIBUTED_COMMANDS = frozenset({"train", "prune", "demo"})
 # reported in one line (traceback with -vv). Anything else is a bug and shows its traceback.
 _USER_ERRORS = (ConfigError, ValueError, OSError, distributed.DistributedError)
 
-FIELD_HELP: dict[str, str] = {
-    "model": "network architecture: " + ", ".join(sorted(MODELS)),
-    "dataset": "dataset: " + ", ".join(sorted(nndata.DATASETS)) + " (fixes the number of classes)",
-    "data_dir": "folder holding the dataset files (not needed for mnist-sample)",
-    "epochs": "epochs of dense training",
-    "retrain_epochs": "epochs of retraining after each pruning pass",
-    "optimizer": "adam, sgd or adamw",
-    "lr": "learning rate of dense training",
-    "retrain_lr": "learning rate of retraining ('none': same as --lr)",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 weight decay",
-    "batch_size": "training batch size",
-    "milestones": "dense-training epochs after which the learning rate decays (none = no decay)",
-    "retrain_milestones": "retraining epochs after which the learning rate decays",
-    "gamma": "learning-rate decay factor at each milestone",
-    "lr_schedule": "learning-rate schedule of every phase: 'step' (decay at the milestones) "
-    "or 'cosine' (annealing to 0 over the phase's epochs)",
-    "alpha_fc": "fraction of each neuron's signal kept in fully connected layers, in (0, 1]",
-    "alpha_conv": "fraction of each filter's signal kept in conv layers, in (0, 1]",
-    "score": "conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)",
-    "num_iters": "pruning iterations (may be raised to extend a finished run)",
-    "prune_samples": "training samples in the pruning set, drawn anew each iteration",
-    "val_size": "validation samples held out of the training data ('none': dataset default)",
-    "augment": "crop + flip augmentation of training batches (default: dataset's choice)",
-    "rewind": "rewind surviving weights to their initial values before retraining "
-    "(the paper's LeNet procedure) instead of fine-tuning",
-    "seed": "seed of initialisation, splits, batches and pruning sets",
-    "device": "auto, cpu, cuda or cuda:N",
-    "early_stop_margin": "stop when validation accuracy falls more than this fraction "
-    "(0.01 = 1 point) below the dense model's; keep the last iteration within it",
-    "train_subset": "train on this many training samples only (quick runs)",
-    "amp": "mixed precision of training on CUDA: off, bf16 or fp16 (ignored on the CPU)",
-    "compile": "train through torch.compile (slower first epoch of each phase)",
-}
-
-
 _EXAMPLES = """examples:
   nnrelief demo
   nnrelief train --preset lenet300-mnist --data-dir data --download
@@ -124,10 +88,30 @@ Run 'nnrelief COMMAND --help' for the options of a command."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``<prog>: error: <reason>``."""
+    """An argument parser whose errors are one line: ``<prog>: error: <reason>``; flags are
+    never abbreviated, and an unknown one is answered with the closest known flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            self.error(f"unrecognized arguments: {' '.join(extras)}{_flag_suggestion(extras, command)}")
+        return parsed
+
+
+def _flag_suggestion(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """``" (did you mean --x?)"`` for the first unknown flag among ``extras``, ``_`` read as ``-``."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    unknown = next((word.partition("=")[0] for word in extras if word.startswith("--")), None)
+    return "" if unknown is None else suggestion(unknown, flags, lambda flag: flag.replace("_", "-"))
 
 
 def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -138,27 +122,43 @@ def _optional(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _add_field_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("experiment settings (override preset and config file)")
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, preset: str | None) -> None:
+    """One flag per setting, read from its declaration; the help shows the value the
+    setting has by default or in ``preset``."""
+    group = parser.add_argument_group(
+        "experiment settings (override preset and config file)" + (f"; values shown: preset {preset}" if preset else "")
+    )
+    values = {**ExperimentConfig().to_dict(), **PRESETS.get(preset or "", {})}
     hints = typing.get_type_hints(ExperimentConfig)
-    for f in dataclasses.fields(ExperimentConfig):
-        if f.name in RECORDED_FIELDS:
+    for name, spec in specs(ExperimentConfig).items():
+        if not spec.flag:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        optional = type(None) in args
-        if optional:
-            (hint,) = [a for a in args if a is not type(None)]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": FIELD_HELP[f.name]}
+        hint, optional = _unwrapped(hints[name])
+        text = f"{describe(spec)} ({'preset' if preset and name in PRESETS[preset] else 'default'}: {_shown(values[name])})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is list:
-            kwargs.update(nargs="*", type=int, metavar="EPOCH")
+            kwargs.update(nargs="*", type=typing.get_args(hint)[0], metavar=spec.metavar or "VALUE")
         else:
             kwargs["type"] = _optional(hint) if optional else hint
-            kwargs["metavar"] = f.name.upper()
-        group.add_argument(flag, **kwargs)
+            kwargs["metavar"] = spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else name.upper())
+        group.add_argument(flag_of(name), **kwargs)
+
+
+def _unwrapped(hint: Any) -> tuple[Any, bool]:
+    """(the type of ``hint`` without ``| None``, whether it had ``| None``)."""
+    args = typing.get_args(hint)
+    if type(None) not in args:
+        return hint, False
+    (inner,) = [a for a in args if a is not type(None)]
+    return inner, True
 
 
 def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
@@ -177,7 +177,9 @@ def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
                        help="CPU threads used by torch (default: torch's choice; demo: 1)")
 
 
-def _add_experiment_options(parser: argparse.ArgumentParser, preset: str | None) -> None:
+def _add_experiment_options(parser: argparse.ArgumentParser, preset: str | None, shown: str | None) -> None:
+    """The options of a command running an experiment: ``preset`` is its default preset,
+    ``shown`` the preset whose values the help of the settings shows."""
     group = parser.add_argument_group("experiment")
     group.add_argument("--preset", default=preset, metavar="NAME",
                        help=f"named settings: {', '.join(PRESETS)}" + (f" (default: {preset})" if preset else ""))
@@ -190,11 +192,12 @@ def _add_experiment_options(parser: argparse.ArgumentParser, preset: str | None)
     group.add_argument("--download", action="store_true",
                        help="download the dataset into --data-dir if it is missing")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_field_flags(parser)
+    _add_field_flags(parser, shown if shown in PRESETS else preset)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``nnrelief`` command."""
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``nnrelief`` command; the help of the experiment settings
+    shows the values of ``preset`` (else the defaults, and the demo's for ``demo``)."""
     parser = _Parser(
         prog="nnrelief",
         description="NNrelief: prune neural networks by the signal their connections carry.",
@@ -205,29 +208,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_prune, _add_eval, _add_demo, _add_report, _add_results, _add_compare, _add_compact):
-        add(commands)
+        if add in _EXPERIMENT_ADDERS:
+            add(commands, preset)
+        else:
+            add(commands)
+    parser.commands = commands.choices
     return parser
 
 
-def _add_train(commands: Any) -> None:
+def _preset_of(argv: Sequence[str]) -> str | None:
+    """The ``--preset`` given in ``argv``, if any (for the help of the settings)."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--preset")
+    return early.parse_known_args(argv)[0].preset
+
+
+def _add_train(commands: Any, shown: str | None) -> None:
     train = commands.add_parser(
         "train", help="train the dense model of an experiment",
         description="Train the dense model (saving initial and trained weights in the run "
         "folder); 'nnrelief prune' with the same settings continues from it.",
     )  # fmt: skip
-    _add_experiment_options(train, preset=None)
+    _add_experiment_options(train, preset=None, shown=shown)
     _add_common(train, top_level=False)
     train.set_defaults(handler=_cmd_train)
 
 
-def _add_prune(commands: Any) -> None:
+def _add_prune(commands: Any, shown: str | None) -> None:
     prune = commands.add_parser(
         "prune", help="run the iterative NNrelief procedure (training first if needed)",
         description="Dense training (unless the run folder has it), then the iterations "
         "prune -> evaluate -> retrain -> evaluate. Interrupted runs resume when the same "
         "command is run again. Prints the per-iteration table at the end.",
     )  # fmt: skip
-    _add_experiment_options(prune, preset=None)
+    _add_experiment_options(prune, preset=None, shown=shown)
     _add_common(prune, top_level=False)
     prune.set_defaults(handler=_cmd_prune)
 
@@ -251,14 +265,14 @@ def _add_eval(commands: Any) -> None:
     evaluate_cmd.set_defaults(handler=_cmd_eval)
 
 
-def _add_demo(commands: Any) -> None:
+def _add_demo(commands: Any, shown: str | None) -> None:
     demo = commands.add_parser(
         "demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
         description="Train LeNet-300-100 briefly on the MNIST sample shipped with the package "
         "and run a few NNrelief iterations (about half a minute on 2 CPU cores); prints the "
         "per-iteration table. Same options as 'prune', with --preset demo.",
     )  # fmt: skip
-    _add_experiment_options(demo, preset="demo")
+    _add_experiment_options(demo, preset="demo", shown=shown)
     _add_common(demo, top_level=False)
     demo.set_defaults(handler=_cmd_demo)
 
@@ -311,7 +325,7 @@ def _add_results(commands: Any) -> None:
     results.set_defaults(handler=_cmd_results)
 
 
-def _add_compare(commands: Any) -> None:
+def _add_compare(commands: Any, shown: str | None) -> None:
     compare = commands.add_parser(
         "compare", help="NNrelief vs magnitude, global magnitude, random and L1-filter pruning at equal weights or MACs",
         description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
@@ -320,7 +334,7 @@ def _add_compare(commands: Any) -> None:
         "to its MACs, at every iteration. Writes <run folder>/compare/compare.csv, .json, .md and the figures "
         "compare.png (accuracy vs remaining weights) and compare-macs.png (accuracy vs MACs); resumes when run again.",
     )  # fmt: skip
-    _add_experiment_options(compare, preset=None)
+    _add_experiment_options(compare, preset=None, shown=shown)
     defaults = [name for name in DEFAULT_METHODS if name in BASELINES]
     compare.add_argument("--methods", nargs="+", choices=BASELINES, default=defaults, metavar="METHOD",
                          help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)})")
@@ -346,6 +360,9 @@ def _add_compact(commands: Any) -> None:
     compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
     _add_common(compact_cmd, top_level=False)
     compact_cmd.set_defaults(handler=_cmd_compact)
+
+
+_EXPERIMENT_ADDERS = (_add_train, _add_prune, _add_demo, _add_compare)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -545,7 +562,8 @@ def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``nnrelief`` command; returns the exit status (0 = success)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_preset_of(argv))
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:

@@ -8,9 +8,9 @@ function here is a no-op for one process, so the library code calls them uncondi
 
 The rules the rest of nnrelief follows in a run of several processes:
 
-* Training: the model is wrapped in ``DistributedDataParallel`` (:func:`wrap_model`);
-  each rank gets its part of every batch (:func:`shard_bounds`), evaluation sums are
-  added over ranks (:func:`all_reduce_sums`).
+* Training: every torch.distributed call of training is in :mod:`nnrelief.training.parallel`
+  (``DistributedDataParallel``, sums over ranks, BatchNorm statistics, the checkpoint read);
+  each rank gets its part of every batch (:func:`shard_bounds`).
 * Pruning: each rank streams its part of the pruning set, the statistics are summed,
   and the masks are compared by hash on all ranks before they are applied
   (:func:`check_same_on_all_ranks`).
@@ -34,13 +34,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "DistributedError",
     "TIMEOUT_ENV",
-    "all_reduce_sums",
-    "broadcast_buffers",
     "check_same_on_all_ranks",
     "env_rank",
     "env_world_size",
@@ -53,7 +51,6 @@ __all__ = [
     "shard_bounds",
     "shutdown",
     "world_size",
-    "wrap_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,39 +168,6 @@ def shard_bounds(n: int, rank_: int | None = None, world: int | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- collectives
-
-
-def all_reduce_sums(*values: Tensor) -> tuple[Tensor, ...]:
-    """The sums of ``values`` over all ranks (new tensors; the inputs when not distributed)."""
-    if not is_distributed():
-        return values
-    summed = tuple(value.clone() for value in values)
-    for value in summed:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return summed
-
-
-def broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics, masks)."""
-    if is_distributed():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def wrap_model(model: nn.Module) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` when distributed, else ``model`` itself.
-
-    The wrapper shares the model's parameters: optimise ``model.parameters()`` and
-    train through the returned module, whose backward averages the gradients of all
-    ranks. Rank 0's parameters and buffers are copied to all ranks here; buffers are not
-    broadcast at every step (pruning masks are as large as the weights and equal on all
-    ranks anyway): call :func:`broadcast_buffers` to align BatchNorm statistics.
-    """
-    if not is_distributed():
-        return model
-    parameter = next(model.parameters(), None)
-    ids = [parameter.device.index] if parameter is not None and parameter.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def _digest(tensors: Mapping[str, Tensor]) -> str:

@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .. import data as nndata
 from ..models import MODELS
 from ..models import input_shape as model_input_shape
 from ..pruning import SCORE_MODES
+from ..settings import check_keys, check_value, document, flag_of, like, setting, spec_of, specs, suggestion
 from ..training import TrainConfig
 
 
@@ -42,150 +43,145 @@ def derive_seed(*parts: object) -> int:
 
 
 FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
-# Recorded from the environment (torchrun's WORLD_SIZE), not settings: no command-line flag.
-RECORDED_FIELDS = frozenset({"world_size"})
 # Settings added after the first release: left out of the folder hash while at these
 # defaults, and assumed to have them in run folders written before they existed.
-LATER_FIELDS: dict[str, Any] = {"lr_schedule": "step", "amp": "off", "compile": False}
-
-
-# Interval of every bounded number of ExperimentConfig ("(" open, "[" closed; None is allowed
-# where the type allows it).
-_RANGES: dict[str, str] = {
-    "alpha_fc": "(0, 1]", "alpha_conv": "(0, 1]", "lr": "(0, inf)", "retrain_lr": "(0, inf)",
-    "momentum": "[0, 1)", "weight_decay": "[0, inf)", "gamma": "(0, inf)", "early_stop_margin": "[0, inf)",
-    "num_iters": "[0, inf)", "epochs": "[1, inf)", "retrain_epochs": "[1, inf)", "batch_size": "[1, inf)",
-    "prune_samples": "[1, inf)", "val_size": "[1, inf)", "train_subset": "[1, inf)", "world_size": "[1, inf)",
+LATER_FIELDS: dict[str, Any] = {
+    "lr_schedule": "step", "amp": "off", "compile": False, "ignore": [], "only": [], "alphas": [], "target_remaining": None,
 }  # fmt: skip
+
+
+def _patterns(name: str, value: Any) -> Any:
+    """Layer name patterns (one alone is a list of one), each non-empty without surrounding spaces."""
+    items = [value] if isinstance(value, str) else value
+    for item in items if isinstance(items, (list, tuple)) else ():
+        if isinstance(item, str) and (not item or item != item.strip()):
+            raise ValueError(f"{name} takes layer name patterns such as 'fc3' or 'features.*', got {item!r}")
+    return items
+
+
+def _alpha_entries(name: str, value: Any) -> Any:
+    """``PATTERN=ALPHA`` entries (a TOML table ``{pattern = alpha}`` in its order) with ALPHA in
+    (0, 1], spelled ``pattern=float``; a pattern may appear once."""
+    if isinstance(value, Mapping):
+        value = [f"{pattern}={alpha}" for pattern, alpha in value.items()]
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return items  # the type check names it
+    entries: dict[str, float] = {}
+    for item in items:
+        pattern, _, text = str(item).rpartition("=")
+        alpha = _number(text)
+        if not pattern.strip() or not 0.0 < alpha <= 1.0:
+            raise ValueError(f"{name} entries are PATTERN=ALPHA with ALPHA in (0, 1], e.g. 'classifier.*=0.99'; got {item!r}")
+        if pattern.strip() in entries:
+            raise ValueError(f"{name} gives pattern {pattern.strip()!r} twice (the first match wins): keep one")
+        entries[pattern.strip()] = alpha
+    return [f"{pattern}={alpha!r}" for pattern, alpha in entries.items()]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 # TrainConfig field of retraining -> the setting it comes from (lr: retrain_lr when given).
 _RETRAIN_NAMES = {"epochs": "retrain_epochs", "milestones": "retrain_milestones"}
 
 
-def _in_interval(value: float, interval: str) -> bool:
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return above and below
-
-
+@document
 @dataclass
 class ExperimentConfig:
     """All settings of one paper-style experiment (dense training + iterative pruning).
 
-    Attributes:
-        model: a name of :data:`nnrelief.models.MODELS`.
-        dataset: a name of :data:`nnrelief.data.DATASETS` (it fixes the number of classes).
-        data_dir: folder of the dataset files (not needed for ``mnist-sample``).
-        epochs: dense training epochs.
-        retrain_epochs: training epochs after each pruning pass.
-        optimizer: ``adam``, ``sgd`` or ``adamw``.
-        lr: learning rate of the dense training.
-        retrain_lr: learning rate of retraining (``None``: ``lr``).
-        momentum: SGD momentum.
-        weight_decay: L2 penalty.
-        batch_size: training batch size.
-        milestones: dense-training epochs after which the learning rate decays.
-        retrain_milestones: the same for retraining.
-        gamma: learning-rate decay factor.
-        lr_schedule: ``step`` (milestones) or ``cosine`` (annealing to 0 over each phase).
-        alpha_fc: kept signal fraction of Linear layers.
-        alpha_conv: kept signal fraction of Conv2d layers.
-        score: ``paper`` or ``authors`` conv score.
-        num_iters: pruning iterations.
-        prune_samples: size of the pruning set, drawn from the training data anew each
-            iteration (seeded by ``seed`` and the iteration).
-        val_size: validation samples held out of the training data (``None``: the
-            dataset's default); the best epoch is chosen on them, never on the test set.
-        augment: crop + flip augmentation of training batches (``None``: dataset default).
-        rewind: reset surviving weights to their initial values before retraining
-            (the paper's procedure for LeNets) instead of fine-tuning.
-        seed: seed of everything (model init, splits, batches, pruning sets).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        amp: mixed precision of training on CUDA: ``off``, ``bf16`` or ``fp16`` (ignored
-            on the CPU).
-        compile: train through ``torch.compile``.
-        early_stop_margin: stop when validation accuracy falls more than this fraction
-            below the dense model's (``None``: run all iterations).
-        train_subset: train on this many samples of the training split only (quick runs).
-        world_size: processes running the experiment (``torchrun``; set by
-            :class:`~nnrelief.experiments.experiment.Experiment`, not a setting: no flag, not
-            in the folder hash). ``batch_size`` is the global batch, split evenly over them,
-            so the learning rate and the results do not depend on it; a run may be resumed
-            with another number of processes. ``config.json`` holds the number of the
-            invocation that created the run, ``history.json`` that of the latest one.
-    """
+    Each field declares its help, range and choices once (:func:`nnrelief.settings.setting`):
+    the checks here, the command-line flags, the TOML key check and ``--help`` read them.
+    ``world_size`` is recorded by :class:`~nnrelief.experiments.experiment.Experiment`
+    (torchrun), not a setting: no flag, not in the folder hash; ``batch_size`` is the global
+    batch, split evenly over the processes, so the learning rate and the results do not
+    depend on their number and a run may be resumed with another one. ``config.json`` holds
+    the number of the invocation that created the run, ``history.json`` that of the latest one."""
 
-    model: str = "lenet300_100"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    epochs: int = 60
-    retrain_epochs: int = 60
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    retrain_lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 120
-    milestones: list[int] = field(default_factory=lambda: [30])
-    retrain_milestones: list[int] = field(default_factory=lambda: [30])
-    gamma: float = 0.1
-    lr_schedule: str = "step"
-    alpha_fc: float = 0.95
-    alpha_conv: float = 0.9
-    score: str = "paper"
-    num_iters: int = 10
-    prune_samples: int = 1000
-    val_size: int | None = None
-    augment: bool | None = None
-    rewind: bool = False
-    seed: int = 0
-    device: str = "auto"
-    early_stop_margin: float | None = None
-    train_subset: int | None = None
-    amp: str = "off"
-    compile: bool = False
-    world_size: int = 1
+    model: str = setting("lenet300_100", help="network architecture: " + ", ".join(sorted(MODELS)), metavar="NAME")
+    dataset: str = setting(
+        "mnist", metavar="NAME", help="dataset: " + ", ".join(sorted(nndata.DATASETS)) + " (fixes the number of classes)"
+    )
+    data_dir: str | None = setting(None, help="folder holding the dataset files (not needed for mnist-sample)", metavar="DIR")
+    epochs: int = like(TrainConfig, "epochs", 60, help="epochs of dense training")
+    retrain_epochs: int = like(TrainConfig, "epochs", 60, help="epochs of retraining after each pruning pass")
+    optimizer: str = like(TrainConfig, "optimizer", "adam")
+    lr: float = like(TrainConfig, "lr", 1e-3, help="learning rate of dense training")
+    retrain_lr: float | None = like(TrainConfig, "lr", None, help="learning rate of retraining ('none': same as --lr)")
+    momentum: float = like(TrainConfig, "momentum", 0.9)
+    weight_decay: float = like(TrainConfig, "weight_decay", 5e-4)
+    batch_size: int = setting(120, help="training batch size (the global batch under torchrun)", range="[1, inf)")
+    milestones: list[int] = like(TrainConfig, "milestones", factory=lambda: [30],
+                                 help="dense-training epochs after which the learning rate decays (none = no decay)")
+    retrain_milestones: list[int] = like(TrainConfig, "milestones", factory=lambda: [30],
+                                         help="retraining epochs after which the learning rate decays")
+    gamma: float = like(TrainConfig, "gamma", 0.1)
+    lr_schedule: str = like(TrainConfig, "lr_schedule", "step",
+                            help="learning-rate schedule of every phase: 'step' (decay at the milestones) or "
+                            "'cosine' (annealing to 0 over the phase's epochs)")
+    alpha_fc: float = setting(0.95, help="fraction of each neuron's signal kept in fully connected layers", range="(0, 1]")
+    alpha_conv: float = setting(0.9, help="fraction of each filter's signal kept in conv layers", range="(0, 1]")
+    score: str = setting("paper", choices=SCORE_MODES,
+                         help="conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)")
+    ignore: list[str] = setting(factory=list, metavar="PATTERN", convert=_patterns,
+                                help="layers every pass leaves whole: name glob patterns, e.g. 'fc3' 'features.*'")
+    only: list[str] = setting(factory=list, metavar="PATTERN", convert=_patterns,
+                              help="prune only the layers matching these name glob patterns (the others stay whole)")
+    alphas: list[str] = setting(factory=list, metavar="PATTERN=ALPHA", convert=_alpha_entries,
+                                help="per-layer alpha instead of --alpha-fc/--alpha-conv, first match wins, e.g. "
+                                "'features.0=0.8' 'classifier.*=0.99' (TOML: a table {pattern = alpha})")
+    target_remaining: float | None = setting(
+        None, range="(0, 1)", help="each pass keeps this fraction of what the previous one left (iteration k prunes to "
+        "target_remaining**k of the scored weights) with one alpha for every layer, found by bisection ('none': the alphas)",
+    )  # fmt: skip
+    num_iters: int = setting(10, help="pruning iterations (may be raised to extend a finished run)", range="[0, inf)")
+    prune_samples: int = setting(1000, range="[1, inf)",
+                                 help="training samples in the pruning set, drawn anew each iteration (seeded by seed and the iteration)")
+    val_size: int | None = setting(None, range="[1, inf)",
+                                   help="validation samples held out of the training data ('none': dataset default); "
+                                   "the best epoch is chosen on them, never on the test set")
+    augment: bool | None = setting(None, help="crop + flip augmentation of training batches (default: dataset's choice)")
+    rewind: bool = setting(False, help="rewind surviving weights to their initial values before retraining "
+                           "(the paper's LeNet procedure) instead of fine-tuning")
+    seed: int = setting(0, help="seed of initialisation, splits, batches and pruning sets")
+    device: str = like(TrainConfig, "device", "auto")
+    early_stop_margin: float | None = setting(None, range="[0, inf)",
+                                              help="stop when validation accuracy falls more than this fraction (0.01 = 1 point) "
+                                              "below the dense model's; keep the last iteration within it ('none': run all)")
+    train_subset: int | None = setting(None, help="train on this many training samples only (quick runs)", range="[1, inf)")
+    amp: str = like(TrainConfig, "amp", "off")
+    compile: bool = like(TrainConfig, "compile", False)
+    world_size: int = setting(1, help="processes running the experiment (recorded from torchrun)", range="[1, inf)", flag=False)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _convert(getattr(self, f.name), hints[f.name], f.name))
-        self._check_numbers()
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
-        if self.dataset not in nndata.DATASETS:
-            raise ConfigError(
-                f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(nndata.DATASETS))}"
-            )
-        spec = nndata.get_spec(self.dataset)
-        if model_input_shape(self.model) != spec.image_shape:
-            raise ConfigError(
-                f"model {self.model} expects inputs {model_input_shape(self.model)}, dataset "
-                f"{self.dataset} has images {spec.image_shape}"
-            )
-        if self.score not in SCORE_MODES:
-            raise ConfigError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+            spec, value = spec_of(f), getattr(self, f.name)
+            try:
+                value = _convert(value if spec.convert is None else spec.convert(f.name, value), hints[f.name], f.name)
+                setattr(self, f.name, check_value(f.name, value, spec))
+            except ValueError as error:
+                raise _setting_error(f.name, str(error).partition(" ")[2]) from None
+        self._check_processes()
+        self._check_model_and_dataset()
+        if self.target_remaining is not None and self.alphas:
+            raise ConfigError("setting alphas has no effect with target_remaining (one alpha for every layer is searched): "
+                              "give one of --alphas and --target-remaining")  # fmt: skip
         for retrain_iteration, names in ((None, {}), (1, _RETRAIN_NAMES)):
             try:
                 self.train_config(retrain_iteration)
             except ValueError as error:  # TrainConfig names its own field first: use the setting's name
                 name, _, rest = str(error).partition(" ")
                 name = "retrain_lr" if name == "lr" and retrain_iteration and self.retrain_lr is not None else names.get(name, name)
-                raise ConfigError(f"setting {name} {rest}") from None
+                raise _setting_error(name, rest) from None
 
-    def _check_numbers(self) -> None:
-        """Every number finite and in its range (NaN fails every comparison, so check first); the
-        batch and the pruning set large enough to split over the processes."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"setting {f.name} must be a finite number, got {value}")
-        for name, interval in _RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not _in_interval(value, interval):
-                raise ConfigError(f"setting {name} must be in {interval}, got {value}")
+    def _check_processes(self) -> None:
+        """The batch and the pruning set large enough to split over the processes."""
         if self.batch_size % self.world_size:
             raise ConfigError(
                 f"batch_size {self.batch_size} is the global batch, split evenly over the {self.world_size} "
@@ -193,6 +189,19 @@ class ExperimentConfig:
             )
         if self.prune_samples < self.world_size:
             raise ConfigError(f"prune_samples must be >= the {self.world_size} processes, got {self.prune_samples}")
+
+    def _check_model_and_dataset(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}{suggestion(self.model, MODELS)}; known: {', '.join(sorted(MODELS))}")
+        if self.dataset not in nndata.DATASETS:
+            known = nndata.DATASETS
+            raise ConfigError(f"unknown dataset {self.dataset!r}{suggestion(self.dataset, known)}; known: {', '.join(sorted(known))}")
+        spec = nndata.get_spec(self.dataset)
+        if model_input_shape(self.model) != spec.image_shape:
+            raise ConfigError(
+                f"model {self.model} expects inputs {model_input_shape(self.model)}, dataset "
+                f"{self.dataset} has images {spec.image_shape}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -215,6 +224,11 @@ class ExperimentConfig:
             amp=self.amp, compile=self.compile,
         )  # fmt: skip
 
+    @property
+    def alpha_map(self) -> dict[str, float]:
+        """:attr:`alphas` as :func:`nnrelief.prune` takes them: pattern -> alpha, in order."""
+        return {pattern: float(alpha) for pattern, _, alpha in (entry.rpartition("=") for entry in self.alphas)}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of all fields."""
         return dataclasses.asdict(self)
@@ -222,10 +236,10 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
         """Build from a dict (e.g. a TOML file); unknown keys raise :class:`ConfigError`."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown}; valid: {', '.join(known)}")
+        try:
+            check_keys(data, specs(cls), "ExperimentConfig")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return cls(**dict(data))
 
     def config_hash(self) -> str:
@@ -238,6 +252,16 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# Recorded from the environment (torchrun's WORLD_SIZE), not settings: no command-line flag.
+RECORDED_FIELDS = frozenset(name for name, spec in specs(ExperimentConfig).items() if not spec.flag)
+
+
+def _setting_error(name: str, problem: str) -> ConfigError:
+    """``setting <name> <problem>``, naming the setting's flag where it has one."""
+    flag = f" (flag {flag_of(name)})" if specs(ExperimentConfig)[name].flag else ""
+    return ConfigError(f"setting {name} {problem}{flag}")
+
+
 def _convert(value: Any, hint: Any, name: str) -> Any:
     """Check ``value`` against a field's type hint (ints are accepted for floats)."""
     args = typing.get_args(hint)
@@ -248,12 +272,12 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
         args = typing.get_args(hint)
     if typing.get_origin(hint) is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ValueError(f"{name} must be a list, got {value!r}")
         return [_convert(v, args[0], name) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
+        raise ValueError(f"{name} must be of type {hint.__name__}, got {value!r}")
     return value
 
 
@@ -344,11 +368,15 @@ def resolve_config(
     """
     values: dict[str, Any] = {}
     from_file = load_config_file(config_file) if config_file is not None else {}
+    try:
+        check_keys(from_file, ["preset", *specs(ExperimentConfig)], f"config file {config_file}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     file_preset = from_file.pop("preset", None)
     preset = preset if preset is not None else file_preset
     if preset is not None:
         if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}{suggestion(preset, PRESETS)}; known: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     values.update(from_file)
     values.update(overrides or {})

@@ -21,17 +21,19 @@ import torch
 from torch import nn
 
 from .. import data as nndata
+from ..choices import spared_layers, unmatched_patterns
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
 from ..masks import restore_masks
 from ..models import get_model, input_shape
+from ..settings import flag_of
 from ..training import evaluate, fit, resolve_device
 from . import checksums
 from . import runfolder as files
 from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed
 from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
-from .iterative import relieve
+from .iterative import PassChoices, relieve
 from .runfolder import DamagedFileError, RunFolder, RunLockedError
 
 logger = logging.getLogger(__name__)
@@ -238,6 +240,27 @@ def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
     return net
 
 
+def pass_choices(cfg: ExperimentConfig) -> PassChoices:
+    """The choices of every NNrelief pass of ``cfg``'s run (``--ignore``, ``--only``, ``--alphas``, ``--target-remaining``)."""
+    return PassChoices(tuple(cfg.ignore), tuple(cfg.only), cfg.alpha_map, cfg.target_remaining)
+
+
+def check_layer_patterns(cfg: ExperimentConfig) -> None:
+    """Refuse layer name patterns of ``cfg`` that match no Linear or conv layer of its model,
+    and ``ignore``/``only`` that leave nothing to prune (the model is built on the meta device)."""
+    if not (cfg.ignore or cfg.only or cfg.alphas):
+        return
+    with torch.device("meta"):
+        model = _fresh_model(cfg.model, cfg.dataset)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    shown = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
+    for name, patterns in (("ignore", cfg.ignore), ("only", cfg.only), ("alphas", list(cfg.alpha_map))):
+        for pattern in unmatched_patterns(patterns, layers):
+            raise ConfigError(f"setting {name}: pattern {pattern!r} matches no layer of {cfg.model} ({shown}) (flag {flag_of(name)})")
+    if not set(layers) - spared_layers(layers, list(cfg.ignore), list(cfg.only)):
+        raise ConfigError(f"settings ignore/only spare every layer of {cfg.model}: nothing to prune (flags --ignore, --only)")
+
+
 class Experiment:
     """One run of an :class:`ExperimentConfig` in a run folder (resumable at any point).
 
@@ -265,6 +288,7 @@ class Experiment:
         download: bool = False,
         progress: bool = True,
     ) -> None:
+        check_layer_patterns(cfg)
         self.device = device_of(cfg.device)
         init_from_env(cfg.device)  # torchrun: join the other processes
         self.cfg = cfg = dataclasses.replace(cfg, world_size=world_size())
@@ -273,7 +297,8 @@ class Experiment:
         self.progress = progress and is_main()
         spec = nndata.get_spec(cfg.dataset)
         if cfg.data_dir is None and not spec.packaged:
-            raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory (data_dir)")
+            raise ConfigError(f"dataset {cfg.dataset!r} needs a data directory: give --data-dir DIR (data_dir in a config file; "
+                              "with --download the files are fetched into it)")
         self.augment = spec.augment if cfg.augment is None else cfg.augment
         self.train_set, self.val_set, self.test_set = self._load_data()
         self.folder.open_for_writing()
@@ -489,6 +514,7 @@ class Experiment:
             alpha_fc=self.cfg.alpha_fc,
             alpha_conv=self.cfg.alpha_conv,
             score=self.cfg.score,
+            choices=pass_choices(self.cfg),
             rewind_state=self.initial_state(),
             run_dir=self.run_dir,
             early_stop_margin=self.cfg.early_stop_margin,

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..choices import Selector, iteration_target
 from ..fileio import cpu_state
 from ..masks import GATE, refresh_masked, restore_masks
 from ..pruning import SCORE_MODES, prune
@@ -99,6 +101,35 @@ PruneStep = Callable[[nn.Module, int], PruneReport]
 """Prunes a model in place for an iteration (1, 2, ...) and returns the pass's report."""
 
 
+@dataclass(frozen=True)
+class PassChoices:
+    """Choices of every NNrelief pass of a run (see :func:`nnrelief.prune`).
+
+    Attributes:
+        ignore: layer name patterns (or module types) every pass leaves whole.
+        only: prune only the layers matching these.
+        alphas: pattern -> alpha of the matching layers, first match wins.
+        target_remaining: each pass keeps this fraction of what the previous one left
+            (:func:`~nnrelief.choices.iteration_target`), with one alpha for every layer.
+    """
+
+    ignore: tuple[Selector, ...] = ()
+    only: tuple[Selector, ...] = ()
+    alphas: Mapping[str, float] = field(default_factory=dict)
+    target_remaining: float | None = None
+
+    def arguments(self, iteration: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`nnrelief.prune` in iteration ``iteration``."""
+        target = None if self.target_remaining is None else iteration_target(self.target_remaining, iteration)
+        return {"ignore": list(self.ignore), "only": list(self.only), "alphas": dict(self.alphas), "target": target}
+
+    def settings(self) -> dict[str, Any]:
+        """The choices made (none: ``{}``, as in loop states written before they existed)."""
+        chosen = {"ignore": [str(s) for s in self.ignore], "only": [str(s) for s in self.only], "alphas": dict(self.alphas),
+                  "target_remaining": self.target_remaining}  # fmt: skip
+        return {name: value for name, value in chosen.items() if value not in ([], {}, None)}
+
+
 def relieve(
     model: nn.Module,
     *,
@@ -109,6 +140,7 @@ def relieve(
     alpha_fc: float = 0.95,
     alpha_conv: float = 0.9,
     score: str = "paper",
+    choices: PassChoices | None = None,
     prune_step: PruneStep | None = None,
     step_settings: Mapping[str, Any] | None = None,
     rewind_state: Mapping[str, Tensor] | None = None,
@@ -140,6 +172,8 @@ def relieve(
         alpha_fc: kept signal fraction of Linear layers.
         alpha_conv: kept signal fraction of Conv2d layers.
         score: ``"paper"`` or ``"authors"`` (see :func:`nnrelief.prune`).
+        choices: layers spared or pruned alone, per-layer alphas, a remaining fraction
+            per pass (:class:`PassChoices`).
         prune_step: another pruning rule instead of NNrelief's pass, e.g. a baseline
             (:mod:`nnrelief.experiments.baselines`); ``prune_batches`` and the alphas are
             then unused and ``input_shape`` is required.
@@ -168,9 +202,10 @@ def relieve(
     if prune_step is None:
         if prune_batches is None:
             raise ValueError("give prune_batches (the pruning set) or a prune_step")
-        prune_step = _nnrelief_step(prune_batches, alpha_fc, alpha_conv, score, progress)
+        choices = choices or PassChoices()
+        prune_step = _nnrelief_step(prune_batches, alpha_fc, alpha_conv, score, choices, progress)
         shape = tuple(input_shape) if input_shape is not None else _input_shape(_batches_for(prune_batches, 1))
-        settings: dict[str, Any] = {"alpha_fc": alpha_fc, "alpha_conv": alpha_conv, "score": score}
+        settings: dict[str, Any] = {"alpha_fc": alpha_fc, "alpha_conv": alpha_conv, "score": score, **choices.settings()}
     else:
         if input_shape is None:
             raise ValueError("give input_shape with a prune_step (the shape of one input, for counting MACs)")
@@ -206,12 +241,13 @@ def _batches_for(prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], 
 
 
 def _nnrelief_step(
-    prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], alpha_fc: float, alpha_conv: float, score: str, progress: bool
-) -> PruneStep:
+    prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], alpha_fc: float, alpha_conv: float, score: str,
+    choices: PassChoices, progress: bool,
+) -> PruneStep:  # fmt: skip
     def step(model: nn.Module, iteration: int) -> PruneReport:
         # prune() shows its bar whenever asked, even when stderr is not a terminal
         return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
-                     score=score, progress=progress and sys.stderr.isatty())  # fmt: skip
+                     score=score, progress=progress and sys.stderr.isatty(), **choices.arguments(iteration))  # fmt: skip
 
     return step
 

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments import runfolder as files
-from ..experiments.config import RECORDED_FIELDS, ConfigError, ExperimentConfig
+from ..experiments.config import ConfigError, ExperimentConfig
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 from ..fileio import save_text
+from ..settings import flag_of, specs
 from .figures import count_axis, percent_axis, pyplot, save
 from .runs import load_run
 from .seeds import Spread, seeds_markdown, spreads
@@ -54,7 +55,7 @@ RESULTS_FORMAT = 1
 _REQUIRED = ("model", "dataset", "device", "command", "settings", "wall_time_s", "iterations", "baselines")
 _ITERATION_KEYS = ("iteration", "remaining_percent", "test_accuracy", "val_accuracy", "macs")
 _BASELINE_KEYS = ("method", "remaining_percent", "test_accuracy")
-_COMMAND_SKIP = frozenset({"data_dir", "device"}) | RECORDED_FIELDS
+_COMMAND_SKIP = frozenset({"data_dir", "device"})
 
 
 def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
@@ -64,17 +65,21 @@ def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
     words = ["nnrelief", "prune"]
     for name, value in cfg.to_dict().items():
         default = defaults[name] == value and name not in ("model", "dataset")
-        if name in _COMMAND_SKIP or default:
+        if name in _COMMAND_SKIP or not specs(ExperimentConfig)[name].flag or default:
             continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, list):
-            words += [flag, *map(str, value)]
-        else:
-            words += [flag, "none" if value is None else str(value)]
+        words += _flag_words(name, value)
     words += ["--data-dir", data_dir]
     return shlex.join(words)
+
+
+def _flag_words(name: str, value: Any) -> list[str]:
+    """The command-line words giving the setting ``name`` the value ``value``."""
+    flag = flag_of(name)
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if isinstance(value, list):
+        return [flag, *map(str, value)]
+    return [flag, "none" if value is None else str(value)]
 
 
 def _read_json(path: Path) -> Any:

@@ -1,0 +1,187 @@
+"""One pass over the data: :func:`evaluate` and :func:`train_epoch` (and its optimisation step).
+
+Losses and accuracies are summed on the device and read once per pass (summed over the
+processes under torchrun, :mod:`.parallel`): the training step never waits for the device.
+On CUDA the passes use autocast (``amp``) and channels_last for conv nets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import amp_mode, resolve_device
+from .parallel import all_reduce_sums
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Batches(Protocol):
+    """What the loops accept: a sized iterable of ``(inputs, integer targets)`` batches."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss and accuracy (fraction in [0, 1]) over ``n`` samples."""
+
+    loss: float
+    accuracy: float
+    n: int
+
+
+def _autocast(device: torch.device, amp: str) -> Any:
+    if amp != "off" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=_AMP_DTYPES[amp])
+    return nullcontext()
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """channels_last pays off for conv nets on CUDA (tensor-core convolutions)."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _mean_result(total_loss: torch.Tensor, correct: torch.Tensor, n: int, caller: str) -> EvalResult:
+    """Mean loss and accuracy from a pass's on-device sums, read with one host
+    synchronisation; under torch.distributed the sums of every rank are added first (one
+    process: unchanged)."""
+    count = torch.tensor(n, dtype=torch.float64, device=total_loss.device)
+    total_loss, correct, count = all_reduce_sums(total_loss, correct.double(), count)
+    loss_sum, correct_sum, n_all = torch.stack([total_loss, correct, count]).tolist()
+    n = int(n_all)
+    if n == 0:
+        raise ValueError(f"{caller}() got no samples")
+    return EvalResult(loss=loss_sum / n, accuracy=correct_sum / n, n=n)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device,
+    *,
+    amp: str | bool = "off",
+) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``batches``.
+
+    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous
+    train/eval mode afterwards. ``amp`` (see :class:`TrainConfig`) applies on CUDA only.
+    Raises ``ValueError`` if ``batches`` holds no samples.
+    """
+    device = resolve_device(device)
+    amp = amp_mode(amp)
+    channels_last = uses_channels_last(model, device)
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                x = _to_device(x, device, channels_last)
+                y = y.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    out = model(x)
+                total_loss += F.cross_entropy(out.float(), y, reduction="sum").double()
+                correct += (out.argmax(dim=1) == y).sum()
+                n += y.numel()
+    finally:
+        model.train(was_training)
+    return _mean_result(total_loss, correct, n, "evaluate")
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    device: str | torch.device,
+    *,
+    amp: str | bool = "off",
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    label_smoothing: float = 0.0,
+    progress: bool = True,
+    desc: str = "train",
+) -> EvalResult:
+    """One pass of training over ``batches``; returns the running mean loss/accuracy.
+
+    The model is put in train mode for the pass and its previous mode is restored.
+    ``amp`` (see :class:`TrainConfig`) applies on CUDA only; ``"fp16"`` needs a CUDA
+    ``scaler``, and a ``scaler`` given with ``amp="off"`` means ``"fp16"`` (the former
+    interface). Loss and accuracy are summed on the device and read once at the end.
+    ``progress=False`` disables the tqdm bar, which is also quiet automatically when
+    stderr is not a terminal.
+    """
+    device = resolve_device(device)
+    amp = amp_mode(amp)
+    if scaler is not None:
+        if device.type != "cuda":
+            raise ValueError("a GradScaler (AMP) is only supported on CUDA devices")
+        amp = "fp16" if amp == "off" else amp
+    if amp == "fp16" and device.type == "cuda" and scaler is None:
+        raise ValueError("amp='fp16' needs a GradScaler (fit makes one)")
+    channels_last = uses_channels_last(model, device)
+    was_training = model.training
+    model.train()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    try:
+        for x, y in tqdm(batches, desc=desc, leave=False, disable=None if progress else True):
+            x = _to_device(x, device, channels_last)
+            y = y.to(device, non_blocking=True)
+            out, loss = _train_step(model, optimizer, x, y, device, amp, scaler, grad_clip, label_smoothing)
+            total_loss += loss.double() * y.numel()
+            correct += (out.argmax(dim=1) == y).sum()
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    return _mean_result(total_loss, correct, n, "train_epoch")
+
+
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    amp: str,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the detached logits and loss (still on the device)."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp):
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    if scaler is None:
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    return out.detach(), loss.detach()
