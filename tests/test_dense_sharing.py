@@ -72,11 +72,16 @@ def test_a_shortened_run_records_what_ran(tmp_path: Path) -> None:
     longer.close()
 
 
+def _modified(folder: Path) -> dict[str, int]:
+    """Modification times of the run's files (its lock file records who holds it)."""
+    return {path.name: path.stat().st_mtime_ns for path in folder.iterdir() if path.name != files.LOCK}
+
+
 def test_rerunning_a_finished_command_says_so_and_computes_nothing(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "nnrelief", "--threads", "1", "prune", "--preset", "demo", "--epochs", "1",
                "--retrain-epochs", "1", "--num-iters", "1", "--no-progress", "--run-dir", str(tmp_path / "run")]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
-    before = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "run").iterdir()}
+    before = _modified(tmp_path / "run")
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.strip().splitlines() == [f"{tmp_path / 'run'}: already finished (1 iterations, selected model-iter1.pt); nothing to do"]
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "run").iterdir()} == before
+    assert again.stdout.strip().splitlines() == [f"{tmp_path / 'run'}: already finished (1 iteration, selected model-iter1.pt); nothing to do"]
+    assert _modified(tmp_path / "run") == before

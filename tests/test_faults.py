@@ -64,6 +64,8 @@ def outcome(run_dir: Path) -> dict:
 def leftovers(run_dir: Path) -> list[str]:
     """Temporary files, checkpoints and unverifiable files left in a finished run folder."""
     left = [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".lock" or p.suffix == ".ckpt"]
+    shared = run_dir.parent / "dense"  # the shared dense model's folder (experiments.dense)
+    left += [p.name for p in shared.rglob("*") if p.is_file() and (p.name.startswith(".") and p.name != ".lock" or p.suffix == ".ckpt")]
     folder = RunFolder(run_dir)
     for name in RUN_FILES[:-1]:
         try:
@@ -168,7 +170,7 @@ def test_a_kill_at_every_write_point_resumes_identically(reference, tmp_path, mo
     _, expected, points = reference
     failures = []
     for point in range(1, points + 1):
-        run_dir = tmp_path / f"kill{point}"
+        run_dir = tmp_path / f"kill{point}" / "run"  # its own shared dense folder beside it
         calls: list[str] = []
         monkeypatch.setattr(os, "replace", killing_at(point, calls))
         with pytest.raises(Killed):
@@ -195,7 +197,7 @@ def test_a_full_disk_or_read_only_folder_at_every_write_names_the_file_and_resum
     failures = []
     tried = range(1, points + 1, EVERY[code])
     for point in tried:
-        run_dir = tmp_path / f"{errno.errorcode[code]}{point}"
+        run_dir = tmp_path / f"{errno.errorcode[code]}{point}" / "run"
         calls: list[str] = []
         if code == errno.EROFS:  # no temporary file can be created
             monkeypatch.setattr(fileio, "mkstemp", failing_mkstemp_at(point, code, calls))
@@ -205,7 +207,8 @@ def test_a_full_disk_or_read_only_folder_at_every_write_names_the_file_and_resum
         assert prune(run_dir) == 1
         line = error_line(capsys)
         monkeypatch.undo()
-        named = f"cannot write {run_dir}/" in line and FULL[code] in line and "run again" in line
+        where = (f"cannot write {run_dir}/", f"cannot write {run_dir.parent}/dense")  # the run's or its shared dense folder
+        named = any(prefix in line for prefix in where) and FULL[code] in line and "run again" in line
         resumed = prune(run_dir, "-v")
         err = capsys.readouterr().err
         if not named or resumed != 0 or "damaged" in err or outcome(run_dir) != expected or leftovers(run_dir):
@@ -446,13 +449,18 @@ def test_config_json_is_rewritten_from_the_command_the_run_records(reference, tm
 
 def test_a_damaged_checkpoint_is_dropped_and_its_phase_redone(reference, tmp_path, monkeypatch, capsys):
     _, expected, _ = reference
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(os, "replace", killing_at(7, []))  # at trained.pt's checksum: dense.ckpt written
+    renames: list[str] = []
+    monkeypatch.setattr(os, "replace", killing_at(0, renames))  # counts
+    assert prune(tmp_path / "count" / "run") == 0
+    shared = tmp_path / "count" / "dense"  # the dense model is trained in the shared folder
+    point = [Path(dst).parent.parent == shared and Path(dst).name for dst in renames].index("trained.pt")
+    run_dir = tmp_path / "killed" / "run"
+    monkeypatch.setattr(os, "replace", killing_at(point, []))  # at trained.pt's checksum: dense.ckpt written
     with pytest.raises(Killed):
         prune(run_dir)
     monkeypatch.setattr(os, "replace", REAL_REPLACE)
-    assert (run_dir / "dense.ckpt").exists() and not (run_dir / "trained.pt").exists()
-    checkpoint = run_dir / "dense.ckpt"
+    (checkpoint,) = (tmp_path / "killed" / "dense").glob("*/dense.ckpt")
+    assert not (checkpoint.parent / "trained.pt").exists() and not (run_dir / "trained.pt").exists()
     checkpoint.write_bytes(garbled(checkpoint.read_bytes()))
     capsys.readouterr()
     assert prune(run_dir, "-v") == 0  # -q -v: warnings shown

@@ -398,7 +398,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:
         done = experiment.finished()
         if done is not None:
-            print(f"{experiment.run_dir}: already finished ({done.records[-1].iteration} iterations, selected "
+            count = done.records[-1].iteration
+            print(f"{experiment.run_dir}: already finished ({count} iteration{'' if count == 1 else 's'}, selected "
                   f"{files.model_file(done.selected_iteration)}); nothing to do")  # fmt: skip
             return 0
         history = experiment.run()

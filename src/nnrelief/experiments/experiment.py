@@ -420,21 +420,22 @@ class Experiment:
             checkpoint_path=folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
 
     def _shared_dense(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The trained weights in the shared dense folder, trained there (under its lock) from
-        ``model``'s initial weights if they are not there yet."""
+        """The trained weights in the shared dense folder (read under its lock, held briefly),
+        trained there from ``model``'s initial weights if they are not there yet."""
         shared = RunFolder(self.dense_dir)
-        state = _shared_weights(shared)
-        if state is not None:
-            return state
         try:
-            shared.open_for_writing()
+            shared.open_for_writing()  # removes what a killed write there left
         except RunLockedError as error:
+            state = _shared_weights(shared)  # another run reading it: reading it too is safe (writes are atomic)
+            if state is not None:
+                return state
             raise RunLockedError(f"the shared dense model {shared.path} is being trained by another run with the same "
                                  f"training settings ({error}); run again when it has finished") from None  # fmt: skip
         try:
             from_main(_claim_dense_folder, self.cfg, shared)
-            state = _shared_weights(shared)  # trained meanwhile by the process that held the lock?
+            state = _shared_weights(shared)
             if state is not None:
+                shared.remove(files.DENSE_CHECKPOINT)  # a kill after trained.pt can leave it
                 return state
             shared.drop_if_damaged(files.TRAINED)
             if not shared.exists(files.INIT):
@@ -488,12 +489,29 @@ class Experiment:
         stopped early), without changing anything; else None."""
         if not self.folder.exists(files.STATE) or not self.folder.exists(files.HISTORY_JSON):
             return None
-        try:
-            history = self.folder.read_history()
-        except DamagedFileError:
+        try:  # the loop state, not history.json (written before it), says what is done
+            state = self.folder.load(files.STATE)
+            history = History.from_dict(state["history"])
+            done = history.records[-1].iteration
+            self.folder.read_history()
+        except (DamagedFileError, KeyError, TypeError, ValueError, IndexError):
+            return None  # the run rebuilds or names what is damaged
+        stopped = state.get("phase") == "stopped"
+        if not (stopped or done >= self.cfg.num_iters):
             return None
-        done = history.records[-1].iteration if history.records else 0
-        return history if history.stopped_early or done >= self.cfg.num_iters else None
+        kept = history.selected_iteration if stopped else done
+        needed = (files.CONFIG, files.INIT, files.TRAINED, files.HISTORY_CSV, files.model_file(0), files.model_file(kept))
+        return history if all(self._intact(name) for name in needed) else None
+
+    def _intact(self, name: str) -> bool:
+        """Whether ``name`` is there and matches its checksum (a run rebuilds it otherwise)."""
+        if not self.folder.exists(name):
+            return False
+        try:
+            self.folder.read_bytes(name)
+        except DamagedFileError:
+            return False
+        return True
 
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
