@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -245,6 +246,26 @@ def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):
     assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.bin"), "-q"]) == 1
     assert "unknown extension '.bin'" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "small.bin").exists()
+
+
+def _torch_handlers_write_to_capsys(monkeypatch):
+    """torch's loggers write through their own handlers, to the stderr of torch's import."""
+    for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                monkeypatch.setattr(handler, "stream", sys.stderr)
+
+
+def test_export_is_quiet_by_default_and_v_says_once_how_the_model_was_analysed(small_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx")
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    _torch_handlers_write_to_capsys(monkeypatch)
+    argv = ["compact", str(small_run / "model-iter2.pt"), "-o", str(tmp_path / "small.pt2"), "--onnx", str(tmp_path / "small.onnx")]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*argv, "-v"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("analysed: channel graph from torch.export") == 1 and "INFO nnrelief.analysis: LeNet300100" in err
 
 
 def test_default_output_is_bars_and_results_per_epoch_lines_with_v(tmp_path, capsys):

@@ -112,3 +112,10 @@ def test_files_that_hold_no_model_are_refused_unchanged(tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and "give a state dict, a TorchScript file" in err and len(err.splitlines()) == 1
         assert path.read_bytes() == before
+
+
+def test_eval_v_says_once_how_the_file_was_analysed(files, capsys):
+    _, _, paths = files
+    assert main(["eval", str(paths["program"]), "--dataset", "mnist-sample", "--device", "cpu", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("ExportedProgram file analysed from the operations of one forward pass") == 1

@@ -59,6 +59,7 @@ from .reporting.results import (
     update_marked_blocks,
 )
 from .reporting.seeds import seed_groups
+from .verbosity import WARNINGS_LOGGER, level_of, library_messages
 
 logger = logging.getLogger("nnrelief.cli")
 
@@ -527,19 +528,20 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
-    """Send the ``nnrelief`` loggers to stderr while the command runs (warnings by default,
-    INFO with -v, DEBUG with -vv, errors only with -q), with tqdm bars kept intact; the
+    """Send the ``nnrelief`` loggers to stderr while the command runs at the level of
+    :func:`~nnrelief.verbosity.level_of`, the libraries' warnings with -v only
+    (:func:`~nnrelief.verbosity.library_messages`), with tqdm bars kept intact; the
     previous logging setup is restored afterwards."""
-    level = min(max(logging.WARNING + 10 * (min(quiet, 1) - verbose), logging.DEBUG), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("nnrelief")
     saved = root.level, root.propagate
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level_of(verbose, quiet))
     root.propagate = False
     try:
-        with logging_redirect_tqdm(loggers=[root]):
+        shown = verbose > 0 and not quiet
+        with library_messages(shown, handler), logging_redirect_tqdm(loggers=[root, logging.getLogger(WARNINGS_LOGGER)]):
             yield
     finally:
         root.removeHandler(handler)
