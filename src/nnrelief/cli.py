@@ -457,7 +457,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
         document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
-    figures = [plot_results(list(groups.values()), args.out_dir / name, x=x)
+    figures = [plot_results(groups, args.out_dir / name, x=x)
                for name, x in (("results.png", "weights"), ("results-macs.png", "macs"))]  # fmt: skip
     updated = document is not None and document != old
     if updated:

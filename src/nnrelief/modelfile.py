@@ -12,9 +12,10 @@ A file is told apart by its content, not its extension (``.pt`` is used for all 
 * a **whole module** (``torch.save(model)``) or an nnrelief sparse file (``--sparse``): a
   ``torch.save`` zip that only loads with ``weights_only=False``.
 
-Loading a whole module, TorchScript or a program runs code stored in the file, so it is
-done only for a file the user named explicitly (the functions here); run folders are read
-through :class:`~nnrelief.experiments.runfolder.RunFolder`, tensors only.
+A whole module or sparse file is unpickled in full (``weights_only=False``), which can run
+code stored in the file, and TorchScript and programs run the graph they hold: this is done
+only for a file the user named explicitly (the functions here); run folders are read through
+:class:`~nnrelief.experiments.runfolder.RunFolder`, tensors only.
 """
 
 from __future__ import annotations
