@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import signal
@@ -287,11 +288,12 @@ def test_report_choices_the_run_cannot_meet_are_errors(flags, needle, small_run,
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_of_another_model_names_every_difference(small_run, capsys):
+def test_checkpoint_of_another_model_names_the_first_differences_in_a_few_lines(small_run, capsys):
     assert main(["eval", str(small_run / "model-iter2.pt"), "--model", "lenet5", "--device", "cpu", "-q"]) == 1
-    line = one_line_error(capsys.readouterr().err)
-    assert "does not fit model lenet5" in line and "fc1.weight_orig: checkpoint (300, 784), model (500, 800)" in line
-    assert "conv1.weight" in line and "fc3.bias_orig" in line
+    first, *details = capsys.readouterr().err.splitlines()
+    assert "does not fit model lenet5" in first and "8 keys of other shapes, 4 keys missing, 4 keys not in the model" in first
+    assert len(details) == 3 and "fc1.weight_orig: checkpoint (300, 784), model (500, 800)" in details[0]
+    assert "conv1.weight" in details[1] and "fc3.weight_orig" in details[2] and "(+1 more)" in details[2]
 
 
 def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):
@@ -305,6 +307,26 @@ def test_compact_format_follows_the_extension(small_run, tmp_path, capsys):
     assert main(["compact", str(checkpoint), "-o", str(tmp_path / "small.bin"), "-q"]) == 1
     assert "unknown extension '.bin'" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "small.bin").exists()
+
+
+def _torch_handlers_write_to_capsys(monkeypatch):
+    """torch's loggers write through their own handlers, to the stderr of torch's import."""
+    for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                monkeypatch.setattr(handler, "stream", sys.stderr)
+
+
+def test_export_is_quiet_by_default_and_v_says_once_how_the_model_was_analysed(small_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx")
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    _torch_handlers_write_to_capsys(monkeypatch)
+    argv = ["compact", str(small_run / "model-iter2.pt"), "-o", str(tmp_path / "small.pt2"), "--onnx", str(tmp_path / "small.onnx")]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*argv, "-v"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("analysed: channel graph from torch.export") == 1 and "INFO nnrelief.analysis: LeNet300100" in err
 
 
 def test_default_output_is_bars_and_results_per_epoch_lines_with_v(tmp_path, capsys):

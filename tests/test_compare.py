@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nnrelief.cli import main
-from nnrelief.experiments.compare import DEFAULT_METHODS, run_comparison
-from nnrelief.experiments.config import ConfigError
+from nnrelief.experiments.compare import DEFAULT_METHODS, markdown_heading, run_comparison
+from nnrelief.experiments.config import ConfigError, ExperimentConfig
 from nnrelief.reporting.results import run_results
 
 SMALL = [
@@ -233,3 +233,20 @@ def test_l1_filter_on_a_net_without_convs_is_refused_before_anything_runs(tmp_pa
     assert main(["compare", *SMALL, "--num-iters", "1", "--methods", "l1-filter", "--run-dir", str(run)]) == 1
     assert "method l1-filter cannot prune lenet300_100: LeNet300100 has no conv layer" in capsys.readouterr().err
     assert not (run / "trained.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "methods,epochs,title,settings",
+    [
+        (["nnrelief", "magnitude"], 1, "# Pruning methods at NNrelief's remaining weights", "1 retraining epoch per iteration"),
+        (["nnrelief", "l1-filter", "random"], 3, "# Pruning methods at NNrelief's remaining weights or MACs",
+         "3 retraining epochs per iteration"),
+        (["nnrelief"], 2, "# NNrelief alone (no baseline ran)", "2 retraining epochs per iteration"),
+    ],
+)  # fmt: skip
+def test_compare_md_names_only_the_methods_that_ran(methods, epochs, title, settings):
+    lines = markdown_heading(ExperimentConfig(retrain_epochs=epochs), methods)
+    assert lines[0] == title and settings in lines[2]
+    named = [line[2:].split(":")[0] for line in lines if line.startswith("* ")]
+    assert named == methods[1:]
+    assert ("MACs" in lines[0]) == ("l1-filter" in methods)

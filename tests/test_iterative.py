@@ -475,3 +475,18 @@ def test_run_folder_with_other_settings_is_refused(tmp_path):
     with pytest.raises(RunFolderError, match="not a run folder: it holds other files .notes.txt."):
         Experiment(small_config(), tmp_path / "other", progress=False)
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]  # no lock, nothing else
+
+
+@pytest.mark.parametrize("label", [None, "magnitude"])
+def test_the_iteration_bar_names_the_method(label, monkeypatch):
+    from nnrelief.experiments import iterative
+    from nnrelief.experiments.baselines import magnitude_prune
+
+    bars = []
+    real = iterative.tqdm
+    monkeypatch.setattr(iterative, "tqdm", lambda **options: bars.append(options) or real(**{**options, "disable": True}))
+    model = nn.Sequential(nn.Linear(4, 3))
+    extra = {} if label is None else {"progress_label": label}
+    relieve(model, prune_step=lambda m, k: magnitude_prune(m, {"0": 15 - 3 * k}), train_fn=lambda m, k: None,
+            eval_fns={"val": lambda m: 0.5}, num_iters=2, input_shape=(4,), progress=True, **extra)  # fmt: skip
+    assert [bar["desc"] for bar in bars] == [f"{label or 'nnrelief'} iterations"]

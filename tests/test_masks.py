@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.masks import current_mask
+from nnrelief.masks import StateDictMismatchError, current_mask
 from nnrelief.models import lenet5, lenet300_100, resnet20
 
 
@@ -80,15 +80,17 @@ def test_round_trip_with_gates_on_resnet():
     assert torch.equal(model.eval()(x), fresh.eval()(x))
 
 
-def test_restore_into_another_architecture_changes_nothing_and_lists_every_difference():
+def test_restore_into_another_architecture_changes_nothing_and_keeps_every_difference():
     state = pruned_lenet5().state_dict()
     other = lenet300_100()
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="model left unchanged") as info:
+    with pytest.raises(StateDictMismatchError, match="model left unchanged") as info:
         nnrelief.restore_masks(other, state)
-    message = str(info.value)
-    assert "fc1.weight_orig: checkpoint (500, 800), model (300, 784)" in message
-    assert "conv1.weight_orig" in message and "conv2.weight_mask" in message and "fc3.bias" in message
+    error = info.value
+    assert "fc1.weight_orig: checkpoint (500, 800), model (300, 784)" in error.shapes
+    assert "conv2.weight_mask" in error.unexpected and "fc3.bias" in error.missing
+    assert len(str(error).splitlines()) == 1 + len(error.details) <= 4  # the first few keys of each kind, not all
+    assert f"{len(error.unexpected)} keys not in the model" in error.headline and "conv1.weight_orig" in error.details[-1]
     assert not any(hasattr(m, "weight_mask") or m._forward_pre_hooks for m in other.modules())
     assert before.keys() == other.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -21,6 +21,7 @@ from nnrelief.reporting import (
     plot_connections,
     write_report,
 )
+from nnrelief.reporting.connections import _segments, _select_nodes
 
 SMALL = [
     "--preset", "demo", "--epochs", "1", "--retrain-epochs", "1", "--num-iters", "2",
@@ -139,3 +140,20 @@ def test_missing_matplotlib_is_a_clear_error(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingPlotDependencyError, match=r"pip install 'nnrelief\[plots\]'"):
         write_report([runs[0]], tmp_path)
+
+
+def test_drawn_neurons_lose_as_much_as_their_layer_and_removed_connections_are_drawn():
+    torch.manual_seed(0)
+    dense_alive = torch.ones(100, 40, dtype=torch.bool)
+    final_alive = dense_alive.clone()
+    final_alive[:60] = False  # 60 of the 100 neurons lose every incoming connection
+    final_alive[:, :30] = False  # 30 of the 40 inputs lose every outgoing one
+    scores = torch.rand(100, 40)
+    dense, final = [(scores, dense_alive)], [(scores * final_alive, final_alive)]
+    inputs, neurons = _select_nodes(dense, final, max_nodes=10)
+    assert int(final_alive[:, inputs].any(0).sum()) in (2, 3) and int(final_alive[neurons].any(1).sum()) == 4
+    ys = [[0.0] * 10, [0.0] * 10]
+    kept, values, removed = _segments(final, dense, [inputs, neurons], ys)
+    assert len(kept) == int(final_alive[neurons][:, inputs].sum()) and len(kept) + len(removed) == 100
+    assert min(values) > 0
+    assert _segments(dense, dense, [inputs, neurons], ys)[2] == []

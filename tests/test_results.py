@@ -22,6 +22,7 @@ from nnrelief.reporting.results import (
     results_markdown,
     results_summary,
     results_tables,
+    run_labels,
     run_results,
     update_marked_blocks,
     validate_results,
@@ -308,3 +309,16 @@ def test_results_command_groups_seeds(tmp_path, capsys):
     assert (out / "results.md").read_text() == "\n".join(results_tables(groups).values())
     assert "| 1 | 3 | 50.00 ± 0.00 [50.00, 50.00] | 81.00 ± 1.00 [80.00, 82.00] |" in doc.read_text()
     assert results_markdown(load_results(single)) in doc.read_text()
+
+
+def test_runs_of_the_same_model_are_labelled_by_what_differs():
+    quick, slow = seeded(0, [0.9, 0.8], [100.0, 50.0], [0.7]), seeded(0, [0.9, 0.8], [100.0, 50.0], [0.7], lr=0.1)
+    other = copy.deepcopy(quick)
+    other["model"] = "lenet5"
+    twin = copy.deepcopy(quick)
+    twin["settings"]["device"] = "cpu"  # where a run ran does not tell it apart: its name does
+    groups = {"quick": [quick], "slow": [slow, seeded(1, [0.9, 0.8], [100.0, 50.0], [0.7], lr=0.1)], "other": [other]}
+    labels = run_labels(groups)
+    model = f"{quick['model']} / {quick['dataset']}"
+    assert labels == {"quick": f"{model} (lr 0.001)", "slow": f"{model} (lr 0.1), 2 seeds", "other": f"lenet5 / {quick['dataset']}"}
+    assert run_labels({"a": [quick], "b": [twin]}) == {"a": f"{model} (a)", "b": f"{model} (b)"}

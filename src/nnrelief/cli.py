@@ -44,10 +44,11 @@ from .compaction import compact, compaction_summary, format_summary
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
-from .experiments.experiment import Experiment, device_of, load_weights
+from .experiments.experiment import Experiment, load_weights
 from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
-from .metrics import file_size, summarize
+from .metrics import file_size
+from .modelfile import evaluate_model_file
 from .reporting.results import (
     load_results,
     plot_results,
@@ -58,7 +59,7 @@ from .reporting.results import (
 )
 from .reporting.seeds import seed_groups
 from .settings import describe, flag_of, specs, suggestion
-from .training import evaluate
+from .verbosity import WARNINGS_LOGGER, level_of, library_messages
 
 logger = logging.getLogger("nnrelief.cli")
 
@@ -71,7 +72,8 @@ _FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .
 # Commands that run under torchrun with several processes (the others need one).
 _DISTRIBUTED_COMMANDS = frozenset({"train", "prune", "demo"})
 # Errors caused by the user's input or environment, or another rank's failure under torchrun:
-# reported in one line (traceback with -vv). Anything else is a bug and shows its traceback.
+# reported in one line and the lines of its ``details`` if it has some (traceback with -vv).
+# Anything else is a bug and shows its traceback.
 _USER_ERRORS = (ConfigError, ValueError, OSError, distributed.DistributedError)
 
 _EXAMPLES = """examples:
@@ -249,10 +251,11 @@ def _add_prune(commands: Any, shown: str | None) -> None:
 def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
-        description="Evaluate a saved state_dict (e.g. runs/<run>/model-iter3.pt). Inside a "
+        description="Evaluate a model file: a state_dict (e.g. runs/<run>/model-iter3.pt), a TorchScript "
+        "or .pt2 file (nnrelief compact) or a torch.save'd module, told apart by content. Inside a "
         "run folder the model and dataset come from its config.json.",
     )  # fmt: skip
-    evaluate_cmd.add_argument("checkpoint", type=Path, help="the .pt file")
+    evaluate_cmd.add_argument("checkpoint", type=Path, help="the model file")
     evaluate_cmd.add_argument("--model", help="architecture (default: the run's)")
     evaluate_cmd.add_argument("--dataset", help="dataset (default: the run's)")
     evaluate_cmd.add_argument("--data-dir", help="dataset folder (default: the run's)")
@@ -284,7 +287,10 @@ def _add_report(commands: Any) -> None:
         "test accuracy / remaining weights across iterations (several runs overlaid), and write "
         "report.md with the figures and the per-iteration tables.",
     )  # fmt: skip
-    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folder(s)")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run folder(s), or model files (a state dict, TorchScript, .pt2 or torch.save'd module)")
+    report.add_argument("--model", help="architecture of a state dict outside a run folder")
+    report.add_argument("--dataset", help="dataset of a model file outside a run folder (accuracy on its test split)")
     report.add_argument("-o", "--out-dir", type=Path, metavar="OUT_DIR",
                         help="output folder (default: RUN_DIR/report; required for several runs)")
     report.add_argument("--iteration", type=int, metavar="K",
@@ -419,18 +425,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
-    dataset = args.dataset or cfg.dataset  # load_weights ensured one of them exists
-    data_dir = args.data_dir if args.data_dir is not None else (cfg.data_dir if cfg else None)
-    split = nndata.load_dataset(dataset, data_dir, args.split, download=args.download)
-    device = device_of(args.device)
-    model.to(device)
-    batches = nndata.BatchLoader(split, args.batch_size, shuffle=False, seed=0, device=device)
-    result = evaluate(model, batches, device)
-    summary = summarize(model, split.image_shape)
+    evaluation = evaluate_model_file(
+        args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+        batch_size=args.batch_size, device=args.device, download=args.download,
+    )  # fmt: skip
+    loaded, result, summary = evaluation.file, evaluation.result, evaluation.summary
     kept, total = summary.params_nonzero, summary.params_total
-    print(f"checkpoint: {args.checkpoint}")
-    print(f"model: {type(model).__name__} ({args.model or cfg.model}), {dataset} {args.split} split, {result.n} samples")
+    print(f"checkpoint: {args.checkpoint} ({loaded.kind})")
+    print(f"model: {loaded.architecture}, {evaluation.dataset} {args.split} split, {result.n} samples")
     print(f"accuracy: {100 * result.accuracy:.2f}%   loss: {result.loss:.4f}")
     print(f"parameters (Linear/conv): {kept:,} / {total:,} remaining ({100 * kept / total:.2f}%), "
           f"compression {total / kept if kept else float('inf'):.2f}x")  # fmt: skip
@@ -442,22 +444,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .reporting import write_report
 
+    folders = [path for path in args.run_dirs if not path.is_file()]
+    model_files = [path for path in args.run_dirs if path.is_file()]
     if args.json is not None:
-        if len(args.run_dirs) != 1:
-            raise ConfigError(f"--json takes one run folder, got {len(args.run_dirs)}")
+        if len(args.run_dirs) != 1 or model_files:
+            raise ConfigError(f"--json takes one run folder, got {', '.join(map(str, args.run_dirs))}")
         results = run_results(args.run_dirs[0], command=args.run_command, device=args.device_name)
         print(f"results: {save_results(results, args.json)}")
         if args.out_dir is None:
             return 0
     if args.out_dir is None and len(args.run_dirs) > 1:
-        raise ConfigError("give an output folder (-o OUT_DIR) for several runs")
-    out_dir = args.out_dir if args.out_dir is not None else args.run_dirs[0] / "report"
-    path = write_report(args.run_dirs, out_dir, iteration=args.iteration, samples=args.samples,
-                        data_dir=args.data_dir, max_nodes=args.max_neurons)  # fmt: skip
+        raise ConfigError("give an output folder (-o OUT_DIR) for several runs or model files")
+    out_dir = args.out_dir if args.out_dir is not None else _default_report_folder(args.run_dirs[0])
+    models = [evaluate_model_file(path, model=args.model, dataset=args.dataset, data_dir=args.data_dir) for path in model_files]
+    path = write_report(folders, out_dir, iteration=args.iteration, samples=args.samples,
+                        data_dir=args.data_dir, max_nodes=args.max_neurons, models=models)  # fmt: skip
     print(f"report: {path}")
     for figure in sorted(path.parent.glob("*.png")):
         print(f"figure: {figure}")
     return 0
+
+
+def _default_report_folder(target: Path) -> Path:
+    """RUN_DIR/report for a run folder, <stem>-report next to a model file."""
+    return target.with_name(f"{target.stem}-report") if target.is_file() else target / "report"
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
@@ -470,7 +480,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
         document = update_marked_blocks(old, tables, str(args.into))
     table = args.out_dir / "results.md"
     save_text(markdown, table)
-    figures = [plot_results(list(groups.values()), args.out_dir / name, x=x)
+    figures = [plot_results(groups, args.out_dir / name, x=x)
                for name, x in (("results.png", "weights"), ("results-macs.png", "macs"))]  # fmt: skip
     updated = document is not None and document != old
     if updated:
@@ -541,19 +551,20 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _logging_to_stderr(verbose: int, quiet: int) -> Iterator[None]:
-    """Send the ``nnrelief`` loggers to stderr while the command runs (warnings by default,
-    INFO with -v, DEBUG with -vv, errors only with -q), with tqdm bars kept intact; the
+    """Send the ``nnrelief`` loggers to stderr while the command runs at the level of
+    :func:`~nnrelief.verbosity.level_of`, the libraries' warnings with -v only
+    (:func:`~nnrelief.verbosity.library_messages`), with tqdm bars kept intact; the
     previous logging setup is restored afterwards."""
-    level = min(max(logging.WARNING + 10 * (min(quiet, 1) - verbose), logging.DEBUG), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("nnrelief")
     saved = root.level, root.propagate
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(level_of(verbose, quiet))
     root.propagate = False
     try:
-        with logging_redirect_tqdm(loggers=[root]):
+        shown = verbose > 0 and not quiet
+        with library_messages(shown, handler), logging_redirect_tqdm(loggers=[root, logging.getLogger(WARNINGS_LOGGER)]):
             yield
     finally:
         root.removeHandler(handler)
@@ -594,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             first = message.strip().splitlines()[0] if message.strip() else type(error).__name__
             where = f"[rank {launch_rank}/{world}] " if world > 1 else ""
             print(f"nnrelief {args.command}: error: {where}{first}", file=sys.stderr)
+            for line in getattr(error, "details", ()):  # an error that says more in a few lines
+                print(f"  {line}", file=sys.stderr)
             return 1
         finally:
             distributed.shutdown()

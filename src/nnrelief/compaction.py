@@ -29,6 +29,7 @@ shortcut gates (a forward hook with a buffer) nor about which channels are exact
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from .diagnostics import rejected_input
 from .export import save_sparse
 from .graph import ModelGraph, NodeRule, Rule, build_graph
 from .inputs import ModelInput, example_input
-from .masks import _GATE_HOOK, GATE, make_permanent
+from .masks import _GATE_HOOK, GATE, gate_of, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
 from .narrowing import Declined, Groups, InPlacePlan
 
@@ -123,6 +124,27 @@ def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> n
         return None
     log.info("compact: %s narrowed in place, %d parameter entries removed", type(work).__name__, removed)
     return candidate
+
+
+def compacted_widths(model: nn.Module, graph: ChannelGraph) -> dict[str, int] | None:
+    """The output channels each layer of ``graph`` keeps once ``model`` (masked, gated) is
+    compacted in place: a channel stays while any member of its coupled group (a residual
+    stage, a gated product) carries it. None where compaction needs index maps instead.
+    Read off the model's graph (nothing is captured, ``graph`` is left as it is)."""
+    if not graph.traced:
+        return None
+    modules = dict(model.named_modules())
+    gates = {node: gate_of(modules[name]) for node, name in graph.gates.items() if gate_of(modules[name]) is not None}
+    view = dataclasses.replace(graph, rules={name: dataclasses.replace(rule) for name, rule in graph.rules.items()})
+    try:
+        live, used = _analyse(model, view, {node: gate.cpu() for node, gate in gates.items()})
+        plan = InPlacePlan(model, view, live, used, gated=frozenset(gates))
+    except Declined:
+        return None
+    return {
+        name: int(plan.keep[layer.calls[0].node].sum())
+        for name, layer in graph.layers.items() if layer.structured and layer.calls[0].node in plan.keep
+    }  # fmt: skip
 
 
 def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:

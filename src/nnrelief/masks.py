@@ -21,6 +21,38 @@ GATE = "nnrelief_gate"
 _GATE_HOOK = "_nnrelief_gate_hook"
 
 
+class StateDictMismatchError(ValueError):
+    """A state dict that does not fit a model: its keys of other shapes, its missing and its
+    unexpected keys (all of them in the attributes). The message is short: a headline with the
+    counts, then one line per kind naming the first few keys (:attr:`details`)."""
+
+    SHOWN = 3  # keys named per kind
+
+    def __init__(self, subject: str, shapes: list[str], missing: list[str], unexpected: list[str], remedy: str = "") -> None:
+        self.subject, self.remedy = subject, remedy
+        self.shapes, self.missing, self.unexpected = list(shapes), list(missing), list(unexpected)
+        super().__init__("\n".join([self.headline, *(f"  {line}" for line in self.details)]))
+
+    def within(self, subject: str, remedy: str) -> StateDictMismatchError:
+        """The same differences, told about ``subject`` (e.g. the file) with a ``remedy``."""
+        return StateDictMismatchError(subject, self.shapes, self.missing, self.unexpected, remedy)
+
+    @property
+    def headline(self) -> str:
+        """One line: what does not fit, the counts, the remedy."""
+        counts = [f"{len(keys)} keys {what}" for keys, what in ((self.shapes, "of other shapes"), (self.missing, "missing"),
+                                                                 (self.unexpected, "not in the model")) if keys]  # fmt: skip
+        return f"{self.subject} (model left unchanged): {', '.join(counts)}" + (f"; {self.remedy}" if self.remedy else "")
+
+    @property
+    def details(self) -> list[str]:
+        """One line per kind of difference, naming its first :attr:`SHOWN` keys."""
+        kinds = (("other shapes", self.shapes, "; "), ("missing from the checkpoint", self.missing, ", "),
+                 ("not in the model", self.unexpected, ", "))  # fmt: skip
+        return [f"{what}: {sep.join(keys[: self.SHOWN])}" + (f" (+{len(keys) - self.SHOWN} more)" if len(keys) > self.SHOWN else "")
+                for what, keys, sep in kinds if keys]  # fmt: skip
+
+
 def is_masked(module: nn.Module, name: str = "weight") -> bool:
     """Whether ``module.<name>`` is under a pruning mask."""
     return prune.is_pruned(module) and hasattr(module, f"{name}_mask")
@@ -153,17 +185,12 @@ def _check_fits(
             expected[f"{key}_orig"] = expected[f"{key}_mask"] = value.shape
         else:
             expected[key] = value.shape
-    problems = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key])}"
-                for key, value in state_dict.items() if key in expected and value.shape != expected[key]]  # fmt: skip
-    if strict:
-        missing = [key for key in expected if key not in state_dict]
-        unexpected = [key for key in state_dict if key not in expected]
-        problems += [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
-        problems += [f"not in the model: {', '.join(unexpected)}"] if unexpected else []
-    if problems:
-        raise ValueError(
-            f"the state dict does not fit {type(model).__name__} (model left unchanged): " + "; ".join(problems)
-        )
+    shapes = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key])}"
+              for key, value in state_dict.items() if key in expected and value.shape != expected[key]]  # fmt: skip
+    missing = [key for key in expected if key not in state_dict] if strict else []
+    unexpected = [key for key in state_dict if key not in expected] if strict else []
+    if shapes or missing or unexpected:
+        raise StateDictMismatchError(f"the state dict does not fit {type(model).__name__}", shapes, missing, unexpected)
 
 
 def refresh_masked(model: nn.Module) -> None:

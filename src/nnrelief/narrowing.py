@@ -56,9 +56,12 @@ def _is_depthwise(module: nn.Module) -> bool:
 class InPlacePlan:
     """Which channels every tensor keeps and the module slices that realise it."""
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, live: dict[str, Tensor], used: dict[str, Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, graph: ChannelGraph, live: dict[str, Tensor], used: dict[str, Tensor], gated: frozenset[str] = frozenset()
+    ) -> None:
         self.model = model
         self.graph = graph
+        self.gated = gated  # shortcut gate products (whose gated-off channels ``live`` already drops)
         self.nodes = {node.name: node for node in graph.capture.graph.nodes}
         self.modules = dict(model.named_modules())
         self.groups = Groups()
@@ -109,6 +112,8 @@ class InPlacePlan:
         if op_name(node) in BATCHNORMS:
             self.norms.setdefault(scope(node), []).append(rule.inputs[0])
             return
+        if name in self.gated:
+            return  # compaction folds the gate into the model: nothing to slice here
         for source in rule.inputs:
             parameter = parameter_name(self.nodes[source])
             if parameter is not None:

@@ -23,6 +23,7 @@ class LayerReport:
     bias_total: int
     channels_alive: int
     channels_total: int
+    channels_compacted: int | None = None  # output channels left once compacted in place (None: not known)
 
     @property
     def kept(self) -> int:
@@ -79,23 +80,28 @@ class PruneReport:
 
     def table(self) -> str:
         """A fixed-width text table, one row per layer and a total row."""
-        header = f"{'layer':<28} {'kind':<6} {'weights kept':>20} {'bias kept':>12} {'alive':>11} {'kept %':>7}"
+        header = f"{'layer':<28} {'kind':<6} {'weights kept':>20} {'bias kept':>12} {'alive':>11} {'compacted':>9} {'kept %':>7}"
         lines = [header, "-" * len(header)]
         for layer in self.layers:
             share = 100.0 * layer.kept / layer.total if layer.total else 100.0
+            compacted = "-" if layer.channels_compacted is None else str(layer.channels_compacted)
             lines.append(
                 f"{layer.name:<28} {layer.kind:<6} {f'{layer.weights_kept:,}/{layer.weights_total:,}':>20} "
-                f"{f'{layer.bias_kept}/{layer.bias_total}':>12} {f'{layer.channels_alive}/{layer.channels_total}':>11} {share:>6.2f}%"
+                f"{f'{layer.bias_kept}/{layer.bias_total}':>12} {f'{layer.channels_alive}/{layer.channels_total}':>11} "
+                f"{compacted:>9} {share:>6.2f}%"
             )
         lines.append("-" * len(header))
         lines.append(
-            f"{'total':<28} {'':<6} {f'{self.kept:,}/{self.total:,}':>20} {'':>12} {'':>11} "
+            f"{'total':<28} {'':<6} {f'{self.kept:,}/{self.total:,}':>20} {'':>12} {'':>11} {'':>9} "
             f"{100.0 * self.remaining_fraction:>6.2f}%   compression {self.compression:.2f}x"
         )
         for name, reason in self.skipped.items():
             lines.append(f"not pruned: {name} ({reason})")
         if self.analysis.startswith("connection level"):
             lines.append(f"no structure cleaning: {self.analysis}")
+        if any(layer.channels_compacted is not None and layer.channels_compacted > layer.channels_alive for layer in self.layers):
+            lines.append("alive: output channels with a kept weight; compacted: those compaction keeps (a channel stays while "
+                         "any layer of its residual stage or coupled group carries it)")  # fmt: skip
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -124,6 +130,12 @@ def layer_report(name: str, module: nn.Module) -> LayerReport:
     )
 
 
-def build_report(named_modules: Iterable[tuple[str, nn.Module]], **settings: Any) -> PruneReport:
-    """A report over the given (name, module) pairs."""
-    return PruneReport([layer_report(name, module) for name, module in named_modules], settings=settings)
+def build_report(
+    named_modules: Iterable[tuple[str, nn.Module]], widths: dict[str, int] | None = None, **settings: Any
+) -> PruneReport:
+    """A report over the given (name, module) pairs; ``widths``: each layer's output channels
+    once compacted, where known."""
+    layers = [layer_report(name, module) for name, module in named_modules]
+    for layer in layers:
+        layer.channels_compacted = (widths or {}).get(layer.name)
+    return PruneReport(layers, settings=settings)

@@ -83,6 +83,7 @@ def map_key(node: str) -> str:
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[tuple, ChannelGraph]]] = weakref.WeakKeyDictionary()
+_TOLD: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose analysis was logged at INFO
 
 
 def analyse(model: nn.Module, example: ModelInput) -> ChannelGraph:
@@ -101,7 +102,20 @@ def analyse(model: nn.Module, example: ModelInput) -> ChannelGraph:
     dynamic = graph.capture is not None and graph.capture.dynamic_batch
     graph.signature = _signature(example, dynamic=dynamic)
     graphs[graph.signature] = graph
+    _tell_how(model, graph)
     return graph
+
+
+def _tell_how(model: nn.Module, graph: ChannelGraph) -> None:
+    """One INFO line per model on how it was analysed (DEBUG for its later captures)."""
+    if graph.traced:
+        how = (f"channel graph from torch.export: {len(graph.layers)} prunable layers, {len(graph.joins)} residual joins, "
+               "structure cleaning on")  # fmt: skip
+    else:
+        how = f"{graph.reason}: pruning at connection level, no structure cleaning"
+    first = model not in _TOLD
+    _TOLD.add(model)
+    log.log(logging.INFO if first else logging.DEBUG, "%s analysed: %s", type(model).__name__, how)
 
 
 def graph_for(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> ChannelGraph:
@@ -163,7 +177,6 @@ def _build(model: nn.Module, example: ModelInput) -> ChannelGraph:
         captured = capture(model, example)
     except Exception as error:  # noqa: BLE001 - any export failure means "no channel graph"
         reason = f"torch.export could not capture {type(model).__name__} ({type(error).__name__}: {_first_line(error)})"
-        log.info("%s: pruning at connection level, no structure cleaning", reason)
         return ChannelGraph(layers, skipped, reason=reason)
     return _derive(model, captured, layers, skipped)
 

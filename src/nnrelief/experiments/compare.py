@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from . import runfolder as files
-from .config import ConfigError
+from .config import ConfigError, ExperimentConfig
 from .experiment import Experiment
 from .history import History, IterationRecord
 from .iterative import relieve
 from .methods import METHODS, Targets, get_method, layer_targets
 from .runfolder import RunFolder
 
-__all__ = ["BASELINES", "DEFAULT_METHODS", "Comparison", "run_baseline", "run_comparison"]
+__all__ = ["BASELINES", "DEFAULT_METHODS", "Comparison", "markdown_heading", "run_baseline", "run_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def run_baseline(
         run_dir=folder,
         input_shape=shape,
         progress=progress,
+        progress_label=method,
         on_iteration_end=finished,
         history_extra={"method": method, "config": cfg.to_dict()},
     )
@@ -206,21 +207,31 @@ class Comparison:
     def write_markdown(self, figures: Mapping[str, str] | None = None) -> Path:
         """Write ``compare.md``: the settings, what each method prunes to, the ``figures``
         (file name in the comparison folder -> alt text) and :meth:`markdown`."""
-        cfg = self.experiment.cfg
-        retrain = "rewind to init" if cfg.rewind else "fine-tune"
-        lines = [
-            "# Pruning methods at NNrelief's remaining weights or MACs", "",
-            (f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}; {cfg.retrain_epochs} retraining "
-             f"epochs per iteration ({retrain}); NNrelief alpha_fc {cfg.alpha_fc:g}, alpha_conv {cfg.alpha_conv:g}. "
-             "All start from the same dense weights and retrain identically; at every iteration they prune to:"), "",
-        ]  # fmt: skip
-        lines += [f"* {method}: {get_method(method).matches}" for method in self.histories if method != "nnrelief"]
-        lines.append("")
+        lines = [*markdown_heading(self.experiment.cfg, list(self.histories)), ""]
         for name, alt in (figures or {}).items():
             lines += [f"![{alt}]({name})", ""]
         path = self.folder / "compare.md"
         RunFolder(self.folder).write_text(path.name, "\n".join(lines) + "\n" + self.markdown())
         return path
+
+
+def markdown_heading(cfg: ExperimentConfig, methods: Sequence[str]) -> list[str]:
+    """The head of ``compare.md``: a title naming what the baselines that ran keep equal
+    (remaining weights, MACs), the settings, and one line per baseline on what it prunes to."""
+    baselines = [get_method(name) for name in methods if name != "nnrelief"]
+    equal = sorted({method.equal for method in baselines}, key=["weights", "MACs"].index)
+    title = "NNrelief's " + " or ".join("remaining weights" if what == "weights" else "MACs" for what in equal)
+    epochs = f"{cfg.retrain_epochs} retraining epoch{'' if cfg.retrain_epochs == 1 else 's'}"
+    retrain = "rewind to init" if cfg.rewind else "fine-tune"
+    lines = [
+        f"# Pruning methods at {title}" if baselines else "# NNrelief alone (no baseline ran)", "",
+        (f"{cfg.model} on {cfg.dataset}, {cfg.optimizer}, seed {cfg.seed}; {epochs} per iteration ({retrain}); "
+         f"NNrelief alpha_fc {cfg.alpha_fc:g}, alpha_conv {cfg.alpha_conv:g}."),
+    ]  # fmt: skip
+    if baselines:
+        lines[-1] += " All start from the same dense weights and retrain identically; at every iteration they prune to:"
+        lines += ["", *(f"* {method.name}: {method.matches}" for method in baselines)]
+    return lines
 
 
 def run_comparison(

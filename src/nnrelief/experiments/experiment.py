@@ -24,7 +24,7 @@ from .. import data as nndata
 from ..choices import spared_layers, unmatched_patterns
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
-from ..masks import restore_masks
+from ..masks import StateDictMismatchError, restore_masks
 from ..models import get_model, input_shape
 from ..settings import flag_of
 from ..training import evaluate, fit, resolve_device
@@ -192,7 +192,8 @@ def load_weights(
     ``model`` defaults to the one in the ``config.json`` next to the file (a run folder);
     the number of classes comes from ``dataset`` (default: that config's). The file is
     checked against the run's checksums and for finite values. Returns the model (on CPU,
-    eval mode) and the run's config if there is one.
+    eval mode) and the run's config if there is one. A state dict of another model raises
+    :class:`~nnrelief.masks.StateDictMismatchError` naming the file and the first differences.
     """
     path = Path(path)
     if path.is_dir():
@@ -211,6 +212,8 @@ def load_weights(
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
     try:
         restore_masks(net, state)
+    except StateDictMismatchError as error:
+        raise error.within(f"{path} does not fit model {model_name}", "give --model/--dataset of the run") from None
     except ValueError as error:
         raise ConfigError(f"{path} does not fit model {model_name}: {error}; give --model/--dataset of the run") from None
     return net.eval(), cfg

@@ -149,6 +149,7 @@ def relieve(
     early_stop_metric: str = "val",
     input_shape: tuple[int, ...] | None = None,
     progress: bool = True,
+    progress_label: str = "nnrelief",
     on_iteration_end: Callable[[IterationRecord], None] | None = None,
     history_extra: Mapping[str, Any] | None = None,
 ) -> History:
@@ -192,6 +193,8 @@ def relieve(
         input_shape: shape of one input (no batch dimension) for counting MACs; default:
             that of the first pruning batch.
         progress: tqdm bars.
+        progress_label: the method named on the iteration bar ("<label> iterations"), e.g.
+            a baseline's name with a ``prune_step``.
         on_iteration_end: called with each finished record after its state is stored.
         history_extra: extra keys written into ``history.json`` (e.g. the configuration).
 
@@ -216,7 +219,8 @@ def relieve(
     try:
         loop = _Loop(model, prune_step, train_fn, eval_fns, shape, settings, rewind_state, folder, history_extra)
         loop.start(num_iters)
-        return loop.run(num_iters, early_stop_margin, early_stop_metric, progress, on_iteration_end)
+        bar = {"desc": f"{progress_label} iterations", "disable": None if progress else True}
+        return loop.run(num_iters, early_stop_margin, early_stop_metric, bar, on_iteration_end)
     finally:
         if folder is not None:
             folder.close()
@@ -388,12 +392,11 @@ class _Loop:
                 logger.warning("%s; the run goes on without it", damage)
 
     def run(
-        self, num_iters: int, margin: float | None, metric: str, progress: bool,
+        self, num_iters: int, margin: float | None, metric: str, bar_options: Mapping[str, Any],
         on_iteration_end: Callable[[IterationRecord], None] | None,
     ) -> History:  # fmt: skip
         done = self.history.records[-1].iteration
-        bar = tqdm(total=num_iters, initial=min(done, num_iters), desc="nnrelief iterations",
-                   unit="iter", disable=None if progress else True)  # fmt: skip
+        bar = tqdm(total=num_iters, initial=min(done, num_iters), unit="iter", **bar_options)
         try:
             while not self.history.stopped_early and done < num_iters:
                 if self.phase != "pruned":

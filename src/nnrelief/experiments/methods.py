@@ -75,6 +75,7 @@ class Method:
         matches: what it prunes to, one sentence for ``compare.md``.
         prune: the pruning rule of a baseline; ``None`` for ``nnrelief``, the reference.
         default: run when no methods are named.
+        equal: what it keeps equal to NNrelief's: ``"weights"`` (counts) or ``"MACs"``.
         check: raises ``ValueError`` when the method cannot prune a model (given the
             model and one input's shape), before anything runs.
     """
@@ -84,6 +85,7 @@ class Method:
     prune: Prune | None = None
     default: bool = True
     check: Callable[[nn.Module, tuple[int, ...]], object] | None = None
+    equal: str = "weights"
 
     def step(self, targets: Targets) -> PruneStep:
         """The baseline's prune step along ``targets``."""
@@ -120,7 +122,7 @@ METHODS: dict[str, Method] = {
         Method("random", "every layer to NNrelief's remaining count of that layer, at random", _random),
         Method("l1-filter", "NNrelief's MACs, by removing one uniform fraction of the filters of the smallest L1 "
                "norm per conv layer (Li et al. 2017; not the stem nor residual-stream convs)",
-               _l1_filter, default=False, check=filter_layers),  # fmt: skip
+               _l1_filter, default=False, check=filter_layers, equal="MACs"),  # fmt: skip
     )
 }
 """Every method by name; ``nnrelief`` first."""

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
 from ..choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
+from ..compaction import compacted_widths
 from ..diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from ..distributed import check_same_on_all_ranks
 from ..inputs import ModelInput
@@ -118,8 +119,10 @@ def prune(
             masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
         check_same_on_all_ranks(flat_masks(masks, gates, bn_masks), "pruning masks")  # torchrun
         apply_pass_masks(model, graph, masks, gates, bn_masks)
+        widths = None
         if graph.traced:
-            refresh(model, first, graph)  # new masks or gates changed the modules: the next pass finds them captured
+            graph = refresh(model, first, graph)  # new masks or gates changed the modules: the next pass finds them captured
+            widths = compacted_widths(model, graph)
     finally:
         for module, training in modes.items():
             module.train(training)
@@ -127,7 +130,7 @@ def prune(
     if target is not None:
         choices.update(target=target, alpha=found)
     report = build_report(
-        ((name, layer.module) for name, layer in layers.items()),
+        ((name, layer.module) for name, layer in layers.items()), widths,
         alpha_fc=alpha_fc,
         alpha_conv=alpha_conv,
         score=score,

@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from ..inputs import ModelInput
 from ..masks import current_mask
 from ..stats import collect
 from .figures import pyplot, save
+
+REMOVED_COLOR = "#b0b0b0"  # connections pruning removed
 
 
 @dataclass
@@ -112,9 +115,10 @@ def _chain(layers: Sequence[ConnectionScores]) -> list[tuple[Tensor, Tensor]]:
 def _select_nodes(
     dense: list[tuple[Tensor, Tensor]], final: list[tuple[Tensor, Tensor]], max_nodes: int
 ) -> list[Tensor]:
-    """Indices of the nodes drawn per column: all if at most ``max_nodes``, else the
-    ``max_nodes`` with the most connections alive after pruning (ties: higher total
-    score in the dense model), in index order."""
+    """Indices of the nodes drawn per column: all if at most ``max_nodes``, else
+    ``max_nodes`` at evenly spaced ranks of the connections each has left after pruning
+    (from most to none; ties: higher total score in the dense model), in index order, so
+    that the drawn nodes lose as much to pruning as the layer does."""
     columns = len(dense) + 1
     sizes = [dense[0][0].shape[1]] + [scores.shape[0] for scores, _ in dense]
     chosen = []
@@ -131,8 +135,28 @@ def _select_nodes(
             count += final[column - 1][1].sum(1).float()
             weight += dense[column - 1][0].sum(1)
         rank = count + weight / (weight.max() + 1e-12) * 0.5  # score only breaks ties
-        chosen.append(rank.topk(max_nodes).indices.sort().values)
+        order = rank.argsort(descending=True)
+        picks = torch.linspace(0, sizes[column] - 1, max_nodes).round().long()
+        chosen.append(order[picks].sort().values)
     return chosen
+
+
+def _segments(
+    chain: list[tuple[Tensor, Tensor]], before: list[tuple[Tensor, Tensor]], nodes: list[Tensor], ys: list[list[float]],
+) -> tuple[list[Any], list[float], list[Any]]:  # fmt: skip
+    """Lines between the drawn nodes: the connections alive in ``chain`` with their scores,
+    and those alive in ``before`` (the dense model) but not in ``chain``: removed."""
+    kept, values, removed = [], [], []
+    for c, ((scores, alive), (_, alive_before)) in enumerate(zip(chain, before)):
+        for a, j in enumerate(nodes[c + 1].tolist()):
+            for b, i in enumerate(nodes[c].tolist()):
+                segment = ((c, ys[c][b]), (c + 1, ys[c + 1][a]))
+                if alive[j, i]:
+                    kept.append(segment)
+                    values.append(float(scores[j, i]))
+                elif alive_before[j, i]:
+                    removed.append(segment)
+    return kept, values, removed
 
 
 def plot_connections(
@@ -147,9 +171,10 @@ def plot_connections(
     """Draw the connection picture (paper, Figure 2) of ``dense`` and ``final`` scores.
 
     Neurons are dots per layer (hollow grey: removed); each connection is a line coloured
-    by its relative score ``s_ij`` (log colour scale shared by both rows). Layers wider
-    than ``max_nodes`` show only the ``max_nodes`` neurons with the most connections left
-    after pruning. If the first layer is fully connected on a one-channel image
+    by its relative score ``s_ij`` (log colour scale shared by both rows); in the pruned row
+    the connections pruning removed are dotted grey lines. Layers wider than ``max_nodes``
+    show ``max_nodes`` neurons, the same in both rows, at evenly spaced ranks of their
+    connections left after pruning (:func:`_select_nodes`). If the first layer is fully connected on a one-channel image
     (``input_shape`` = (1, H, W)), a heat map of each pixel's total score sum_j s_ij is
     drawn alongside; grey pixels have no connection left. Conv layers count a kernel as
     one connection; an FC layer after a conv gets its inputs summed per channel.
@@ -190,13 +215,9 @@ def plot_connections(
         graph_axes.append(ax)
         neuron_alive = [chain[0][1].any(0)] + [layer.neuron_alive for layer in layers]
         ys = [_spread(len(column)) for column in nodes]
-        segments, values = [], []
-        for c, (scores, alive) in enumerate(chain):
-            for a, j in enumerate(nodes[c + 1].tolist()):
-                for b, i in enumerate(nodes[c].tolist()):
-                    if alive[j, i]:
-                        segments.append(((c, ys[c][b]), (c + 1, ys[c + 1][a])))
-                        values.append(max(float(scores[j, i]), vmin))
+        segments, values, removed = _segments(chain, chains[0], nodes, ys)
+        values = [max(value, vmin) for value in values]
+        ax.add_collection(LineCollection(removed, colors=[REMOVED_COLOR], linewidths=0.4, linestyles="dotted"))
         order = sorted(range(len(values)), key=values.__getitem__)
         strength = [float(norm(values[k])) for k in order]
         colors = [(*cmap(level)[:3], 0.12 + 0.88 * level) for level in strength]
@@ -212,7 +233,8 @@ def plot_connections(
             name = "input" if c == 0 else layers[c - 1].name
             ax.text(c, -0.07, f"{name}\n{alive_count}/{sizes[c]} alive{shown}", ha="center", va="top", fontsize=9)
         kept = sum(int(alive.sum()) for _, alive in chain)
-        ax.set_title(f"{title}: {kept:,} connections kept, {len(segments)} drawn", fontsize=11)
+        drawn = f"{len(segments)} kept, {len(removed)} removed (dotted grey)" if row else f"{len(segments)}"
+        ax.set_title(f"{title}\n{kept:,} connections kept; drawn: {drawn}", fontsize=11)
         ax.set_xlim(-0.3, len(nodes) - 0.7)
         ax.set_ylim(-0.28, 1.05)
         ax.axis("off")
@@ -238,12 +260,14 @@ def plot_connections(
     wide = [("input" if c == 0 else dense[c - 1].name, sizes[c]) for c in range(len(sizes)) if sizes[c] > max_nodes]
     caption = (
         f"Connections coloured by NNrelief importance s_ij = a_ij / S_j (log scale, thicker = more important); "
-        f"top: {titles[0]}, bottom: {titles[1]}. Black dots: alive neurons, hollow: removed."
+        f"top: {titles[0]}, bottom: {titles[1]}, where the connections pruning removed are dotted grey. "
+        "Black dots: alive neurons, hollow: removed."
     )
     if wide:
         caption += (
-            " Of " + ", ".join(f"{name} ({size})" for name, size in wide) + f" only the {max_nodes} neurons with the "
-            "most connections left after pruning are drawn (the same ones in both rows)."
+            " Of " + ", ".join(f"{name} ({size})" for name, size in wide) + f" {max_nodes} neurons are drawn (the same "
+            "ones in both rows), at evenly spaced ranks of the connections they keep, from most to fewest, so that "
+            "they lose as much as their layer."
         )
     if any(layer.kind == "conv" for layer in dense):
         caption += " A conv connection is a whole kernel; FC inputs after a conv are summed per channel."

@@ -15,9 +15,11 @@ from ..experiments.experiment import load_weights
 from ..experiments.history import History
 from ..fileio import save_text
 from ..inputs import ModelInput
+from ..modelfile import ModelEvaluation
 from .accuracy import plot_accuracy
 from .architecture import plot_architecture
 from .connections import connection_scores, plot_connections, pruning_inputs
+from .models import model_markdown
 from .runs import RunData, load_run
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def write_report(
     samples: int = 500,
     data_dir: str | None = None,
     max_nodes: int = 12,
+    models: Sequence[ModelEvaluation] = (),
 ) -> Path:
     """Draw the figures of the given run folders into ``out_dir`` and write ``report.md``.
 
@@ -72,18 +75,20 @@ def write_report(
     read from ``data_dir`` or the run's), the architecture figure and the per-iteration
     table. For all runs together: the accuracy / remaining-weights figure. A run whose
     connection picture cannot be drawn (dataset missing, model not a chain of layers) gets
-    a note instead. Returns the path of ``report.md``.
+    a note instead. Then a section per evaluated model file of ``models``
+    (:func:`~nnrelief.modelfile.evaluate_model_file`). Returns the path of ``report.md``.
     """
     runs = [load_run(path) for path in run_dirs]
-    if not runs:
-        raise ValueError("write_report needs at least one run folder")
+    if not runs and not models:
+        raise ValueError("write_report needs at least one run folder or model file")
     _check_choices(runs, iteration, samples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefixes = _prefixes(runs)
     lines = ["# NNrelief report", ""]
-    caption = plot_accuracy(runs, out / "accuracy.png")
-    lines += ["## Accuracy and remaining weights", "", "![accuracy](accuracy.png)", "", caption, ""]
+    if runs:
+        caption = plot_accuracy(runs, out / "accuracy.png")
+        lines += ["## Accuracy and remaining weights", "", "![accuracy](accuracy.png)", "", caption, ""]
     for run, prefix in zip(runs, prefixes):
         records = run.history.records
         lines += [f"## {run.name}", "", f"`{run.path}`: {_settings_line(run.config)}.", ""]
@@ -109,6 +114,8 @@ def write_report(
         lines += ["### Iterations", "", history_markdown(run.history), "",
                   ("Accuracies in percent (validation split held out from the training data; test set). "
                    "'before' = right after the pruning pass, 'after' = after retraining."), ""]  # fmt: skip
+    for evaluation in models:
+        lines += [model_markdown(evaluation), ""]
     path = out / "report.md"
     save_text("\n".join(lines) + "\n", path)
     logger.info("wrote %s", path)

@@ -42,6 +42,7 @@ __all__ = [
     "load_results",
     "plot_results",
     "reproduce_command",
+    "run_labels",
     "results_markdown",
     "results_summary",
     "results_tables",
@@ -56,6 +57,7 @@ _REQUIRED = ("model", "dataset", "device", "command", "settings", "wall_time_s",
 _ITERATION_KEYS = ("iteration", "remaining_percent", "test_accuracy", "val_accuracy", "macs")
 _BASELINE_KEYS = ("method", "remaining_percent", "test_accuracy")
 _COMMAND_SKIP = frozenset({"data_dir", "device"})
+_NOT_DISTINGUISHING = frozenset({"data_dir", "device", "seed"})  # not what a legend tells runs apart by
 
 
 def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
@@ -329,17 +331,37 @@ def _points(group: Sequence[Mapping[str, Any]], method: str | None, key: str) ->
     return {iteration: (xs[iteration].mean, accuracy[iteration]) for iteration in xs if iteration in accuracy}
 
 
-def plot_results(groups: Sequence[Sequence[Mapping[str, Any]]], path: str | os.PathLike[str], *, x: str = "weights") -> Path:
+def run_labels(groups: Mapping[str, Sequence[Mapping[str, Any]]], shown: int = 3) -> dict[str, str]:
+    """A legend label per group of results files (by group name): ``model / dataset``, then
+    what tells it from the other groups of the same model and dataset: the settings that
+    differ among them (at most ``shown``), or its name when no setting differs; ``, n seeds``
+    for a group of several seeds."""
+    base = {name: f"{group[0]['model']} / {group[0]['dataset']}" for name, group in groups.items()}
+    labels = {}
+    for name, group in groups.items():
+        twins = [groups[other][0]["settings"] for other in groups if base[other] == base[name]]
+        settings = group[0]["settings"]
+        differ = [key for key in settings if key not in _NOT_DISTINGUISHING and len({json.dumps(t.get(key)) for t in twins}) > 1]
+        which = ", ".join(f"{key} {_setting(settings[key])}" for key in differ[:shown]) if differ else name
+        labels[name] = base[name] + (f" ({which})" if len(twins) > 1 else "") + (f", {len(group)} seeds" if len(group) > 1 else "")
+    return labels
+
+
+def _setting(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def plot_results(groups: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike[str], *, x: str = "weights") -> Path:
     """Test accuracy against remaining weights (``x="weights"``) or MACs (``x="macs"``), log
-    x, for each group of results files (one file, or runs that differ only by seed: their
-    mean, the standard deviation as error bars): NNrelief's iterations as a line, each
-    baseline method as its own line; dense accuracy dotted."""
+    x, for each group of results files by name (one file, or runs that differ only by seed:
+    their mean, the standard deviation as error bars): NNrelief's iterations as a line, each
+    baseline method as its own line, labelled by :func:`run_labels`; dense accuracy dotted."""
     key, label, ticks = _X_AXES[x]
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(6.4, 4.2))
-    for group in groups:
-        first = group[0]
-        name = f"{first['model']} / {first['dataset']}" + (f", {len(group)} seeds" if len(group) > 1 else "")
+    names = run_labels(groups)
+    for group_name, group in groups.items():
+        name = names[group_name]
         nnrelief = _points(group, None, key)
         line = _line(axis, nnrelief, marker="o", label=f"NNrelief, {name}")
         axis.axhline(100 * spreads(group, None, "test_accuracy")[0].mean, color=line.get_color(), linestyle=":", linewidth=1)
@@ -347,7 +369,7 @@ def plot_results(groups: Sequence[Sequence[Mapping[str, Any]]], path: str | os.P
             _line(axis, _points(group, method, key), marker="s", linestyle="--", label=f"{method}, {name}")
     axis.set_xscale("log")
     axis.invert_xaxis()
-    rows = [row for group in groups for data in group for row in [*data["iterations"], *data["baselines"]]]
+    rows = [row for group in groups.values() for data in group for row in [*data["iterations"], *data["baselines"]]]
     ticks(axis.xaxis, [row[key] for row in rows if key in row])
     axis.set_xlabel(label)
     axis.set_ylabel("test accuracy (%)")
