@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,7 @@ def test_choices_in_any_case_are_one_setting_and_one_run_folder(tmp_path, capsys
     argv = ["train", *SMALL, "--epochs", "1", "--runs-root", str(tmp_path)]
     assert main([*argv, "--optimizer", "SGD", "--amp", "BF16", "--lr-schedule", "Cosine", "--score", "PAPER"]) == 0
     assert main([*argv, "--optimizer", "sgd", "--amp", "bf16", "--lr-schedule", "cosine", "--score", "paper"]) == 0
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = runs_in(tmp_path)
     stored = json.loads((run_dir / "config.json").read_text())
     assert (stored["optimizer"], stored["amp"], stored["lr_schedule"], stored["score"]) == ("sgd", "bf16", "cosine", "paper")
 
@@ -216,7 +217,7 @@ def small_run(tmp_path_factory):
     code = main(["prune", *SMALL, "--runs-root", str(root)])
     torch.set_num_threads(threads)
     assert code == 0
-    (run_dir,) = root.iterdir()
+    (run_dir,) = runs_in(root)
     return run_dir
 
 
@@ -224,13 +225,13 @@ def test_prune_prints_table_and_writes_run(small_run, capsys):
     assert small_run.name.startswith("lenet300_100-mnist-sample-")
     rows = json.loads((small_run / "history.json").read_text())["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    # the same command again: nothing recomputed (no model file rewritten), the table printed again
+    # the same command again: nothing recomputed (no model file rewritten), the table and one line saying so
     written = {p.name: p.stat().st_mtime_ns for p in small_run.glob("*.pt")}
     assert main(["prune", *SMALL, "--runs-root", str(small_run.parent)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in small_run.glob("*.pt")} == written
     out = capsys.readouterr().out
-    assert "val before" in out and "test after" in out and "compr." in out
-    assert out.count("\n") >= 5 and "model-iter2.pt" in out
+    assert "val before" in out and "test after" in out and "compr." in out and out.count("\n") >= 5
+    assert out.splitlines()[-1].endswith("already finished (2 iterations, selected model-iter2.pt); nothing to do")
 
 
 def test_train_then_prune_share_the_run_folder(small_run, capsys):
@@ -333,7 +334,7 @@ def test_default_output_is_bars_and_results_per_epoch_lines_with_v(tmp_path, cap
     quiet_flags = [a for a in SMALL if a != "-q"]
     assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "a")]) == 0
     assert "epoch" not in capsys.readouterr().err
-    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "b"), "-v"]) == 0
+    assert main(["train", *quiet_flags, "--run-dir", str(tmp_path / "other" / "b"), "-v"]) == 0  # not a's dense model
     assert "epoch 1/1" in capsys.readouterr().err
 
 
@@ -350,7 +351,7 @@ def test_config_file_and_flags(tmp_path, capsys):
     argv = ["train", "--config", str(config), "--val-size", "300", "--runs-root", str(tmp_path),
             "--no-progress", "--threads", "1", "-q", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (run_dir,) = runs_in(tmp_path)
     assert run_dir.name.startswith("demo-")
     stored = json.loads((run_dir / "config.json").read_text())
     assert (stored["epochs"], stored["num_iters"], stored["train_subset"], stored["val_size"]) == (1, 1, 500, 300)
@@ -435,16 +436,21 @@ def start(run_dir: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def kill_when(process: subprocess.Popen, path: Path, timeout: float = 600) -> None:
-    """SIGKILL ``process`` as soon as ``path`` exists (then it is inside the next epoch)."""
+def kill_when(process: subprocess.Popen, path: Callable[[], Path | None], timeout: float = 600) -> None:
+    """SIGKILL ``process`` as soon as the file ``path()`` names exists (then it is inside the next epoch)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while (found := path()) is None or not found.exists():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not appear"
+        assert time.monotonic() < deadline, f"{found} did not appear"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
+
+
+def runs_in(root: Path) -> list[Path]:
+    """The run folders in ``root`` (not the shared dense models' folder)."""
+    return [p for p in root.iterdir() if p.is_dir() and p.name != "dense"]
 
 
 def history_without_times(run_dir: Path) -> list[dict]:
@@ -453,20 +459,21 @@ def history_without_times(run_dir: Path) -> list[dict]:
 
 
 def test_killed_run_resumes_to_the_same_history(tmp_path):
-    reference = start(tmp_path / "reference")
-    interrupted = start(tmp_path / "interrupted")
-    kill_when(interrupted, tmp_path / "interrupted" / "dense.ckpt")  # during dense training
-    interrupted = start(tmp_path / "interrupted")
-    kill_when(interrupted, tmp_path / "interrupted" / "retrain-1.ckpt")  # mid retraining
-    interrupted = start(tmp_path / "interrupted")
-    kill_when(interrupted, tmp_path / "interrupted" / "retrain-2.ckpt")
-    interrupted = start(tmp_path / "interrupted")
+    reference = start(tmp_path / "a" / "reference")
+    run_dir = tmp_path / "b" / "interrupted"  # its own shared dense folder, tmp_path/b/dense
+    interrupted = start(run_dir)
+    kill_when(interrupted, lambda: next((tmp_path / "b" / "dense").glob("*/dense.ckpt"), None))  # during dense training
+    interrupted = start(run_dir)
+    kill_when(interrupted, lambda: run_dir / "retrain-1.ckpt")  # mid retraining
+    interrupted = start(run_dir)
+    kill_when(interrupted, lambda: run_dir / "retrain-2.ckpt")
+    interrupted = start(run_dir)
     out, err = interrupted.communicate(timeout=300)
     assert interrupted.returncode == 0, err
     assert "selected model" in out
     out, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
-    assert history_without_times(tmp_path / "interrupted") == history_without_times(tmp_path / "reference")
-    final = [torch.load(tmp_path / d / "model-iter2.pt", weights_only=True) for d in ("reference", "interrupted")]
+    assert history_without_times(run_dir) == history_without_times(tmp_path / "a" / "reference")
+    final = [torch.load(d / "model-iter2.pt", weights_only=True) for d in (tmp_path / "a" / "reference", run_dir)]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])

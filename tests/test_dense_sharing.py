@@ -83,5 +83,19 @@ def test_rerunning_a_finished_command_says_so_and_computes_nothing(tmp_path: Pat
     subprocess.run(command, check=True, capture_output=True, text=True)
     before = _modified(tmp_path / "run")
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.strip().splitlines() == [f"{tmp_path / 'run'}: already finished (1 iteration, selected model-iter1.pt); nothing to do"]
+    assert again.stdout.strip().splitlines()[-1] == f"{tmp_path / 'run'}: already finished (1 iteration, selected model-iter1.pt); nothing to do"
     assert _modified(tmp_path / "run") == before
+
+
+def test_a_run_waits_for_the_shared_dense_model_another_run_is_training(tmp_path: Path) -> None:
+    def start(alpha: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "nnrelief", "--threads", "1", "prune", "--preset", "demo", "--epochs", "2",
+                   "--retrain-epochs", "1", "--num-iters", "1", "--alpha-fc", alpha, "--no-progress", "-v",
+                   "--run-dir", str(tmp_path / f"alpha-{alpha}")]  # fmt: skip
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [start("0.9"), start("0.8")]  # started together: one trains, the other waits for it
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert sum(err.count("training the dense") for err in errors) == 1, errors
+    assert len(list((tmp_path / "dense").iterdir())) == 1

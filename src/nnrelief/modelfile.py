@@ -98,10 +98,14 @@ def load_model_file(path: str | os.PathLike[str], model: str | None = None, data
     path = Path(path)
     if path.is_dir() or not path.is_file():
         return _state_dict_file(path, model, dataset)  # its errors name a folder's selected model
+    folder = RunFolder(path.parent)
+    damage = folder.damaged(path.name) if folder.exists(CONFIG) else None
+    if damage is not None:
+        raise damage  # a run's file that no longer matches its checksum: named, before its content is read
     kind = file_format(path)
     if kind == "pickle" and _is_tensor_pickle(path):
         return _state_dict_file(path, model, dataset)
-    cfg = stored_config(RunFolder(path.parent)) if RunFolder(path.parent).exists(CONFIG) else None
+    cfg = stored_config(folder) if folder.exists(CONFIG) else None
     if model is not None:
         logger.warning("%s holds its own architecture: --model %s is not used", path, model)
     net, kind = _load_module(path, kind)
@@ -123,7 +127,7 @@ def _is_tensor_pickle(path: Path) -> bool:
         if zipped:
             return False
         raise ValueError(f"{path} cannot be read ({_first_line(error)}): give {_ACCEPTED}") from None
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} cannot be read ({_first_line(error)}): give {_ACCEPTED}") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a model: give {_ACCEPTED}")

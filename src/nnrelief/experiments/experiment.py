@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -122,6 +123,26 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
     folder.require_writable(f"{folder / files.CONFIG} is damaged")
     logger.warning("%s; rewritten with the settings the run records", damage.problem)
     folder.write_text(files.CONFIG, text)
+
+
+_WAIT_SECONDS = 2.0
+
+
+def _lock_shared_folder(shared: RunFolder, wait_for_weights: bool = True) -> bool:
+    """Take the shared dense folder's lock (rank 0), waiting while another run holds it;
+    True, without the lock, if its trained weights are there meanwhile (``wait_for_weights``)."""
+    told = False
+    while True:
+        try:
+            shared.open_for_writing()  # also removes what a killed write there left
+            return False
+        except RunLockedError as error:
+            if wait_for_weights and (shared.path / files.TRAINED).exists():
+                return True  # another run reading it, or trained meanwhile: reading it too is safe (writes are atomic)
+            if not told:
+                logger.info("waiting for another run training the shared dense model %s (%s)", shared.path, error)
+                told = True
+            time.sleep(_WAIT_SECONDS)
 
 
 def _shared_weights(shared: RunFolder) -> dict[str, torch.Tensor] | None:
@@ -424,16 +445,14 @@ class Experiment:
 
     def _shared_dense(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trained weights in the shared dense folder (read under its lock, held briefly),
-        trained there from ``model``'s initial weights if they are not there yet."""
+        trained there from ``model``'s initial weights if they are not there yet. While
+        another run trains it, this one waits for it."""
         shared = RunFolder(self.dense_dir)
-        try:
-            shared.open_for_writing()  # removes what a killed write there left
-        except RunLockedError as error:
-            state = _shared_weights(shared)  # another run reading it: reading it too is safe (writes are atomic)
+        if from_main(_lock_shared_folder, shared):
+            state = _shared_weights(shared)  # trained by the run that held the lock
             if state is not None:
                 return state
-            raise RunLockedError(f"the shared dense model {shared.path} is being trained by another run with the same "
-                                 f"training settings ({error}); run again when it has finished") from None  # fmt: skip
+            from_main(_lock_shared_folder, shared, wait_for_weights=False)
         try:
             from_main(_claim_dense_folder, self.cfg, shared)
             state = _shared_weights(shared)
