@@ -87,7 +87,7 @@ def patch_counts(monkeypatch, name: str, counts: dict[str, int]) -> None:
 
 
 def run_folder(root: Path) -> Path:
-    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    (folder,) = [p for p in root.iterdir() if p.is_dir() and p.name != "dense"]  # beside it: the shared dense model
     return folder
 
 
