@@ -99,3 +99,23 @@ def test_a_run_waits_for_the_shared_dense_model_another_run_is_training(tmp_path
     assert [run.returncode for run in runs] == [0, 0], errors
     assert sum(err.count("training the dense") for err in errors) == 1, errors
     assert len(list((tmp_path / "dense").iterdir())) == 1
+
+
+def test_a_run_stopped_early_and_shortened_reads_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    retrain = Experiment.retrain
+
+    def interrupted(self, model, iteration, *args, **kwargs):
+        if iteration == 2:
+            raise KeyboardInterrupt  # the run is stopped during iteration 2
+        return retrain(self, model, iteration, *args, **kwargs)
+
+    monkeypatch.setattr(Experiment, "retrain", interrupted)
+    with pytest.raises(KeyboardInterrupt), Experiment(small_config(num_iters=3), tmp_path / "run", progress=False) as run:
+        run.run()
+    monkeypatch.setattr(Experiment, "retrain", retrain)
+    assert load_run(tmp_path / "run").config.num_iters == 3  # "1 of 3 iterations (in progress)"
+    with Experiment(small_config(num_iters=1), tmp_path / "run", progress=False) as shorter:
+        done = shorter.finished()
+        assert done is not None and done.records[-1].iteration == 1
+        shorter.record_finished(done)
+    assert load_run(tmp_path / "run").config.num_iters == 1  # "1 iteration (finished)", --num-iters 1 in its command

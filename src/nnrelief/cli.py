@@ -404,6 +404,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:
         done = experiment.finished()
         if done is not None:
+            experiment.record_finished(done)
             print(done.table())
             count = done.records[-1].iteration
             print(f"{experiment.run_dir}: already finished ({count} iteration{'' if count == 1 else 's'}, selected "

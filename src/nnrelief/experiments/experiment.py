@@ -35,7 +35,7 @@ from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, Exp
 from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
 from .iterative import PassChoices, relieve
-from .runfolder import DamagedFileError, RunFolder, RunLockedError
+from .runfolder import DamagedFileError, RunFolder, RunFolderError, RunLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -506,6 +506,21 @@ class Experiment:
         except DamagedFileError:
             return 0
 
+    def _history_extra(self, done: int) -> dict[str, object]:
+        """What ``history.json`` records beside the iterations: these settings, with the
+        iterations the run holds where it asked for fewer."""
+        return {"config": {**self.cfg.to_dict(), "num_iters": max(self.cfg.num_iters, done)}}
+
+    def record_finished(self, history: History) -> None:
+        """Record in ``history.json`` that the run is finished as asked now (a run shortened
+        by ``num_iters`` then reads "finished" in reports); nothing is written when that is
+        what it records already, or when the folder is read-only."""
+        try:
+            self.folder.require_writable("the settings it records changed")
+        except RunFolderError:
+            return
+        self.folder.write_history(history, self._history_extra(history.records[-1].iteration))
+
     def finished(self) -> History | None:
         """The run's history if it is already finished (``num_iters`` iterations retrained, or
         stopped early), without changing anything; else None."""
@@ -560,7 +575,7 @@ class Experiment:
             early_stop_margin=self.cfg.early_stop_margin,
             progress=self.progress,
             on_iteration_end=finished,
-            history_extra={"config": {**self.cfg.to_dict(), "num_iters": max(self.cfg.num_iters, self._iterations_done())}},
+            history_extra=self._history_extra(self._iterations_done()),
         )
         self.folder.remove(files.RETRAIN_CHECKPOINTS)
         return history
