@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,49 @@ def test_user_defined_model() -> None:
     _assert_same(model, compacted, torch.randn(16, 3, 16, 16))
     _assert_plain(compacted)
     assert compacted.fc1.in_features < 12 * 4 * 4 or compacted.a.out_channels < 6
+
+
+class HardCodedNet(nn.Module):
+    """A channel pad (index maps needed), a depthwise conv and a flatten with a literal size:
+    ``view(-1, 192)`` (the batch inferred: the channel size must stay) or
+    ``reshape(batch, 192)`` (the channel size can be inferred instead)."""
+
+    def __init__(self, batch_inferred: bool) -> None:
+        super().__init__()
+        self.batch_inferred = batch_inferred
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 12, 1)
+        self.fc1 = nn.Linear(12 * 4 * 4, 10)
+        self.fc2 = nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.dw(torch.relu(self.bn(self.a(x)))))
+        z = F.max_pool2d(self.b(y) + F.pad(y, (0, 0, 0, 0, 2, 2)), 4)
+        z = z.view(-1, 192) if self.batch_inferred else z.reshape(z.shape[0], 192)
+        return self.fc2(torch.relu(self.fc1(z)))
+
+
+@pytest.mark.parametrize("batch_inferred", [False, True])
+def test_index_maps_with_literal_sizes(batch_inferred: bool) -> None:
+    torch.manual_seed(0)
+    model = HardCodedNet(batch_inferred).eval()
+    with torch.no_grad():
+        for tensor in (model.a.weight, model.a.bias, model.bn.weight, model.bn.bias, model.dw.weight, model.dw.bias):
+            tensor[2] = 0  # channel 2 of y dead (padded into z's channel 4)
+        for tensor in (model.b.weight, model.b.bias):
+            tensor[[0, 11]] = 0  # z's channels 0 and 11 dead (the pad adds zeros there)
+    x = torch.randn(6, 3, 16, 16)
+    compacted = compact(model, x[:2])
+    assert isinstance(compacted, torch.fx.GraphModule)
+    _assert_same(model, compacted, x)
+    assert compacted.a.out_channels == 7 and compacted.dw.groups == 7 and compacted.b.in_channels == 7
+    # The inferred batch pins the flatten's size: z keeps all 12 channels (channel 4 from a zero fill).
+    assert compacted.fc1.in_features == (192 if batch_inferred else 160)
+    assert compacted.b.out_channels == (12 if batch_inferred else 10)
+    loaded = load_sparse(save_sparse(compacted, Path(tempfile.mkdtemp()) / "m.pt"))
+    _assert_same(model, loaded.eval(), x)
 
 
 def test_plain_model_with_zero_rows_and_no_example() -> None:

@@ -16,9 +16,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .analysis import ChannelGraph, Rule
-from .graph import ModelGraph
 
-Graph = ChannelGraph | ModelGraph
+Graph = ChannelGraph
 
 
 @dataclass

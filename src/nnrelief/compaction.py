@@ -1,23 +1,20 @@
 """Physically smaller models with the same outputs.
 
 ``compact(model, example)`` returns a new model in which every removed neuron/channel is
-gone: rows and columns of Linear/Conv2d weights, BatchNorm entries, the FC columns a
+gone: rows and columns of Linear/Conv weights, BatchNorm entries, the FC columns a
 removed conv channel fed through a flatten, and residual-stream channels where every
-member of the coupled group allows it. It is the model's own class narrowed in place
-(:mod:`nnrelief.narrowing`, on the channel graph of :mod:`nnrelief.analysis`) wherever the
-forward allows it; otherwise a ``torch.fx.GraphModule`` with channel index maps, as
-described next (:func:`nnrelief.graph.build_graph`, the live/used propagations of
-:mod:`nnrelief.cleaning`).
+member of the coupled group allows it. Both routes work on the channel graph of the
+model's one ``torch.export`` capture (:mod:`nnrelief.analysis`, the live/used
+propagations of :mod:`nnrelief.cleaning`): the model's own class narrowed in place
+(:mod:`nnrelief.narrowing`) wherever the forward allows it; otherwise a
+``torch.fx.GraphModule`` made from the capture, with channel index maps
+(:mod:`nnrelief.indexmaps`).
 
 How channels are coupled: tensors joined by channel-preserving ops (activations,
 BatchNorm, pooling, elementwise adds) must carry the same channels, so they form one
 *group*. A group keeps channel c if any member may carry a nonzero signal there that some
-consumer uses. Ops that move channels (flatten, concatenation, zero padding on channels
-such as the option-A shortcut) and shortcut gates connect two groups through an index
-map: where the two groups' kept channels differ, a ``pad`` (one zero channel) and an
-``index_select`` (a constant index buffer) place the kept source channels into the kept
-target channels. So the compacted model only uses standard torch ops: it needs no
-nnrelief at inference, scripts, exports and pickles like any GraphModule.
+consumer uses. Shortcut gates are folded into the model first (into the BatchNorm they
+follow, else a depthwise 1x1 conv of zeros and ones).
 
 Why not Torch-Pruning: its dependency graph treats ``F.pad`` along channels (the
 option-A shortcut) as an elementwise op with a one-to-one channel mapping, so it couples
@@ -32,14 +29,11 @@ import copy
 import dataclasses
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .analysis import ChannelGraph, analyse
@@ -48,11 +42,11 @@ from .analysis.layers import weight_matrix
 from .cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
 from .diagnostics import rejected_input
 from .export import save_sparse
-from .graph import ModelGraph, NodeRule, Rule, build_graph
+from .indexmaps import MappedPlan
 from .inputs import ModelInput, example_input
 from .masks import _GATE_HOOK, GATE, gate_of, make_permanent
 from .metrics import ArchitectureSummary, file_size, summarize
-from .narrowing import Declined, Groups, InPlacePlan
+from .narrowing import Declined, InPlacePlan
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +60,14 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     when the first Linear layer reads the raw (N, features) input.
 
     Wherever the forward allows it the result is a copy of the model's own class with its
-    modules narrowed in place (:mod:`nnrelief.narrowing`; checked to give the same outputs
-    on ``example``): plain parameters (zeros where unstructured sparsity remains), no
-    hooks, no masks. A Hugging Face model's ``config`` still names the old sizes. Where
-    removing channels needs index maps (a channel padding such as the option-A shortcut
-    of the zoo's CIFAR ResNets, a gate on a shortcut without a BatchNorm to fold it into),
-    the result is a ``torch.fx.GraphModule`` that holds them, if ``torch.fx`` can trace the
-    model; otherwise the masks are folded in and no channel is removed (a warning says so).
+    modules narrowed in place (:mod:`nnrelief.narrowing`): plain parameters (zeros where
+    unstructured sparsity remains), no hooks, no masks. A Hugging Face model's ``config``
+    still names the old sizes. Where removing channels needs index maps (a channel padding
+    such as the option-A shortcut of the zoo's CIFAR ResNets) or the forward hard-codes
+    sizes, the result is a ``torch.fx.GraphModule`` made from the model's capture
+    (:mod:`nnrelief.indexmaps`). Either is checked to give the same outputs on ``example``.
+    A model ``torch.export`` cannot capture gets its masks folded in, no channel removed (a
+    warning says so).
     """
     work = _clone(model).eval()  # capturing runs a forward: no BN statistics update
     example = example_input(example if example is not None else _default_example(work))
@@ -81,49 +76,80 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
         raise ValueError(f"compact: {rejected}".replace("a pruning batch", "the example"))
     gates = _take_gates(work)
     make_permanent(work)
-    narrowed = _narrow(work, gates, example)
-    if narrowed is not None:
-        return narrowed.train(model.training)
-    graph = build_graph(work, example)
-    if not graph.traced:
-        if gates:
-            raise ValueError("model carries shortcut gates but cannot be narrowed in place nor traced by torch.fx")
-        log.warning("compact: %s cannot be narrowed in place nor traced; masks folded in, no channel removed", type(model).__name__)
-        return work.train(model.training)
-    node_gates = _gates_by_node(graph, gates)
-    plan = _Plan(graph, node_gates)
-    gm = plan.apply()
-    gm.train(model.training)
-    removed = sum(int(p.numel()) for p in model.parameters()) - sum(int(p.numel()) for p in gm.parameters())
-    log.info("compact: %s needs channel index maps: a torch.fx GraphModule, %d parameter entries removed", type(model).__name__, removed)
-    return gm
+    compacted = _narrow(work, gates, example)
+    if compacted is None:
+        _fold_gates(work, gates)
+        log.warning("compact: %s could not be compacted; masks folded in, no channel removed", type(model).__name__)
+        compacted = work
+    return compacted.train(model.training)
 
 
 def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> nn.Module | None:
-    """A copy of ``work`` (gates folded into BatchNorms) narrowed in place, or None with the
-    reason logged (the caller then builds a GraphModule)."""
-    candidate = _clone(work)
+    """``work`` (masks permanent, its shortcut ``gates`` taken off) narrowed in place with the
+    gates folded in, else as a GraphModule with index maps, else None; the route taken and
+    why is logged. ``work`` itself is not changed."""
+    folded = _clone(work)
+    _fold_gates(folded, gates)
+    expected = _outputs(folded, example)
+    graph = analyse(folded, example)
+    if not graph.traced:
+        log.info("compact: %s", graph.reason)
+        return None
+    name = type(work).__name__
+    live, used = _analyse(folded, graph, {})
     try:
-        _fold_gates(candidate, gates)
-        graph = analyse(candidate, example)
-        if not graph.traced:
-            raise Declined(graph.reason or "no capture")
-        expected = _outputs(candidate, example)
-        live, used = _analyse(candidate, graph, {})
-        removed = InPlacePlan(candidate, graph, live, used).apply()
+        plan = InPlacePlan(folded, graph, live, used)
     except Declined as reason:
-        log.info("compact: %s not narrowed in place: %s", type(work).__name__, reason)
-        return None
+        log.info("compact: %s not narrowed in place: %s", name, reason)
+        return _mapped(_clone(work), gates, example, expected)
+    removed = plan.apply()
+    problem = _mismatch(folded, example, expected)
+    if problem is None:
+        log.info("compact: %s narrowed in place, %d parameter entries removed", name, removed)
+        return folded
+    log.info("compact: %s narrowed in place %s", name, problem)
+    return _mapped(_clone(work), gates, example, expected)
+
+
+def _mapped(model: nn.Module, gates: dict[str, Tensor], example: ModelInput, expected: tuple[Tensor, ...]) -> nn.Module | None:
+    """``model`` (gates taken off) as a GraphModule with index maps (gates among them), or None."""
+    name = type(model).__name__
+    with torch.no_grad():
+        raw = model(*example.args, **example.kwargs)
+    graph = analyse(model, example)
     try:
-        actual = _outputs(candidate, example)
-    except Exception as error:  # noqa: BLE001 - a forward with hard-coded sizes: take the other route
-        log.info("compact: %s fails once narrowed in place (%s: %s)", type(work).__name__, type(error).__name__, error)
+        if not isinstance(raw, Tensor) and not (isinstance(raw, tuple) and all(isinstance(v, Tensor) for v in raw)):
+            raise Declined(f"it returns a {type(raw).__name__}, not tensors")
+        nodes = {module: node for node, module in graph.gates.items()}
+        if not set(gates) <= set(nodes):
+            raise Declined(f"cannot locate the output of gated module(s) {sorted(set(gates) - set(nodes))}")
+        node_gates = {nodes[module]: gate for module, gate in gates.items()}
+        live, used = _analyse(model, graph, node_gates)
+        plan = MappedPlan(model, graph, live, used, node_gates)
+        module, removed = plan.build(single_output=isinstance(raw, Tensor))
+    except Declined as reason:
+        log.info("compact: %s has no GraphModule with index maps: %s", name, reason)
         return None
+    except Exception as error:  # noqa: BLE001 - a capture the rewrite does not handle: masks folded instead
+        log.warning("compact: %s: building the GraphModule with index maps failed (%s: %s)", name, type(error).__name__, error)
+        return None
+    problem = _mismatch(module, example, expected)
+    if problem is not None:
+        log.warning("compact: %s as a GraphModule with index maps %s", name, problem)
+        return None
+    log.info("compact: %s needs channel index maps: a torch.fx GraphModule, %d parameter entries removed", name, removed)
+    return module
+
+
+def _mismatch(model: nn.Module, example: ModelInput, expected: tuple[Tensor, ...]) -> str | None:
+    """None if ``model`` gives ``expected`` on ``example``, else what went wrong."""
+    try:
+        actual = _outputs(model, example)
+    except Exception as error:  # noqa: BLE001 - a forward with hard-coded sizes: take another route
+        return f"fails ({type(error).__name__}: {error})"
     if len(actual) != len(expected) or not all(_close(a, e) for a, e in zip(actual, expected)):
-        log.info("compact: %s narrowed in place gives other outputs (hard-coded sizes?)", type(work).__name__)
-        return None
-    log.info("compact: %s narrowed in place, %d parameter entries removed", type(work).__name__, removed)
-    return candidate
+        return "gives other outputs (hard-coded sizes?)"
+    return None
 
 
 def compacted_widths(model: nn.Module, graph: ChannelGraph) -> dict[str, int] | None:
@@ -136,10 +162,15 @@ def compacted_widths(model: nn.Module, graph: ChannelGraph) -> dict[str, int] | 
     modules = dict(model.named_modules())
     gates = {node: gate_of(modules[name]) for node, name in graph.gates.items() if gate_of(modules[name]) is not None}
     view = dataclasses.replace(graph, rules={name: dataclasses.replace(rule) for name, rule in graph.rules.items()})
-    try:
-        live, used = _analyse(model, view, {node: gate.cpu() for node, gate in gates.items()})
-        plan = InPlacePlan(model, view, live, used, gated=frozenset(gates))
-    except Declined:
+    live, used = _analyse(model, view, {node: gate.cpu() for node, gate in gates.items()})
+    plan = None
+    for route in (InPlacePlan, MappedPlan):
+        try:
+            plan = InPlacePlan(model, view, live, used, frozenset(gates)) if route is InPlacePlan else MappedPlan(model, view, live, used, gates)
+            break
+        except Declined:
+            continue
+    if plan is None:
         return None
     return {
         name: int(plan.keep[layer.calls[0].node].sum())
@@ -212,18 +243,7 @@ def _take_gates(model: nn.Module) -> dict[str, Tensor]:
     return gates
 
 
-def _gates_by_node(graph: ModelGraph, gates: dict[str, Tensor]) -> dict[str, Tensor]:
-    nodes_of = {module: node for node, module in graph.gates.items()}
-    for node in graph.module.graph.nodes:
-        if node.op == "call_module":
-            nodes_of.setdefault(node.target, node.name)
-    missing = sorted(set(gates) - set(nodes_of))
-    if missing:
-        raise ValueError(f"cannot locate the output node of gated module(s) {missing} in the traced graph")
-    return {nodes_of[module]: gate for module, gate in gates.items()}
-
-
-def _effective_masks(model: nn.Module, graph: ModelGraph | ChannelGraph) -> dict[str, LayerMask]:
+def _effective_masks(model: nn.Module, graph: ChannelGraph) -> dict[str, LayerMask]:
     """Connection-level masks read off the actual nonzero weights and biases."""
     masks = {}
     for name, layer in graph.layers.items():
@@ -237,7 +257,7 @@ def _effective_masks(model: nn.Module, graph: ModelGraph | ChannelGraph) -> dict
     return masks
 
 
-def _analyse(model: nn.Module, graph: ModelGraph | ChannelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _analyse(model: nn.Module, graph: ChannelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(live, used) channels per node after cleaning a copy of the effective masks.
 
     The graph treats an affine BatchNorm as zero-preserving (true after nnrelief masks the
@@ -257,247 +277,6 @@ def _analyse(model: nn.Module, graph: ModelGraph | ChannelGraph, gates: dict[str
                 changed = True
         if not changed:
             return live, used_channels(graph, masks, gates)
-
-
-def _has_literal_shape(node: fx.Node) -> bool:
-    """A view/reshape whose target shape has hard-coded sizes beyond the batch dim."""
-    is_reshape = (node.op == "call_method" and node.target in ("view", "reshape")) or (
-        node.op == "call_function" and node.target is torch.reshape
-    )
-    if not is_reshape:
-        return False
-    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-    return any(isinstance(size, int) and size != -1 for size in list(shape)[1:])
-
-
-@dataclass
-class _Map:
-    """Channel index map inserted after ``node``: output k <- input ``index[k]`` (or zero)."""
-
-    node: str
-    index: Tensor
-    zero_fill: bool
-
-
-class _Plan:
-    """Which channels every tensor of the traced model keeps, and the surgery doing it."""
-
-    def __init__(self, graph: ModelGraph, gates: dict[str, Tensor]) -> None:
-        self.graph = graph
-        self.gm = graph.module
-        self.gates = gates
-        self.nodes = {node.name: node for node in self.gm.graph.nodes}
-        self.modules = dict(self.gm.named_modules())
-        live, used = _analyse(graph.module, graph, gates)
-        self.groups = Groups()
-        forced: set[str] = set()
-        self._couple(forced)
-        self.keep = self._decide(live, used, forced)
-
-    # -- analysis
-
-    def _vars(self) -> Iterator[tuple[str, NodeRule]]:
-        for name, rule in self.graph.rules.items():
-            if rule.channels is not None:
-                yield name, rule
-
-    def _couple(self, forced: set[str]) -> None:
-        rules = self.graph.rules
-        calls: dict[str, int] = {}
-        for node in self.gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for name, rule in rules.items():
-            node = self.nodes[name]
-            has_channels = rule.channels is not None
-            inputs = [source for source in rule.inputs if rules[source].channels is not None]
-            if rule.rule in (Rule.PASS, Rule.MERGE) and has_channels:
-                for source in inputs[1:]:
-                    self.groups.union(inputs[0], source)
-                if name not in self.gates:
-                    self.groups.union(name, inputs[0])
-                if node.op == "call_module" and self._holds_channel_state(node.target, calls):
-                    forced.update([name, *inputs])
-                if _has_literal_shape(node):
-                    forced.update([name, *inputs])
-            elif rule.rule is Rule.LAYER and getattr(self.modules[rule.layer], "groups", 1) > 1:
-                if _is_depthwise(self.modules[rule.layer]):
-                    self.groups.union(name, inputs[0])  # channel c reads input channel c only
-                else:
-                    forced.update([name, *inputs])  # whole groups only: kept as they are
-            elif rule.rule is Rule.FLATTEN and _has_literal_shape(node):
-                forced.update([name, *inputs])
-            elif rule.rule in (Rule.OPAQUE, Rule.OUTPUT):
-                forced.update(inputs)
-                if has_channels:
-                    forced.add(name)
-            elif rule.rule is Rule.INPUT and has_channels:
-                forced.add(name)
-
-    def _holds_channel_state(self, target: str, calls: dict[str, int]) -> bool:
-        """Whether a pass-through module has per-channel state we cannot slice safely."""
-        module = self.modules[target]
-        has_state = any(True for _ in module.parameters(recurse=False)) or any(
-            b is not None for b in module._buffers.values()
-        )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return calls[target] > 1
-        return has_state
-
-    def _decide(self, live: dict[str, Tensor], used: dict[str, Tensor], forced: set[str]) -> dict[str, Tensor]:
-        demand: dict[str, Tensor] = {}
-        for name, rule in self._vars():
-            root = self.groups.find(name)
-            need = torch.ones(rule.channels, dtype=torch.bool) if name in forced else live[name] & used[name]
-            demand[root] = demand[root] | need if root in demand else need.clone()
-        keep = {name: demand[self.groups.find(name)] for name, _ in self._vars()}
-        # Flatten/concat outputs keep whole channel blocks: no index map needed after them.
-        changed = True
-        while changed:
-            changed = False
-            for name, rule in self._vars():
-                if rule.rule in (Rule.FLATTEN, Rule.CAT):
-                    natural = self._natural_mask(name, keep)
-                    root_keep = keep[name]
-                    if bool((natural & ~root_keep).any()):
-                        root_keep |= natural
-                        changed = True
-        for name, _rule in self._vars():
-            if not bool(keep[name].any()):
-                keep[name][0] = True  # never build zero-width layers; an extra channel is exact
-        return keep
-
-    def _natural_mask(self, name: str, keep: dict[str, Tensor]) -> Tensor:
-        """Original channels node ``name`` produces, given its inputs' kept channels."""
-        rule = self.graph.rules[name]
-        if rule.rule is Rule.FLATTEN:
-            return keep[rule.inputs[0]].repeat_interleave(rule.spatial)
-        if rule.rule is Rule.CAT:
-            return torch.cat([keep[source] for source in rule.inputs])
-        if rule.rule is Rule.PAD:
-            source = keep[rule.inputs[0]]
-            front, back = rule.pad
-            return torch.cat([source.new_zeros(front), source, source.new_zeros(back)])
-        if rule.rule in (Rule.PASS, Rule.MERGE):
-            return keep[rule.inputs[0]]
-        return keep[name]
-
-    def _maps(self) -> list[_Map]:
-        maps = []
-        for name, rule in self._vars():
-            if rule.rule not in (Rule.FLATTEN, Rule.CAT, Rule.PAD) and name not in self.gates:
-                continue
-            natural = self._natural_mask(name, self.keep).nonzero().flatten()
-            target = self.keep[name].nonzero().flatten()
-            gate = self.gates.get(name)
-            position = torch.full((rule.channels,), len(natural), dtype=torch.long)
-            position[natural] = torch.arange(len(natural))
-            if gate is not None:
-                position[~gate] = len(natural)
-            index = position[target]
-            if len(index) == len(natural) and torch.equal(index, torch.arange(len(natural))):
-                continue
-            maps.append(_Map(name, index, bool((index == len(natural)).any())))
-        return maps
-
-    # -- surgery
-
-    def apply(self) -> fx.GraphModule:
-        with torch.no_grad():
-            for name, rule in self._vars():
-                node = self.nodes[name]
-                if rule.rule is Rule.LAYER:
-                    self._slice_layer(self.modules[rule.layer], self.keep[name], self.keep[rule.inputs[0]])
-                elif rule.rule is Rule.PASS and node.op == "call_module" and isinstance(
-                    self.modules[node.target], nn.modules.batchnorm._BatchNorm
-                ):
-                    _slice_batchnorm(self.modules[node.target], self.keep[rule.inputs[0]])
-        for number, entry in enumerate(self._maps()):
-            self._insert_map(number, entry)
-        for name, rule in self._vars():
-            if rule.rule is Rule.PAD:
-                self._drop_channel_pad(self.nodes[name])
-        for node in self.gm.graph.nodes:
-            if isinstance(node.type, str):
-                # String annotations (``from __future__ import annotations``) make
-                # GraphModule.__reduce__ fail in torch 2.13, so the model could not be pickled.
-                node.type = None
-        self.gm.graph.eliminate_dead_code()
-        self.gm.graph.lint()
-        self.gm.recompile()
-        self.gm.delete_all_unused_submodules()
-        return self.gm
-
-    def _slice_layer(self, module: nn.Module, rows: Tensor, cols: Tensor) -> None:
-        rows_idx, cols_idx = rows.nonzero().flatten(), cols.nonzero().flatten()
-        device = module.weight.device
-        weight = module.weight.detach()[rows_idx.to(device)]
-        if getattr(module, "groups", 1) > 1:
-            if _is_depthwise(module):  # rows and cols are the same channels (coupled)
-                module.groups = len(rows_idx)
-        else:
-            weight = weight[:, cols_idx.to(device)]
-        weight = weight.clone()
-        module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
-        if module.bias is not None:
-            module.bias = nn.Parameter(module.bias.detach()[rows_idx.to(device)].clone(), requires_grad=module.bias.requires_grad)
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = len(rows_idx), len(cols_idx)
-        else:
-            module.out_channels, module.in_channels = len(rows_idx), len(cols_idx)
-
-    def _drop_channel_pad(self, node: fx.Node) -> None:
-        """Remove the channel part of a zero pad (the index map places the channels)."""
-        pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
-        channel_pair = len(node.args[0].meta["tensor_meta"].shape) - 2
-        pad[2 * channel_pair] = pad[2 * channel_pair + 1] = 0
-        if not any(pad):
-            node.replace_all_uses_with(node.args[0])
-        elif len(node.args) > 1:
-            node.args = (node.args[0], tuple(pad), *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "pad": tuple(pad)}
-
-    def _insert_map(self, number: int, entry: _Map) -> None:
-        node = self.nodes[entry.node]
-        users = list(node.users)
-        buffer = f"channel_map_{number}"
-        self.gm.register_buffer(buffer, entry.index.to(self._device()))
-        ndim = len(node.meta["tensor_meta"].shape)
-        graph = self.gm.graph
-        with graph.inserting_after(node):
-            index = graph.get_attr(buffer)
-        current, anchor = node, index
-        if entry.zero_fill:
-            with graph.inserting_after(index):
-                current = anchor = graph.call_function(F.pad, (node, (0, 0) * (ndim - 2) + (0, 1)))
-        with graph.inserting_after(anchor):
-            selected = graph.call_function(torch.index_select, (current, 1, index))
-        for user in users:
-            user.replace_input_with(node, selected)
-
-    def _device(self) -> torch.device:
-        parameter = next(self.gm.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    """A conv whose every output channel reads exactly the input channel of the same index."""
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and module.in_channels == groups and module.out_channels == groups
-
-
-def _slice_batchnorm(module: nn.modules.batchnorm._BatchNorm, keep: Tensor) -> None:
-    index = keep.nonzero().flatten()
-    for name in ("weight", "bias"):
-        tensor = getattr(module, name)
-        if tensor is not None:
-            setattr(module, name, nn.Parameter(tensor.detach()[index.to(tensor.device)].clone(), requires_grad=tensor.requires_grad))
-    for name in ("running_mean", "running_var"):
-        tensor = getattr(module, name)
-        if tensor is not None:
-            setattr(module, name, tensor[index.to(tensor.device)].clone())
-    module.num_features = len(index)
 
 
 def compaction_summary(masked_model: nn.Module, compacted_model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:

@@ -79,10 +79,11 @@ class InPlacePlan:
         for name, rule in rules.items():
             inputs = self._channel_inputs(rule.inputs)
             if rule.rule is Rule.PAD:
-                raise Declined(f"node {name} pads along channels (an index map would be needed)")
-            if rule.rule in (Rule.PASS, Rule.MERGE) and rule.channels is not None:
-                for source in inputs:
-                    self.groups.union(name, source)
+                self._channel_pad(name)
+            elif rule.rule in (Rule.PASS, Rule.MERGE) and rule.channels is not None:
+                if self._linked(name):
+                    for source in inputs:
+                        self.groups.union(name, source)
                 self._note_stateful(name, rule)
             elif rule.rule is Rule.LAYER:
                 self._couple_layer(name, rule.layer, inputs)
@@ -97,6 +98,19 @@ class InPlacePlan:
         for inputs in self.norms.values():
             for source in inputs[1:]:
                 self.groups.union(inputs[0], source)
+
+    def _linked(self, name: str) -> bool:
+        """Whether channel-wise node ``name`` carries its inputs' channels (an index map may
+        stand between them instead)."""
+        return True
+
+    def _channel_pad(self, name: str) -> None:
+        """A zero padding along the channel axis: the in-place route cannot express it."""
+        raise Declined(f"node {name} pads along channels (an index map would be needed)")
+
+    def _inexact(self, name: str) -> None:
+        """Consumers of flatten/concat ``name`` need channels its narrowed inputs do not produce."""
+        raise Declined(f"node {name}: its consumers need channels its narrowed inputs would not produce")
 
     def _couple_layer(self, name: str, layer: str, inputs: list[str]) -> None:
         module = self.modules[layer]
@@ -150,7 +164,7 @@ class InPlacePlan:
                 continue
             natural = self._natural(name, keep)
             if not torch.equal(natural | keep[name], natural):
-                raise Declined(f"node {name}: its consumers need channels its narrowed inputs would not produce")
+                self._inexact(name)
             keep[name] |= natural  # the group shares the tensor: raising it raises every member
 
     # -- surgery

@@ -23,7 +23,7 @@ class LayerReport:
     bias_total: int
     channels_alive: int
     channels_total: int
-    channels_compacted: int | None = None  # output channels left once compacted in place (None: not known)
+    channels_compacted: int | None = None  # output channels left once compacted (None: no capture)
 
     @property
     def kept(self) -> int:
