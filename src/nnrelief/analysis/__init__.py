@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,7 @@ from .structure import ResidualJoin, attach_calls, find_joins, find_sites
 
 __all__ = [
     "ChannelGraph", "LayerCall", "NodeRule", "PrunableLayer", "ResidualJoin", "Rule", "activity_key", "analyse", "graph_for",
-    "map_axis", "refresh",
+    "map_axis", "one_signature", "refresh",
     "input_key", "is_transposed_linear", "map_key", "observing", "prunable_kind", "weight_matrix",
 ]  # fmt: skip
 
@@ -86,9 +87,10 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[tuple, ChannelGra
 _TOLD: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose analysis was logged at INFO
 
 
-def analyse(model: nn.Module, example: ModelInput) -> ChannelGraph:
+def analyse(model: nn.Module, example: ModelInput, dynamic: bool = True) -> ChannelGraph:
     """The channel graph of ``model`` for inputs like ``example`` (cached, see the module
-    docstring). The model should be in eval mode, as the pass runs it."""
+    docstring). The model should be in eval mode, as the pass runs it. ``dynamic=False``
+    captures for ``example``'s exact shapes (cheaper: for inputs that all have them)."""
     fingerprint = _fingerprint(model)
     stored = _CACHE.get(model)
     if stored is None or stored[0] != fingerprint:
@@ -98,7 +100,7 @@ def analyse(model: nn.Module, example: ModelInput) -> ChannelGraph:
     for key in (_signature(example, dynamic=True), _signature(example, dynamic=False)):
         if key in graphs:
             return graphs[key]
-    graph = _build(model, example)
+    graph = _build(model, example, dynamic)
     dynamic = graph.capture is not None and graph.capture.dynamic_batch
     graph.signature = _signature(example, dynamic=dynamic)
     graphs[graph.signature] = graph
@@ -116,6 +118,13 @@ def _tell_how(model: nn.Module, graph: ChannelGraph) -> None:
     first = model not in _TOLD
     _TOLD.add(model)
     log.log(logging.INFO if first else logging.DEBUG, "%s analysed: %s", type(model).__name__, how)
+
+
+def one_signature(examples: Iterable[ModelInput]) -> bool:
+    """Whether all ``examples`` have the same input signature, shapes included (one
+    capture for exactly those shapes serves them all)."""
+    signatures = {_signature(example, dynamic=False) for example in examples}
+    return len(signatures) == 1
 
 
 def graph_for(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> ChannelGraph:
@@ -171,10 +180,10 @@ def refresh(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> Chann
     return analyse(model, example)
 
 
-def _build(model: nn.Module, example: ModelInput) -> ChannelGraph:
+def _build(model: nn.Module, example: ModelInput, dynamic: bool) -> ChannelGraph:
     layers, skipped = find_layers(model)
     try:
-        captured = capture(model, example)
+        captured = capture(model, example, dynamic)
     except Exception as error:  # noqa: BLE001 - any export failure means "no channel graph"
         reason = f"torch.export could not capture {type(model).__name__} ({type(error).__name__}: {_first_line(error)})"
         return ChannelGraph(layers, skipped, reason=reason)

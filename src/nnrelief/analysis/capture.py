@@ -167,8 +167,9 @@ def _quiet_torch() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def capture(model: nn.Module, model_input: ModelInput) -> Capture:
-    """Export ``model`` (in its current mode) on ``model_input``; raises what export raises."""
+def capture(model: nn.Module, model_input: ModelInput, dynamic: bool = True) -> Capture:
+    """Export ``model`` (in its current mode) on ``model_input``, with a dynamic batch where
+    the model allows it (``dynamic``), else for these shapes; raises what export raises."""
     keywords = tuple(model_input.kwargs)
     wrapper = TensorOutputs(model, keywords)
     inputs = (*model_input.args, *model_input.kwargs.values())
@@ -177,10 +178,13 @@ def capture(model: nn.Module, model_input: ModelInput) -> Capture:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_torch():
             # Masked layers set their .weight in a pre-hook; export warns about the assignment.
             warnings.simplefilter("ignore")
-            try:
-                program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(inputs), strict=False)
-            except Exception as error:  # noqa: BLE001 - retried with static shapes
-                log.debug("export with a dynamic batch failed (%s); static shapes", error)
+            program = None
+            if dynamic:
+                try:
+                    program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(inputs), strict=False)
+                except Exception as error:  # noqa: BLE001 - retried with static shapes
+                    log.debug("export with a dynamic batch failed (%s); static shapes", error)
+            if program is None:
                 program = torch.export.export(wrapper, inputs, strict=False)
             module = program.module()
     finally:

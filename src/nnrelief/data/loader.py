@@ -105,6 +105,11 @@ class BatchLoader:
         """Select the epoch whose shuffle order and augmentation the next pass uses."""
         self.epoch = epoch
 
+    @property
+    def same_size(self) -> bool:
+        """Whether every batch this process yields has the same number of samples."""
+        return self.drop_last or len(self.dataset) % self.batch_size == 0 or len(self) == 1
+
     def __len__(self) -> int:
         full, rest = divmod(len(self.dataset), self.batch_size)
         if self.even_shards:

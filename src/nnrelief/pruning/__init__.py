@@ -101,7 +101,7 @@ def prune(
         first = next(stream, None)
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
-        graph = _analyse(model, first)
+        graph = _analyse(model, first, dynamic=not inputs.one_signature())
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
@@ -148,8 +148,8 @@ def prune(
     return report
 
 
-def _analyse(model: nn.Module, first: ModelInput) -> ChannelGraph:
-    graph = analyse(model, first)
+def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:
+    graph = analyse(model, first, dynamic)
     rejected = None if graph.traced else rejected_input(model, first)
     if rejected is not None:
         raise rejected

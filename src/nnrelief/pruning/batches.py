@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..analysis import one_signature
 from ..inputs import ModelInput, batch_input
 
 
@@ -37,6 +38,17 @@ class PruningBatches:
                     self.first_bad = torch.where(bad & (self.first_bad < 0), len(self.where), self.first_bad)
                     self.where.append((index, tuple(tensor.shape)))
             yield model_input
+
+    def one_signature(self) -> bool:
+        """Whether, known before the pass, every batch's inputs have one signature, shapes
+        included (a capture for exactly those shapes then serves them all): a list or tuple
+        of such batches, or a loader saying its batches are all the same size (``same_size``,
+        as :class:`nnrelief.data.BatchLoader` does)."""
+        if getattr(self.batches, "same_size", False) is True:
+            return True
+        if not isinstance(self.batches, (list, tuple)) or not self.batches:
+            return False
+        return one_signature(batch_input(batch, index) for index, batch in enumerate(self.batches))
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming the first batch that held NaN or inf values."""
