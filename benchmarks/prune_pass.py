@@ -10,7 +10,8 @@ subprocess so peak-memory readings do not mix.
     python benchmarks/prune_pass.py [--device cpu|cuda] [--samples 1000] [--batch 100] [--data-dir ../shared/data]
 
 "ratio" is a pass on a fresh copy of the model: it captures the model (torch.export, once
-per model and input signature). "cached" is the third pass on the same model, as the
+per model and input signature; the batches are a list of equal batches, so for their one
+shape, without a dynamic batch). "cached" is the third pass on the same model, as the
 iterations of a run prune it: the capture is reused (the masks and gates a pass adds are
 written into it, no second export). "per batch" leaves out the pass's
 fixed cost (capture, selection, cleaning: timed as the same pass on the first batch only):
