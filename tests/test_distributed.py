@@ -310,24 +310,30 @@ def test_commands_that_need_one_process_refuse_torchrun(tmp_path, capsys, monkey
 
 # ----------------------------------------------------------------------------- failures
 
-_FAILING_RANK = """
-import os, sys
+def _rank_one_script(second_epoch: str) -> str:
+    """A CLI entry point whose rank 1 runs the code ``second_epoch`` as its second epoch starts."""
+    return f"""
+import os, signal, sys, time
 import nnrelief.training.fitting
 from nnrelief.cli import main
 
-if os.environ["RANK"] == "1":  # this rank's disk fails in the second epoch (an OSError: a one-line error)
+if os.environ["RANK"] == "1":
     train_epoch = nnrelief.training.fitting.train_epoch
     calls = []
 
-    def broken(*args, **kwargs):
+    def changed(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise OSError("disk lost on rank 1")
+{textwrap.indent(textwrap.dedent(second_epoch).strip(), " " * 12)}
         return train_epoch(*args, **kwargs)
 
-    nnrelief.training.fitting.train_epoch = broken
+    nnrelief.training.fitting.train_epoch = changed
 sys.exit(main(sys.argv[1:]))
 """
+
+
+# this rank's disk fails in the second epoch (an OSError: a one-line error)
+_FAILING_RANK = _rank_one_script('raise OSError("disk lost on rank 1")')
 
 
 def test_a_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path):
@@ -354,26 +360,12 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_reason(tmp_path):
     assert TABLE_HEADER not in outputs[0][0] + outputs[1][0]
 
 
-_STOPPING_RANK = """
-import os, signal, sys, time
-import nnrelief.training.fitting
-from nnrelief.cli import main
-
-if os.environ["RANK"] == "1":  # this rank stops (SIGSTOP) in its second epoch and never answers again
-    train_epoch = nnrelief.training.fitting.train_epoch
-    calls = []
-
-    def stopping(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            with open("stopped-at", "w") as file:
-                file.write(str(time.time()))
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return train_epoch(*args, **kwargs)
-
-    nnrelief.training.fitting.train_epoch = stopping
-sys.exit(main(sys.argv[1:]))
-"""
+# this rank stops (SIGSTOP) in its second epoch and never answers again
+_STOPPING_RANK = _rank_one_script("""
+    with open("stopped-at", "w") as file:
+        file.write(str(time.time()))
+    os.kill(os.getpid(), signal.SIGSTOP)
+""")
 
 
 def test_a_stopped_rank_is_given_up_after_the_timeout(tmp_path):

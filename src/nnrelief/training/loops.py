@@ -58,17 +58,29 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x
 
 
-def _mean_result(total_loss: torch.Tensor, correct: torch.Tensor, n: int, caller: str) -> EvalResult:
-    """Mean loss and accuracy from a pass's on-device sums, read with one host
-    synchronisation; under torch.distributed the sums of every rank are added first (one
-    process: unchanged)."""
-    count = torch.tensor(n, dtype=torch.float64, device=total_loss.device)
-    total_loss, correct, count = all_reduce_sums(total_loss, correct.double(), count)
-    loss_sum, correct_sum, n_all = torch.stack([total_loss, correct, count]).tolist()
-    n = int(n_all)
-    if n == 0:
-        raise ValueError(f"{caller}() got no samples")
-    return EvalResult(loss=loss_sum / n, accuracy=correct_sum / n, n=n)
+class _Tally:
+    """A pass's running loss sum, correct count and sample count, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.samples = 0
+
+    def add(self, loss_sum: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss_sum.double()
+        self.correct += (out.argmax(dim=1) == y).sum()
+        self.samples += y.numel()
+
+    def result(self, caller: str) -> EvalResult:
+        """Mean loss and accuracy, read with one host synchronisation; under
+        torch.distributed the sums of every rank are added first (one process: unchanged)."""
+        count = torch.tensor(self.samples, dtype=torch.float64, device=self.loss.device)
+        total_loss, correct, count = all_reduce_sums(self.loss, self.correct.double(), count)
+        loss_sum, correct_sum, n_all = torch.stack([total_loss, correct, count]).tolist()
+        n = int(n_all)
+        if n == 0:
+            raise ValueError(f"{caller}() got no samples")
+        return EvalResult(loss=loss_sum / n, accuracy=correct_sum / n, n=n)
 
 
 def evaluate(
@@ -89,9 +101,7 @@ def evaluate(
     channels_last = uses_channels_last(model, device)
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    tally = _Tally(device)
     try:
         with torch.no_grad():
             for x, y in batches:
@@ -99,12 +109,10 @@ def evaluate(
                 y = y.to(device, non_blocking=True)
                 with _autocast(device, amp):
                     out = model(x)
-                total_loss += F.cross_entropy(out.float(), y, reduction="sum").double()
-                correct += (out.argmax(dim=1) == y).sum()
-                n += y.numel()
+                tally.add(F.cross_entropy(out.float(), y, reduction="sum"), out, y)
     finally:
         model.train(was_training)
-    return _mean_result(total_loss, correct, n, "evaluate")
+    return tally.result("evaluate")
 
 
 def train_epoch(
@@ -140,20 +148,16 @@ def train_epoch(
     channels_last = uses_channels_last(model, device)
     was_training = model.training
     model.train()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    tally = _Tally(device)
     try:
         for x, y in tqdm(batches, desc=desc, leave=False, disable=None if progress else True):
             x = _to_device(x, device, channels_last)
             y = y.to(device, non_blocking=True)
             out, loss = _train_step(model, optimizer, x, y, device, amp, scaler, grad_clip, label_smoothing)
-            total_loss += loss.double() * y.numel()
-            correct += (out.argmax(dim=1) == y).sum()
-            n += y.numel()
+            tally.add(loss.double() * y.numel(), out, y)
     finally:
         model.train(was_training)
-    return _mean_result(total_loss, correct, n, "train_epoch")
+    return tally.result("train_epoch")
 
 
 def _train_step(
