@@ -17,6 +17,8 @@ from nnrelief.compaction import compact, compaction_summary, format_summary
 from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
 from nnrelief.models import MODELS, get_model, input_shape
+from nnrelief.models.resnet_cifar import PadShortcut
+from nnrelief.narrowing import ChannelMap
 
 
 def _pruned(name: str, passes: int = 2, samples: int = 4) -> tuple[nn.Module, torch.Tensor]:
@@ -78,6 +80,12 @@ def test_resnet20_gated_and_pad_shortcuts(
     assert "layer2.0.shortcut" in gated, "test needs a gated option-A pad shortcut"
     _assert_same(model, compacted, torch.randn(8, 3, 32, 32))
     _assert_plain(compacted)
+    # The model's own class: the pad shortcuts and the gated identity shortcuts are wrapped in
+    # index maps (the padding module still pads; the map picks the kept channels and zeros).
+    assert type(compacted) is type(model)
+    maps = {name: module for name, module in compacted.named_modules() if isinstance(module, ChannelMap)}
+    assert "layer2.0.shortcut" in maps and isinstance(maps["layer2.0.shortcut"].module, PadShortcut)
+    assert set(maps) <= {name for name, module in model.named_modules() if "shortcut" in name and not list(module.children())}
 
 
 def test_residual_stream_channel_removed_only_when_all_members_allow() -> None:

@@ -13,14 +13,8 @@ propagations of :mod:`nnrelief.cleaning`): the model's own class narrowed in pla
 How channels are coupled: tensors joined by channel-preserving ops (activations,
 BatchNorm, pooling, elementwise adds) must carry the same channels, so they form one
 *group*. A group keeps channel c if any member may carry a nonzero signal there that some
-consumer uses. Shortcut gates are folded into the model first (into the BatchNorm they
-follow, else a depthwise 1x1 conv of zeros and ones).
-
-Why not Torch-Pruning: its dependency graph treats ``F.pad`` along channels (the
-option-A shortcut) as an elementwise op with a one-to-one channel mapping, so it couples
-stages of different width with wrong indices and leaves ``PadShortcut.pad`` unchanged
-(the model it returns fails in the forward). It also knows nothing about nnrelief's
-shortcut gates (a forward hook with a buffer) nor about which channels are exactly zero.
+consumer uses. A channel padding and a gated shortcut connect two groups through an index
+map instead, so the residual streams before and after them keep their own channels.
 """
 
 from __future__ import annotations
@@ -29,6 +23,7 @@ import copy
 import dataclasses
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,12 +57,15 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     Wherever the forward allows it the result is a copy of the model's own class with its
     modules narrowed in place (:mod:`nnrelief.narrowing`): plain parameters (zeros where
     unstructured sparsity remains), no hooks, no masks. A Hugging Face model's ``config``
-    still names the old sizes. Where removing channels needs index maps (a channel padding
-    such as the option-A shortcut of the zoo's CIFAR ResNets) or the forward hard-codes
-    sizes, the result is a ``torch.fx.GraphModule`` made from the model's capture
-    (:mod:`nnrelief.indexmaps`). Either is checked to give the same outputs on ``example``.
-    A model ``torch.export`` cannot capture gets its masks folded in, no channel removed (a
-    warning says so).
+    still names the old sizes. A module that pads channels (the option-A shortcut of the
+    zoo's CIFAR ResNets) or whose shortcut gate drops channels is wrapped in a
+    :class:`~nnrelief.narrowing.ChannelMap` (an index map after it); a gate on an affine
+    BatchNorm is folded into it. Where an index map has no module of its own to follow (a
+    channel padding written in the forward), a flatten's consumers keep channels its input
+    no longer gives, or the forward hard-codes sizes, the result is a
+    ``torch.fx.GraphModule`` made from the model's capture (:mod:`nnrelief.indexmaps`).
+    Either is checked to give the same outputs on ``example``. A model ``torch.export``
+    cannot capture gets its masks folded in, no channel removed (a warning says so).
     """
     work = _clone(model).eval()  # capturing runs a forward: no BN statistics update
     example = example_input(example if example is not None else _default_example(work))
@@ -85,47 +83,68 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
 
 
 def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> nn.Module | None:
-    """``work`` (masks permanent, its shortcut ``gates`` taken off) narrowed in place with the
-    gates folded in, else as a GraphModule with index maps, else None; the route taken and
-    why is logged. ``work`` itself is not changed."""
+    """``work`` (masks permanent, its shortcut ``gates`` taken off) narrowed in place, else as
+    a GraphModule with index maps, else None; the route taken and why is logged. Gates on a
+    BatchNorm are folded into it; the others become index maps. ``work`` is not changed."""
     folded = _clone(work)
     _fold_gates(folded, gates)
     expected = _outputs(folded, example)
-    graph = analyse(folded, example)
-    if not graph.traced:
-        log.info("compact: %s", graph.reason)
-        return None
     name = type(work).__name__
-    live, used = _analyse(folded, graph, {})
+    copy_ = _Copy.of(work, gates, example)
+    if copy_ is None:
+        return None
     try:
-        plan = InPlacePlan(folded, graph, live, used)
+        plan = InPlacePlan(copy_.model, copy_.graph, copy_.live, copy_.used, copy_.gates)
     except Declined as reason:
         log.info("compact: %s not narrowed in place: %s", name, reason)
-        return _mapped(_clone(work), gates, example, expected)
+        return _mapped(copy_, example, expected)
     removed = plan.apply()
-    problem = _mismatch(folded, example, expected)
+    problem = _mismatch(copy_.model, example, expected)
     if problem is None:
         log.info("compact: %s narrowed in place, %d parameter entries removed", name, removed)
-        return folded
+        return copy_.model
     log.info("compact: %s narrowed in place %s", name, problem)
-    return _mapped(_clone(work), gates, example, expected)
+    fresh = _Copy.of(work, gates, example)  # the copy is sliced: the other route starts again
+    return None if fresh is None else _mapped(fresh, example, expected)
 
 
-def _mapped(model: nn.Module, gates: dict[str, Tensor], example: ModelInput, expected: tuple[Tensor, ...]) -> nn.Module | None:
-    """``model`` (gates taken off) as a GraphModule with index maps (gates among them), or None."""
-    name = type(model).__name__
+@dataclass
+class _Copy:
+    """A copy of the model to compact (BatchNorm gates folded in), its channel graph, its
+    other gates by graph node and the live/used channels."""
+
+    model: nn.Module
+    graph: ChannelGraph
+    gates: dict[str, Tensor]
+    live: dict[str, Tensor]
+    used: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> _Copy | None:
+        model = _clone(work)
+        rest = _fold_batchnorm_gates(model, gates)
+        graph = analyse(model, example)
+        if not graph.traced:
+            log.info("compact: %s", graph.reason)
+            return None
+        nodes = {module: node for node, module in graph.gates.items()}
+        if not set(rest) <= set(nodes):
+            log.info("compact: cannot locate the output of gated module(s) %s", sorted(set(rest) - set(nodes)))
+            return None
+        node_gates = {nodes[module]: gate for module, gate in rest.items()}
+        live, used = _analyse(model, graph, node_gates)
+        return cls(model, graph, node_gates, live, used)
+
+
+def _mapped(copy_: _Copy, example: ModelInput, expected: tuple[Tensor, ...]) -> nn.Module | None:
+    """The copy as a GraphModule with index maps, or None."""
+    name = type(copy_.model).__name__
     with torch.no_grad():
-        raw = model(*example.args, **example.kwargs)
-    graph = analyse(model, example)
+        raw = copy_.model(*example.args, **example.kwargs)
     try:
         if not isinstance(raw, Tensor) and not (isinstance(raw, tuple) and all(isinstance(v, Tensor) for v in raw)):
             raise Declined(f"it returns a {type(raw).__name__}, not tensors")
-        nodes = {module: node for node, module in graph.gates.items()}
-        if not set(gates) <= set(nodes):
-            raise Declined(f"cannot locate the output of gated module(s) {sorted(set(gates) - set(nodes))}")
-        node_gates = {nodes[module]: gate for module, gate in gates.items()}
-        live, used = _analyse(model, graph, node_gates)
-        plan = MappedPlan(model, graph, live, used, node_gates)
+        plan = MappedPlan(copy_.model, copy_.graph, copy_.live, copy_.used, copy_.gates)
         module, removed = plan.build(single_output=isinstance(raw, Tensor))
     except Declined as reason:
         log.info("compact: %s has no GraphModule with index maps: %s", name, reason)
@@ -137,7 +156,7 @@ def _mapped(model: nn.Module, gates: dict[str, Tensor], example: ModelInput, exp
     if problem is not None:
         log.warning("compact: %s as a GraphModule with index maps %s", name, problem)
         return None
-    log.info("compact: %s needs channel index maps: a torch.fx GraphModule, %d parameter entries removed", name, removed)
+    log.info("compact: %s needs channel index maps in its graph: a torch.fx GraphModule, %d parameter entries removed", name, removed)
     return module
 
 
@@ -166,7 +185,7 @@ def compacted_widths(model: nn.Module, graph: ChannelGraph) -> dict[str, int] | 
     plan = None
     for route in (InPlacePlan, MappedPlan):
         try:
-            plan = InPlacePlan(model, view, live, used, frozenset(gates)) if route is InPlacePlan else MappedPlan(model, view, live, used, gates)
+            plan = route(model, view, live, used, gates)
             break
         except Declined:
             continue
@@ -178,11 +197,10 @@ def compacted_widths(model: nn.Module, graph: ChannelGraph) -> dict[str, int] | 
     }  # fmt: skip
 
 
-def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:
-    """Make the shortcut gates part of the model, exactly and with torch modules only: a gated
-    affine BatchNorm gets its gated-off entries zeroed; any other gated module is followed by
-    a depthwise 1x1 ``nn.Conv2d`` whose weights are the gate (0 or 1 per channel), which the
-    narrowing then treats as any layer (a gated-off channel it alone carries goes)."""
+def _fold_batchnorm_gates(model: nn.Module, gates: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fold the gates of affine BatchNorms into them exactly (gated-off entries zeroed);
+    returns the other gates."""
+    rest = {}
     for name, gate in gates.items():
         module = model.get_submodule(name)
         if bool(gate.all()):
@@ -191,7 +209,17 @@ def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:
             with torch.no_grad():
                 module.weight[~gate.to(module.weight.device)] = 0.0
                 module.bias[~gate.to(module.bias.device)] = 0.0
-            continue
+        else:
+            rest[name] = gate
+    return rest
+
+
+def _fold_gates(model: nn.Module, gates: dict[str, Tensor]) -> None:
+    """Make the shortcut gates part of the model, exactly and with torch modules only: a gated
+    affine BatchNorm gets its gated-off entries zeroed; any other gated module is followed by
+    a depthwise 1x1 ``nn.Conv2d`` whose weights are the gate (0 or 1 per channel)."""
+    for name, gate in _fold_batchnorm_gates(model, gates).items():
+        module = model.get_submodule(name)
         like = next(model.parameters())
         scale = nn.Conv2d(len(gate), len(gate), 1, groups=len(gate), bias=False).to(like.device, like.dtype)
         with torch.no_grad():

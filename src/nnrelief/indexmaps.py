@@ -17,61 +17,27 @@ GraphModule. Its parameters keep the model's names; its leaf modules are the nar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch import Tensor
 
-from .analysis import ChannelGraph, Rule
+from .analysis import Rule
 from .analysis.capture import INNER, scope, watch
 from .analysis.rules import op_name
-from .narrowing import Declined, InPlacePlan
+from .narrowing import Declined, InPlacePlan, MapEntry
 
 _SIZED_VIEWS = {"view", "reshape", "_unsafe_view", "expand"}  # ops whose argument 1 lists output sizes
 _MODULE_OPS = {"linear", "conv1d", "conv2d", "conv3d"}  # what a Linear/Conv module's forward records
 _CONVOLUTIONS = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}  # op -> index of its groups argument
 
 
-@dataclass
-class ChannelMap:
-    """Index map inserted after ``node``: output channel k <- input ``index[k]``; an index equal
-    to the input's channel count reads an appended zero channel (``zero_fill``)."""
-
-    node: str
-    axis: int
-    index: Tensor
-    zero_fill: bool
-
-
 class MappedPlan(InPlacePlan):
-    """:class:`InPlacePlan` where channel paddings and inexact flattens/concatenations get index
-    maps instead of declining; :meth:`build` makes the GraphModule."""
+    """:class:`InPlacePlan` whose index maps go into the graph (no module of its own needs to
+    return a mapped node) and where an inexact flatten or concatenation gets one too instead
+    of declining; :meth:`build` makes the GraphModule."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        graph: ChannelGraph,
-        live: dict[str, Tensor],
-        used: dict[str, Tensor],
-        gates: dict[str, Tensor] | None = None,
-    ) -> None:
-        capture = graph.capture
-        if capture is None or not capture.dynamic_batch:
-            raise Declined("the capture has a fixed batch size")
-        if capture.keywords:
-            raise Declined("the model takes keyword inputs")
-        self.gates = dict(gates or {})  # shortcut node -> its gate: an index map drops what it gates off
-        self.pads: list[str] = []
-        self.inexact: set[str] = set()
-        super().__init__(model, graph, live, used, frozenset(self.gates))
-
-    def _linked(self, name: str) -> bool:
-        return name not in self.gates
-
-    def _channel_pad(self, name: str) -> None:
-        self.pads.append(name)
+    def _map_at(self, name: str) -> None:
+        self.mapped[name] = None  # the map goes into the graph: no module needs to return the node
 
     def _inexact(self, name: str) -> None:
         self.inexact.add(name)
@@ -86,45 +52,24 @@ class MappedPlan(InPlacePlan):
             if -1 in others:  # the channel size cannot become the inferred one
                 self.forced.update([name, *self._channel_inputs(rule.inputs)])
 
-    def _natural(self, name: str, keep: dict[str, Tensor]) -> Tensor:
-        rule = self.graph.rules[name]
-        if rule.rule is Rule.PAD:
-            source = keep[rule.inputs[0]]
-            front, back = rule.pad
-            return torch.cat([source.new_zeros(front), source, source.new_zeros(back)])
-        if rule.rule in (Rule.PASS, Rule.MERGE):
-            return keep[rule.inputs[0]]
-        return super()._natural(name, keep)
-
-    def maps(self) -> list[ChannelMap]:
-        """The index maps: after each channel padding, gated shortcut and inexact
-        flatten/concatenation whose kept channels differ from what its input gives."""
-        maps = []
-        for name in dict.fromkeys([*self.pads, *sorted(self.gates), *sorted(self.inexact)]):
-            rule = self.graph.rules[name]
-            natural = self._natural(name, self.keep).nonzero().flatten()
-            position = torch.full((rule.channels,), len(natural), dtype=torch.long)
-            position[natural] = torch.arange(len(natural))
-            if name in self.gates:
-                position[~self.gates[name].to(position.device)] = len(natural)
-            index = position[self.keep[name].nonzero().flatten()]
-            if len(index) == len(natural) and torch.equal(index, torch.arange(len(natural))):
-                continue
-            maps.append(ChannelMap(name, rule.axis, index, bool((index == len(natural)).any())))
-        return maps
-
     def build(self, single_output: bool) -> tuple[fx.GraphModule, int]:
         """Slice the modules and rewrite the capture; returns the GraphModule and the number of
         parameter entries removed. ``single_output``: the model returns one tensor, not a tuple."""
+        capture = self.graph.capture
+        if not capture.dynamic_batch:
+            raise Declined("the capture has a fixed batch size")
+        if capture.keywords:
+            raise Declined("the model takes keyword inputs")
         maps = self.maps()
-        removed = self.apply()
+        removed = self.slice_modules()
         graph, nodes = _copy(self.graph.capture.graph)
         for number, entry in enumerate(maps):
             buffer = f"channel_map_{number}"
             self.model.register_buffer(buffer, entry.index.to(_device(self.model)))
             _insert_map(graph, nodes[entry.node], entry, buffer)
-        for name in self.pads:
-            _drop_channel_pad(nodes[name], self.graph.rules[name].axis)
+        for name in self.mapped:
+            if self.graph.rules[name].rule is Rule.PAD:
+                _drop_channel_pad(nodes[name], self.graph.rules[name].axis)
         self._rewrite_sizes(nodes)
         self._module_calls(graph, nodes)
         _plain(graph, single_output)
@@ -219,7 +164,7 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _insert_map(graph: fx.Graph, node: fx.Node, entry: ChannelMap, buffer: str) -> None:
+def _insert_map(graph: fx.Graph, node: fx.Node, entry: MapEntry, buffer: str) -> None:
     users = list(node.users)
     ndim = node.meta["val"].dim()
     with graph.inserting_after(node):

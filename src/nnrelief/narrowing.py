@@ -4,24 +4,29 @@ Tensors joined by channel-wise ops (activations, BatchNorm, pooling, elementwise
 products) carry the same channels, so they form one *group* (union-find over graph nodes);
 a group keeps channel c if any member may carry a nonzero signal there that some consumer
 uses. A flatten or a concatenation of narrowed tensors is itself narrowed exactly (its kept
-entries follow from its inputs'), so no index map is needed; what would need one (a channel
-padding, a gate on a shortcut without a BatchNorm to fold it into, a group whose kept
-channels a flatten cannot produce) makes :func:`narrow_in_place` decline, and the caller
-uses another route. Sliced: Linear / Conv1D / Conv2d rows and columns, depthwise groups,
-BatchNorm entries, per-channel parameters multiplied into the stream (layer scales).
+entries follow from its inputs'). A channel padding or a gated shortcut separates two
+groups: the module returning it is wrapped in a :class:`ChannelMap` that places the kept
+source channels into the kept target channels (zeros where a target has no source). What
+has no in-place form (such a node that no module of its own returns, a group whose kept
+channels a flatten cannot produce) makes the plan decline, and the caller uses another
+route. Sliced: Linear / Conv1D / Conv2d rows and columns, depthwise groups, BatchNorm
+entries, per-channel parameters multiplied into the stream (layer scales).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .analysis import ChannelGraph, Rule
-from .analysis.capture import parameter_name, scope
+from .analysis.capture import parameter_name, scope, scopes, watch
 from .analysis.rules import BATCHNORMS, op_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,42 @@ class Groups:
         self.parent[self.find(a)] = self.find(b)
 
 
+@dataclass
+class MapEntry:
+    """Index map after ``node``: output channel k <- input channel ``index[k]``; an index equal
+    to the input's channel count reads an appended zero channel (``zero_fill``)."""
+
+    node: str
+    axis: int
+    index: Tensor
+    zero_fill: bool
+
+
+class ChannelMap(nn.Module):
+    """``module``'s output with its channels (dim ``axis``) re-indexed: channel k of the result
+    is channel ``index[k]`` of the module's output, or zero where ``index[k]`` equals that
+    output's channel count (``zero_fill``). Compaction puts it where a module pads channels
+    (the option-A shortcut) or a gate drops some of a shortcut's channels."""
+
+    def __init__(self, module: nn.Module, index: Tensor, axis: int, zero_fill: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("index", index)
+        self.axis = axis
+        self.zero_fill = zero_fill
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        output = self.module(*args, **kwargs)
+        if self.zero_fill:
+            output = F.pad(output, [0, 0] * (output.dim() - 1 - self.axis) + [0, 1])
+        return output.index_select(self.axis, self.index)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 class Declined(Exception):
     """The forward cannot be narrowed in place without an index map; the message says why."""
 
@@ -57,17 +98,26 @@ class InPlacePlan:
     """Which channels every tensor keeps and the module slices that realise it."""
 
     def __init__(
-        self, model: nn.Module, graph: ChannelGraph, live: dict[str, Tensor], used: dict[str, Tensor], gated: frozenset[str] = frozenset()
+        self,
+        model: nn.Module,
+        graph: ChannelGraph,
+        live: dict[str, Tensor],
+        used: dict[str, Tensor],
+        gates: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.model = model
         self.graph = graph
-        self.gated = gated  # shortcut gate products (whose gated-off channels ``live`` already drops)
+        self.gates = dict(gates or {})  # shortcut node -> its gate (``live`` already drops what it gates off)
+        self.gated = frozenset(self.gates)
         self.nodes = {node.name: node for node in graph.capture.graph.nodes}
         self.modules = dict(model.named_modules())
         self.groups = Groups()
         self.forced: set[str] = set()
         self.parameters: list[tuple[str, str, int]] = []  # (parameter, node, axis of the parameter)
         self.norms: dict[str, list[str]] = {}  # BatchNorm module -> its input nodes
+        self.mapped: dict[str, str | None] = {}  # node followed by an index map -> the module returning it
+        self.inexact: set[str] = set()
+        self._exits: dict[str, set[str]] | None = None
         self._couple()
         self.keep = self._decide(live, used)
 
@@ -79,7 +129,7 @@ class InPlacePlan:
         for name, rule in rules.items():
             inputs = self._channel_inputs(rule.inputs)
             if rule.rule is Rule.PAD:
-                self._channel_pad(name)
+                self._map_at(name)
             elif rule.rule in (Rule.PASS, Rule.MERGE) and rule.channels is not None:
                 if self._linked(name):
                     for source in inputs:
@@ -98,15 +148,36 @@ class InPlacePlan:
         for inputs in self.norms.values():
             for source in inputs[1:]:
                 self.groups.union(inputs[0], source)
+        for name in self.gates:
+            self._map_at(name)
 
     def _linked(self, name: str) -> bool:
-        """Whether channel-wise node ``name`` carries its inputs' channels (an index map may
-        stand between them instead)."""
-        return True
+        """Whether channel-wise node ``name`` carries its inputs' channels (a gated shortcut
+        does not: an index map stands between them)."""
+        return name not in self.gates
 
-    def _channel_pad(self, name: str) -> None:
-        """A zero padding along the channel axis: the in-place route cannot express it."""
-        raise Declined(f"node {name} pads along channels (an index map would be needed)")
+    def _map_at(self, name: str) -> None:
+        """Node ``name`` (a channel padding, a gated shortcut) is followed by an index map: in
+        place, a :class:`ChannelMap` around the module that returns it."""
+        owner = self._owner(name)
+        if owner is None:
+            raise Declined(f"node {name} moves channels (a padding or a gate) and no module of its own returns it")
+        self.mapped[name] = owner
+
+    def _owner(self, name: str) -> str | None:
+        """The innermost module whose forward returns node ``name`` and nothing else."""
+        if self._exits is None:
+            self._exits = {}
+            for node in self.graph.capture.graph.nodes:
+                inside = set(scopes(node))
+                for user in node.users:
+                    if user.target is not watch:
+                        for module in inside - set(scopes(user)):
+                            self._exits.setdefault(module, set()).add(node.name)
+        for module in reversed(scopes(self.nodes[name])):
+            if module and self._exits.get(module) == {name}:
+                return module
+        return None
 
     def _inexact(self, name: str) -> None:
         """Consumers of flatten/concat ``name`` need channels its narrowed inputs do not produce."""
@@ -152,10 +223,34 @@ class InPlacePlan:
         return keep
 
     def _natural(self, name: str, keep: dict[str, Tensor]) -> Tensor:
+        """The original channels node ``name`` gives once its inputs are narrowed."""
         rule = self.graph.rules[name]
         if rule.rule is Rule.FLATTEN:
             return keep[rule.inputs[0]].repeat_interleave(rule.spatial).repeat(rule.outer)
+        if rule.rule is Rule.PAD:
+            source = keep[rule.inputs[0]]
+            front, back = rule.pad
+            return torch.cat([source.new_zeros(front), source, source.new_zeros(back)])
+        if rule.rule in (Rule.PASS, Rule.MERGE):
+            return keep[rule.inputs[0]]
         return torch.cat([keep[source] for source in rule.inputs])
+
+    def maps(self) -> list[MapEntry]:
+        """The index maps: after each channel padding, gated shortcut and inexact flatten or
+        concatenation whose kept channels differ from what its narrowed input gives."""
+        maps = []
+        for name in dict.fromkeys([*self.mapped, *sorted(self.inexact)]):
+            rule = self.graph.rules[name]
+            natural = self._natural(name, self.keep).nonzero().flatten()
+            position = torch.full((rule.channels,), len(natural), dtype=torch.long)
+            position[natural] = torch.arange(len(natural))
+            if name in self.gates:
+                position[~self.gates[name].to(position.device)] = len(natural)
+            index = position[self.keep[name].nonzero().flatten()]
+            if len(index) == len(natural) and torch.equal(index, torch.arange(len(natural))):
+                continue
+            maps.append(MapEntry(name, rule.axis, index, bool((index == len(natural)).any())))
+        return maps
 
     def _exact_reshapes(self, keep: dict[str, Tensor]) -> None:
         """A flatten/concat output keeps exactly what its narrowed inputs produce."""
@@ -170,6 +265,31 @@ class InPlacePlan:
     # -- surgery
 
     def apply(self) -> int:
+        """Slice every module and wrap the index maps' modules in :class:`ChannelMap`; returns
+        the number of parameter entries removed."""
+        maps = self.maps()
+        removed = self.slice_modules()
+        for entry in maps:
+            owner = self.mapped[entry.node]
+            parent, _, attribute = owner.rpartition(".")
+            module = self.model.get_submodule(owner)
+            index, zero_fill = self._in_module(entry)
+            setattr(self.model.get_submodule(parent), attribute, ChannelMap(module, index.to(_device_of(self.model)), entry.axis, zero_fill))
+        return removed
+
+    def _in_module(self, entry: MapEntry) -> tuple[Tensor, bool]:
+        """``entry``'s index into the output of its narrowed module: a padding module still
+        pads (its zeros come first and last), so its kept channels sit after the front zeros
+        and a zero channel is one of those it adds."""
+        rule = self.graph.rules[entry.node]
+        if rule.rule is not Rule.PAD:
+            return entry.index, entry.zero_fill
+        front, _ = rule.pad
+        sources = int(self.keep[rule.inputs[0]].sum())
+        zero = 0 if front else sources  # the first padded zero
+        return torch.where(entry.index < sources, entry.index + front, zero), False
+
+    def slice_modules(self) -> int:
         """Slice every module; returns the number of parameter entries removed."""
         before = sum(p.numel() for p in self.model.parameters())
         with torch.no_grad():
