@@ -2,10 +2,10 @@
 
 Small random-config BERT, GPT-2, Llama and ViT (nothing downloaded), 256 pruning samples in
 batches of 32: the time of the first `nnrelief.prune` pass (which captures the model with
-torch.export), of each later pass (the capture is cached per model and input signature and
-reused; masks added by the first pass change the modules, so the second pass captures once
-more and the third reuses it), each divided by the time of one `torch.no_grad()` forward over
-the same batches. Target (issue 17): every pass after the capture at most 3x a forward.
+torch.export; the batches are a list of equal batches, so for their one shape), of each
+later pass (the capture is cached per model and input signature and reused: the masks a
+pass adds are written into it), each divided by the time of one `torch.no_grad()` forward
+over the same batches. Target (issue 17): every pass after the capture at most 3x a forward.
 
     python benchmarks/transformer_pass.py [--passes 4] [--threads 2]
 """
