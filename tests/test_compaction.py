@@ -196,6 +196,11 @@ def test_index_maps_with_literal_sizes(batch_inferred: bool) -> None:
     assert compacted.b.out_channels == (12 if batch_inferred else 10)
     loaded = load_sparse(save_sparse(compacted, Path(tempfile.mkdtemp()) / "m.pt"))
     _assert_same(model, loaded.eval(), x)
+    # Pruned and compacted again: the GraphModule is a model like any other (its maps kept).
+    nnrelief.prune(compacted, [x], alpha_fc=0.6, alpha_conv=0.6, progress=False)
+    again = compact(compacted, x[:2])
+    _assert_same(compacted, again, x)
+    assert sum(p.numel() for p in again.parameters()) < sum(p.numel() for p in compacted.parameters())
 
 
 def test_plain_model_with_zero_rows_and_no_example() -> None:

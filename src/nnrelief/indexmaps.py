@@ -17,6 +17,8 @@ GraphModule. Its parameters keep the model's names; its leaf modules are the nar
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -63,8 +65,9 @@ class MappedPlan(InPlacePlan):
         maps = self.maps()
         removed = self.slice_modules()
         graph, nodes = _copy(self.graph.capture.graph)
-        for number, entry in enumerate(maps):
-            buffer = f"channel_map_{number}"
+        numbers = (number for number in itertools.count() if not hasattr(self.model, f"channel_map_{number}"))
+        for entry in maps:
+            buffer = f"channel_map_{next(numbers)}"  # a model compacted before keeps its own maps
             self.model.register_buffer(buffer, entry.index.to(_device(self.model)))
             _insert_map(graph, nodes[entry.node], entry, buffer)
         for name in self.mapped:
