@@ -16,6 +16,7 @@ from bn_helpers import calibrate_and_dim
 from nnrelief.compaction import compact, compaction_summary, format_summary
 from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.masks import GATE, gate_of, set_gate, set_mask
+from nnrelief.metrics import summarize
 from nnrelief.models import MODELS, get_model, input_shape
 from nnrelief.models.resnet_cifar import PadShortcut
 from nnrelief.narrowing import ChannelMap
@@ -194,6 +195,8 @@ def test_index_maps_with_literal_sizes(batch_inferred: bool) -> None:
     # The inferred batch pins the flatten's size: z keeps all 12 channels (channel 4 from a zero fill).
     assert compacted.fc1.in_features == (192 if batch_inferred else 160)
     assert compacted.b.out_channels == (12 if batch_inferred else 10)
+    # Its layers run as the narrowed modules: MACs count, fewer than the model's.
+    assert 0 < summarize(compacted, (3, 16, 16)).macs_dense < summarize(model, (3, 16, 16)).macs_dense
     loaded = load_sparse(save_sparse(compacted, Path(tempfile.mkdtemp()) / "m.pt"))
     _assert_same(model, loaded.eval(), x)
     # Pruned and compacted again: the GraphModule is a model like any other (its maps kept).

@@ -66,15 +66,16 @@ class MappedPlan(InPlacePlan):
         removed = self.slice_modules()
         graph, nodes = _copy(self.graph.capture.graph)
         numbers = (number for number in itertools.count() if not hasattr(self.model, f"channel_map_{number}"))
+        outputs = set()
         for entry in maps:
             buffer = f"channel_map_{next(numbers)}"  # a model compacted before keeps its own maps
             self.model.register_buffer(buffer, entry.index.to(_device(self.model)))
-            _insert_map(graph, nodes[entry.node], entry, buffer)
+            outputs.add(_insert_map(graph, nodes[entry.node], entry, buffer))
         for name in self.mapped:
             if self.graph.rules[name].rule is Rule.PAD:
                 _drop_channel_pad(nodes[name], self.graph.rules[name].axis)
         self._rewrite_sizes(nodes)
-        self._module_calls(graph, nodes)
+        self._module_calls(graph, nodes, outputs)
         _plain(graph, single_output)
         module = fx.GraphModule(self.model, graph, class_name=f"Compacted{type(self.model).__name__}")
         module.graph.eliminate_dead_code()
@@ -102,16 +103,17 @@ class MappedPlan(InPlacePlan):
             node = nodes[name]
             node.args = (node.args[0], sizes, *node.args[2:])
 
-
-    def _module_calls(self, graph: fx.Graph, nodes: dict[str, fx.Node]) -> None:
+    def _module_calls(self, graph: fx.Graph, nodes: dict[str, fx.Node], maps: set[fx.Node]) -> None:
         """Layer and BatchNorm calls back as calls of their (narrowed) modules, where the
-        capture shows the module's plain forward: the result counts MACs, trains and prunes
-        like the model."""
+        capture shows the module's plain forward on the module's input (or on an index map
+        inserted before it): the result counts MACs, trains and prunes like the model."""
         for layer in self.graph.layers.values():
             for call in layer.calls:
                 node = nodes[call.node]
-                if op_name(node) in _MODULE_OPS and _reads_own(node, layer.name, 2):
-                    _call_module(graph, node, layer.name, nodes[call.input_node])
+                source = node.args[0] if node.args else None
+                plain = source is nodes[call.input_node] or source in maps  # else ops of the module's own before it
+                if plain and op_name(node) in _MODULE_OPS and _reads_own(node, layer.name, 2):
+                    _call_module(graph, node, layer.name, source)
         for name, module in self.graph.batchnorms.items():
             node = nodes[name]
             if op_name(node) == "batch_norm" or op_name(node) == "_native_batch_norm_legit_no_training":
@@ -167,7 +169,8 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _insert_map(graph: fx.Graph, node: fx.Node, entry: MapEntry, buffer: str) -> None:
+def _insert_map(graph: fx.Graph, node: fx.Node, entry: MapEntry, buffer: str) -> fx.Node:
+    """Insert ``entry``'s map after ``node`` for all its users; returns the map's output."""
     users = list(node.users)
     ndim = node.meta["val"].dim()
     with graph.inserting_after(node):
@@ -181,6 +184,7 @@ def _insert_map(graph: fx.Graph, node: fx.Node, entry: MapEntry, buffer: str) ->
         selected = graph.call_function(torch.ops.aten.index_select.default, (current, entry.axis, index))
     for user in users:
         user.replace_input_with(node, selected)
+    return selected
 
 
 def _drop_channel_pad(node: fx.Node, axis: int) -> None:
