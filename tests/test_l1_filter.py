@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from nnrelief.experiments.l1_filter import (
     l1_filter_prune,
     removal_counts,
 )
+from nnrelief.experiments.methods import Targets
 from nnrelief.masks import current_mask
 from nnrelief.metrics import effective_tensor, summarize
 from nnrelief.models import lenet300_100, resnet20
+from nnrelief.pruning import SPARED
 
 SHAPE = (1, 4, 4)
 
@@ -187,6 +190,24 @@ def test_resnet20_block_internal_convs_only():
     small = nnrelief.compact(model, x)
     assert summarize(small, shape).macs_dense == after.macs_sparse
     assert torch.allclose(small(x), model(x), atol=1e-4)
+
+
+def test_spared_layers_keep_their_filters_and_targets_name_them():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    shape = (3, 32, 32)
+    spared = {"layer1.0.conv1", "layer3.2.conv1"}
+    l1_filter_prune(model, 0.7 * summarize(model, shape).macs_sparse, shape, spared)
+    alive = {layer.name: layer.channels_total - layer.channels_alive for layer in summarize(model, shape).layers}
+    assert all(alive[name] == 0 for name in spared) and alive["layer2.0.conv1"] > 0
+    with pytest.raises(ValueError, match="other than the spared"):
+        l1_filter_prune(resnet20(), 1e6, shape, set(filter_layers(resnet20(), shape)))
+    # What a run's history says: the layers its ignore/only choices spared, from the reports.
+    report = {"layers": [{"name": "fc", "weights_kept": 5, "bias_kept": 1}],
+              "skipped": {"layer1.0.conv1": SPARED, "head": "never runs in the forward pass"}}  # fmt: skip
+    records = [SimpleNamespace(iteration=0, report=None, macs_sparse=10), SimpleNamespace(iteration=1, report=report, macs_sparse=7)]
+    targets = Targets.of(SimpleNamespace(records=records), seed=0, input_shape=shape)
+    assert targets.spared == {"layer1.0.conv1"} and targets.kept == [{"fc": 6}] and targets.macs == [7]
 
 
 def test_a_net_without_filter_layers_is_refused():

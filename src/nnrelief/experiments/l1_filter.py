@@ -7,7 +7,8 @@ through channel-wise ops (BatchNorm, zero-preserving activations, pooling, flatt
 zoo's residual nets (ResNets with option-A ``PadShortcut`` shortcuts) that is the first conv
 of each residual block, the block's internal channels, as Li et al. prune them: the convs
 writing into the residual stream (the stem, the second conv of each block) stay whole. In
-VGG and plain conv nets it is every conv but the stem.
+VGG and plain conv nets it is every conv but the stem. Layers NNrelief's run spared
+(``--ignore``/``--only``) are spared here too.
 
 Removing filter j of a conv removes its kernels and bias, its BatchNorm channel (weight
 and bias masked to 0, as :func:`nnrelief.prune` does) and the next layers' connections
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from fractions import Fraction
 
 import torch
@@ -154,11 +155,12 @@ def _graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
     return graph
 
 
-def _checked(names: list[str], model: nn.Module) -> list[str]:
+def _checked(names: list[str], model: nn.Module, spared: Collection[str] = ()) -> list[str]:
     if not names:
+        also = f", other than the spared {', '.join(sorted(spared))}" if spared else ""
         raise ValueError(
             f"{type(model).__name__} has no conv layer whose filters L1-filter pruning can remove (convs other than "
-            "the stem whose channels feed only other layers): it needs a conv net"
+            f"the stem whose channels feed only other layers{also}): it needs a conv net"
         )
     return names
 
@@ -203,9 +205,9 @@ class FilterPlan:
         input_shape: one input's shape (no batch dimension), for tracing and MACs.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], spared: Collection[str] = ()) -> None:
         self.model, self.graph = model, _graph(model, input_shape)
-        self.filters = _checked(_filter_layers(self.graph), model)
+        self.filters = _checked([name for name in _filter_layers(self.graph) if name not in spared], model, spared)
         layers = self.graph.layers
         self.base = {name: _connection_mask(layer.module) for name, layer in layers.items()}
         self.norms = {name: filter_l1_norms(effective_tensor(layers[name].module, "weight")).cpu() for name in self.filters}
@@ -241,11 +243,14 @@ class FilterPlan:
         apply_layer_masks(self.model, masks, batchnorms)
 
 
-def l1_filter_prune(model: nn.Module, target_macs: float, input_shape: tuple[int, ...]) -> PruneReport:
+def l1_filter_prune(
+    model: nn.Module, target_macs: float, input_shape: tuple[int, ...], spared: Collection[str] = ()
+) -> PruneReport:
     """Remove the same fraction of the smallest-L1 filters of every filter layer of ``model``
-    (in place), the fraction whose MACs come closest to ``target_macs`` (see the module
-    docstring). The report's settings give the fraction, the target and the MACs reached."""
-    plan = FilterPlan(model, input_shape)
+    (in place) but the ``spared`` ones, the fraction whose MACs come closest to
+    ``target_macs`` (see the module docstring). The report's settings give the fraction, the
+    target and the MACs reached."""
+    plan = FilterPlan(model, input_shape, spared)
     cache: dict[Fraction, tuple[dict[str, LayerMask], dict[str, Tensor], int]] = {}
 
     def cost(fraction: Fraction) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..pruning import SPARED
 from ..report import PruneReport
 from .baselines import global_magnitude_prune, magnitude_prune, random_prune
 from .config import ConfigError, derive_seed
@@ -48,18 +49,23 @@ class Targets:
         macs: the sparse MACs (the history's ``macs_sparse``).
         seed: the run's seed.
         input_shape: one input's shape (for counting MACs).
+        spared: the layers NNrelief's ``ignore``/``only`` choices spared (kept whole).
     """
 
     kept: list[dict[str, int]]
     macs: list[int]
     seed: int
     input_shape: tuple[int, ...]
+    spared: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, reference: History, seed: int, input_shape: tuple[int, ...]) -> Targets:
         """The targets of NNrelief's history ``reference`` (iteration 0, the dense model, has none)."""
         records = reference.records[1:]
-        return cls([layer_targets(r) for r in records], [r.macs_sparse for r in records], seed, tuple(input_shape))
+        spared = frozenset(
+            name for r in records if r.report is not None for name, why in r.report.get("skipped", {}).items() if why == SPARED
+        )
+        return cls([layer_targets(r) for r in records], [r.macs_sparse for r in records], seed, tuple(input_shape), spared)
 
 
 Prune = Callable[[nn.Module, Targets, int], PruneReport]
@@ -110,7 +116,7 @@ def _random(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
 
 
 def _l1_filter(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
-    return l1_filter_prune(model, targets.macs[iteration - 1], targets.input_shape)
+    return l1_filter_prune(model, targets.macs[iteration - 1], targets.input_shape, targets.spared)
 
 
 METHODS: dict[str, Method] = {

@@ -32,11 +32,12 @@ from .apply import apply_layer_masks, apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .plan import Planner, contributions
 
-__all__ = ["SCORE_MODES", "apply_layer_masks", "prune"]
+__all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
 
 log = logging.getLogger(__name__)
 
 SCORE_MODES = ("paper", "authors")
+SPARED = "spared by ignore=/only=: every weight kept"  # report.skipped's reason for a spared layer
 
 
 def prune(
@@ -177,7 +178,7 @@ def _unspared(
     if spared and len(spared) == len(layers):
         raise ValueError(f"ignore=/only= spare every layer of {type(model).__name__} ({', '.join(sorted(spared))}): nothing to prune")
     for name in sorted(spared):
-        skipped[name] = "spared by ignore=/only=: every weight kept"
+        skipped[name] = SPARED
     return {name: layer for name, layer in layers.items() if name not in spared}
 
 
