@@ -15,6 +15,12 @@ BatchNorm, pooling, elementwise adds) must carry the same channels, so they form
 *group*. A group keeps channel c if any member may carry a nonzero signal there that some
 consumer uses. A channel padding and a gated shortcut connect two groups through an index
 map instead, so the residual streams before and after them keep their own channels.
+
+Why not Torch-Pruning: its dependency graph treats ``F.pad`` along channels (the
+option-A shortcut) as an elementwise op with a one-to-one channel mapping, so it couples
+stages of different width with wrong indices and leaves ``PadShortcut.pad`` unchanged
+(the model it returns fails in the forward). It also knows nothing about nnrelief's
+shortcut gates (a forward hook with a buffer) nor about which channels are exactly zero.
 """
 
 from __future__ import annotations
