@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -167,6 +168,22 @@ def _quiet_torch() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """Export records a Python stack trace per node (about a sixth of its cost on the zoo's
+    models); nnrelief reads none, so where torch has the switch they are not recorded."""
+    config = importlib.import_module("torch.fx.config")
+    before = getattr(config, "do_not_emit_stack_traces", None)
+    if before is None:
+        yield
+        return
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
+
+
 def capture(model: nn.Module, model_input: ModelInput, dynamic: bool = True) -> Capture:
     """Export ``model`` (in its current mode) on ``model_input``, with a dynamic batch where
     the model allows it (``dynamic``), else for these shapes; raises what export raises."""
@@ -175,7 +192,7 @@ def capture(model: nn.Module, model_input: ModelInput, dynamic: bool = True) -> 
     inputs = (*model_input.args, *model_input.kwargs.values())
     hooks = [m.register_forward_hook(_identity_views) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _quiet_torch():
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_torch(), _no_stack_traces():
             # Masked layers set their .weight in a pre-hook; export warns about the assignment.
             warnings.simplefilter("ignore")
             program = None
