@@ -41,16 +41,19 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module
+        self.shortcut = self.make_shortcut(in_planes, planes, stride)
+
+    @staticmethod
+    def make_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+        """The option-A shortcut: Identity, or PadShortcut where the width doubles at stride 2."""
         if stride == 1 and in_planes == planes:
-            self.shortcut = nn.Identity()
-        elif stride == 2 and planes == 2 * in_planes:
-            self.shortcut = PadShortcut(planes // 4)
-        else:
-            raise ValueError(
-                "option-A shortcut needs stride 1 with equal widths or stride 2 with "
-                f"doubled width; got in_planes={in_planes}, planes={planes}, stride={stride}"
-            )
+            return nn.Identity()
+        if stride == 2 and planes == 2 * in_planes:
+            return PadShortcut(planes // 4)
+        raise ValueError(
+            "option-A shortcut needs stride 1 with equal widths or stride 2 with "
+            f"doubled width; got in_planes={in_planes}, planes={planes}, stride={stride}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))

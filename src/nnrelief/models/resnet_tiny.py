@@ -6,37 +6,20 @@ import torch
 from torch import nn
 
 from ._init import init_weights_
+from .resnet_cifar import BasicBlock
 
 
-class ProjBasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus ``shortcut``, then ReLU.
+class ProjBasicBlock(BasicBlock):
+    """:class:`~nnrelief.models.resnet_cifar.BasicBlock` with a projection shortcut:
+    ``nn.Identity()`` when the shape is unchanged, otherwise
+    ``nn.Sequential(Conv2d 1x1 (stride, no bias), BatchNorm2d)``."""
 
-    ``shortcut`` is ``nn.Identity()`` when the shape is unchanged, otherwise a projection
-    ``nn.Sequential(Conv2d 1x1 (stride, no bias), BatchNorm2d)``.
-    """
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module
+    @staticmethod
+    def make_shortcut(in_planes: int, planes: int, stride: int) -> nn.Module:
+        """Identity, or the 1x1 projection (with BatchNorm) where the shape changes."""
         if stride == 1 and in_planes == planes:
-            self.shortcut = nn.Identity()
-        else:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = out + self.shortcut(x)
-        return self.relu2(out)
+            return nn.Identity()
+        return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
 
 class ResNet18Tiny(nn.Module):
