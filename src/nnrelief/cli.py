@@ -225,27 +225,33 @@ def _preset_of(argv: Sequence[str]) -> str | None:
     return early.parse_known_args(argv)[0].preset
 
 
+def _experiment_command(
+    commands: Any, name: str, shown: str | None, handler: Any, preset: str | None = None, **texts: str
+) -> argparse.ArgumentParser:
+    """A subcommand that runs an experiment: its settings' flags (``preset``'s defaults),
+    the common options and ``handler``."""
+    parser = commands.add_parser(name, **texts)
+    _add_experiment_options(parser, preset=preset, shown=shown)
+    _add_common(parser, top_level=False)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def _add_train(commands: Any, shown: str | None) -> None:
-    train = commands.add_parser(
-        "train", help="train the dense model of an experiment",
+    _experiment_command(
+        commands, "train", shown, _cmd_train, help="train the dense model of an experiment",
         description="Train the dense model (saving initial and trained weights in the run "
         "folder); 'nnrelief prune' with the same settings continues from it.",
     )  # fmt: skip
-    _add_experiment_options(train, preset=None, shown=shown)
-    _add_common(train, top_level=False)
-    train.set_defaults(handler=_cmd_train)
 
 
 def _add_prune(commands: Any, shown: str | None) -> None:
-    prune = commands.add_parser(
-        "prune", help="run the iterative NNrelief procedure (training first if needed)",
+    _experiment_command(
+        commands, "prune", shown, _cmd_prune, help="run the iterative NNrelief procedure (training first if needed)",
         description="Dense training (unless the run folder has it), then the iterations "
         "prune -> evaluate -> retrain -> evaluate. Interrupted runs resume when the same "
         "command is run again. Prints the per-iteration table at the end.",
     )  # fmt: skip
-    _add_experiment_options(prune, preset=None, shown=shown)
-    _add_common(prune, top_level=False)
-    prune.set_defaults(handler=_cmd_prune)
 
 
 def _add_eval(commands: Any) -> None:
@@ -269,15 +275,12 @@ def _add_eval(commands: Any) -> None:
 
 
 def _add_demo(commands: Any, shown: str | None) -> None:
-    demo = commands.add_parser(
-        "demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
+    _experiment_command(
+        commands, "demo", shown, _cmd_demo, preset="demo", help="offline demo: LeNet-300-100 on the bundled MNIST sample",
         description="Train LeNet-300-100 briefly on the MNIST sample shipped with the package "
         "and run a few NNrelief iterations (about half a minute on 2 CPU cores); prints the "
         "per-iteration table. Same options as 'prune', with --preset demo.",
     )  # fmt: skip
-    _add_experiment_options(demo, preset="demo", shown=shown)
-    _add_common(demo, top_level=False)
-    demo.set_defaults(handler=_cmd_demo)
 
 
 def _add_report(commands: Any) -> None:
@@ -332,20 +335,18 @@ def _add_results(commands: Any) -> None:
 
 
 def _add_compare(commands: Any, shown: str | None) -> None:
-    compare = commands.add_parser(
-        "compare", help="NNrelief vs magnitude, global magnitude, random and L1-filter pruning at equal weights or MACs",
+    compare = _experiment_command(
+        commands, "compare", shown, _cmd_compare,
+        help="NNrelief vs magnitude, global magnitude, random and L1-filter pruning at equal weights or MACs",
         description="Run NNrelief (reusing the run folder 'nnrelief prune' would use) and the baselines from "
         "the same dense weights with the same retraining: layer-wise magnitude and random pruning to "
         "NNrelief's per-layer counts, global magnitude to its total count, L1-norm filter pruning (conv nets) "
         "to its MACs, at every iteration. Writes <run folder>/compare/compare.csv, .json, .md and the figures "
         "compare.png (accuracy vs remaining weights) and compare-macs.png (accuracy vs MACs); resumes when run again.",
     )  # fmt: skip
-    _add_experiment_options(compare, preset=None, shown=shown)
     defaults = [name for name in DEFAULT_METHODS if name in BASELINES]
     compare.add_argument("--methods", nargs="+", choices=BASELINES, default=defaults, metavar="METHOD",
                          help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)})")
-    _add_common(compare, top_level=False)
-    compare.set_defaults(handler=_cmd_compare)
 
 
 def _add_compact(commands: Any) -> None:
