@@ -56,6 +56,13 @@ def _distilbert() -> nn.Module:
     return transformers.DistilBertForSequenceClassification(config)
 
 
+def _falcon() -> nn.Module:  # its Linear layers compute input @ weight.T, not F.linear
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, use_cache=False,
+    )
+    return transformers.FalconForCausalLM(config)
+
+
 def _vit() -> nn.Module:
     config = transformers.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -69,6 +76,7 @@ HF_FAMILIES = {
     "bert": (_bert, _text_batch, ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense")),
     "gpt2": (_gpt2, _text_batch, ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj")),
     "distilbert": (_distilbert, _text_batch, ("distilbert.transformer.layer.0.ffn.lin1", "distilbert.transformer.layer.0.ffn.lin2")),
+    "falcon": (_falcon, _text_batch, ("transformer.h.0.mlp.dense_h_to_4h", "transformer.h.0.mlp.dense_4h_to_h")),
     "vit": (_vit, lambda seed=0: {"pixel_values": torch.randn(BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(seed))},
             ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.fc2")),
 }  # fmt: skip

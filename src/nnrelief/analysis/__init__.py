@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..inputs import ModelInput
-from .capture import Capture, capture, observing, scope
+from .capture import Capture, capture, observing, parameter_name, scope
 from .derive import RuleDeriver
 from .follow import ModuleState, follow_masks, module_state
 from .layers import LayerCall, PrunableLayer, find_layers, is_transposed_linear, prunable_kind, weight_matrix
@@ -201,8 +201,13 @@ def _derive(model: nn.Module, captured: Capture, layers: dict[str, PrunableLayer
     nodes = {node.name: node for node in captured.graph.nodes}
     batchnorms = {name: scope(nodes[name]) for name in deriver.batchnorms}
     attach_calls(layers, sites, rules, captured.graph, batchnorms)
+    read = {parameter_name(node) for node in captured.graph.nodes if node.op == "get_attr" and node.users}
     for name in [name for name, layer in layers.items() if not layer.calls]:
-        skipped[name] = "never runs in the forward pass (an unused head, or its weight read by other code)"
+        if read & {f"{name}.weight", f"{name}.weight_orig"}:
+            skipped[name] = ("its weight is read by operations that are not a plain call of the layer "
+                             "(e.g. x @ weight, or its bias added after other operations): left whole")  # fmt: skip
+        else:
+            skipped[name] = "never runs in the forward pass (an unused head, or its weight read by other code)"
         del layers[name]
     joins, gates = find_joins(layers, rules, captured.graph, modules)
     graph = ChannelGraph(layers, skipped, captured, rules, joins, batchnorms, gates, modules=module_state(model))

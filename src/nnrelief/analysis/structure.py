@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -21,6 +23,9 @@ LAYER_OPS = {"linear": (0, 1), "conv1d": (0, 1), "conv2d": (0, 1), "conv_transpo
 CONV_OPS = {"conv1d", "conv2d", "conv_transpose2d"}
 _WEIGHT_PATH = {"mul", "to", "_to_copy", "alias", "detach", "t", "transpose", "permute", "contiguous", "clone"}
 _INPUT_PATH = VIEWS | {"pad", "constant_pad_nd", "contiguous", "clone", "_to_copy", "to"}
+# A Linear written out as ``x @ self.weight.T (+ self.bias)`` (Falcon, hand-written layers).
+_MATMULS = {"matmul", "mm"}
+_CASTS = {"to", "_to_copy", "alias", "detach", "contiguous", "clone"}
 
 
 @dataclass
@@ -66,24 +71,94 @@ def find_sites(graph: fx.Graph, layers: dict[str, PrunableLayer]) -> list[LayerS
     """Every call of a layer of ``layers`` in the graph."""
     sites = []
     for node in graph.nodes:
-        indices = LAYER_OPS.get(op_name(node) or "")
-        if indices is None or len(node.args) <= indices[1] or not isinstance(node.args[indices[1]], fx.Node):
-            continue
-        source = _weight_source(node.args[indices[1]])
-        layer = source.rsplit(".", 1)[0] if source else None
-        if layer not in layers or (layers[layer].kind == "conv") != (op_name(node) in CONV_OPS):
-            continue
-        internal: list[str] = []
-        data = node.args[indices[0]]
-        while op_name(data) in _INPUT_PATH and scope(data) == layer and len(data.all_input_nodes) == 1:
-            internal.append(data.name)
-            data = data.all_input_nodes[0]
-        output = node
-        while len(output.users) == 1 and scope(next(iter(output.users))) == layer and op_name(next(iter(output.users))) in VIEWS:
-            internal.append(output.name)
-            output = next(iter(output.users))
-        sites.append(LayerSite(layer, output.name, data.name, internal))
+        site = _layer_op_site(node, layers) or _matmul_site(node, layers)
+        if site is not None:
+            sites.append(site)
     return sites
+
+
+def _layer_op_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite | None:
+    """A call of a layer op (:data:`LAYER_OPS`) on a layer's weight."""
+    indices = LAYER_OPS.get(op_name(node) or "")
+    if indices is None or len(node.args) <= indices[1] or not isinstance(node.args[indices[1]], fx.Node):
+        return None
+    source = _weight_source(node.args[indices[1]])
+    layer = source.rsplit(".", 1)[0] if source else None
+    if layer not in layers or (layers[layer].kind == "conv") != (op_name(node) in CONV_OPS):
+        return None
+    return _site(layer, node, node.args[indices[0]], [])
+
+
+def _matmul_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite | None:
+    """``x @ weight.T``, then ``+ bias`` where the layer has one, all inside a Linear module
+    of ``layers``; not recognised (the layer is then not scored) when the bias is added
+    elsewhere or the weight is not used transposed exactly once."""
+    if op_name(node) not in _MATMULS or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    found = _parameter_path(node.args[1], "weight")
+    layer = found[0].rsplit(".", 1)[0] if found else None
+    if found is None or found[1] != 1 or layer not in layers or layers[layer].kind != "linear" or scope(node) != layer:
+        return None
+    module = layers[layer].module
+    if layers[layer].transposed or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    if getattr(module, "bias", None) is None:
+        return _site(layer, node, node.args[0], [])
+    users = list(node.users)
+    add = users[0] if len(users) == 1 else None
+    if add is None or op_name(add) != "add" or scope(add) != layer or len(add.args) != 2 or add.args[0] is not node:
+        return None
+    bias = _parameter_path(add.args[1], "bias") if isinstance(add.args[1], fx.Node) else None
+    if bias is None or bias != (f"{layer}.bias", 0):
+        return None
+    return _site(layer, add, node.args[0], [node.name])
+
+
+def _site(layer: str, output: fx.Node, data: Any, internal: list[str]) -> LayerSite:
+    """The site of a call of ``layer`` computing ``output`` from ``data``: in-module reshapes
+    of the input and of the output become internal nodes."""
+    while op_name(data) in _INPUT_PATH and scope(data) == layer and len(data.all_input_nodes) == 1:
+        internal.append(data.name)
+        data = data.all_input_nodes[0]
+    while len(output.users) == 1 and scope(next(iter(output.users))) == layer and op_name(next(iter(output.users))) in VIEWS:
+        internal.append(output.name)
+        output = next(iter(output.users))
+    return LayerSite(layer, output.name, data.name, internal)
+
+
+def _parameter_path(node: fx.Node, kind: str) -> tuple[str, int] | None:
+    """(the layer parameter ``<layer>.<kind>`` that ``node`` is, through its pruning mask,
+    casts and 2-D transposes; how many times it was transposed, mod 2), or None."""
+    name = parameter_name(node)
+    if name is not None:
+        name = name[: -len("_orig")] if name.endswith(f".{kind}_orig") else name
+        return (name, 0) if name.endswith(f".{kind}") else None
+    operation = op_name(node)
+    inputs = node.all_input_nodes
+    if operation in ("t", "numpy_T") or (operation in ("transpose", "permute") and _swaps_2d(node)):
+        found = _parameter_path(inputs[0], kind) if len(inputs) == 1 else None
+        return None if found is None else (found[0], 1 - found[1])
+    if operation in _CASTS and len(inputs) == 1:
+        return _parameter_path(inputs[0], kind)
+    if operation == "mul" and len(inputs) == 2:  # the mask torch.nn.utils.prune multiplies in
+        for value, mask in (inputs, inputs[::-1]):
+            found = _parameter_path(value, kind)
+            if found is not None and _buffer_name(mask) == f"{found[0]}_mask":
+                return found
+    return None
+
+
+def _buffer_name(node: fx.Node) -> str | None:
+    """The parameter or buffer ``node`` reads, through casts."""
+    while parameter_name(node) is None and op_name(node) in _CASTS and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return parameter_name(node)
+
+
+def _swaps_2d(node: fx.Node) -> bool:
+    """Whether a transpose/permute of a 2-D tensor swaps its two dims."""
+    dims = [d % 2 for d in (node.args[1:3] if op_name(node) == "transpose" else node.args[1])]
+    return dims == [1, 0] if op_name(node) == "permute" else len(dims) == 2 and dims[0] != dims[1]
 
 
 def chain_end(rules: dict[str, NodeRule], nodes: dict[str, fx.Node], start: str) -> str:
