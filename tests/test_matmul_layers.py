@@ -1,9 +1,11 @@
 """Linear layers written out as ``x @ self.weight.T + self.bias`` (Falcon's FalconLinear, many
 hand-written layers) are calls of those layers in the channel graph: scored like nn.Linear,
-cleaned and compacted; other uses of a Linear's weight stay conservative (not scored)."""
+cleaned and compacted; other uses of a Linear's weight, and weights computed by a
+parametrization or a hook, stay conservative (not scored, listed with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -110,3 +112,21 @@ def test_other_uses_of_a_linear_weight_are_skipped_with_a_reason(layer: type[nn.
     assert "fc2" in report.skipped
     assert torch.equal(model.fc2.weight, before)  # left whole
     assert current_mask(model.fc1, "weight") is not None  # the layers around it are pruned
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "legacy_weight_norm"])
+def test_layers_with_computed_weights_are_skipped_with_a_reason(wrap: str) -> None:
+    torch.manual_seed(0)
+    model = Mlp()
+    wrapped = {"weight_norm": nn.utils.parametrizations.weight_norm, "spectral_norm": nn.utils.parametrizations.spectral_norm,
+               "legacy_weight_norm": nn.utils.weight_norm}[wrap]  # fmt: skip
+    with pytest.warns(FutureWarning) if wrap.startswith("legacy") else contextlib.nullcontext():
+        model.fc2 = wrapped(nn.Linear(24, 16))
+    model.eval()
+    report = nnrelief.prune(model, _batches(), alpha_fc=0.9, progress=False)
+    reason = report.skipped["fc2"]
+    assert ("parametrization" in reason) != wrap.startswith("legacy") and "left whole" in reason
+    assert current_mask(model.fc1, "weight") is not None and current_mask(model.head, "weight") is not None
+    x = torch.randn(4, 5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(model, _batches()[0])(x), model(x), rtol=1e-4, atol=1e-6)

@@ -85,6 +85,12 @@ _UNSCORED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d, nn.Bilinear)
 def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
     """('linear'|'conv', None) for a scorable layer, (None, reason) for a layer with weights
     that NNrelief cannot score, (None, None) for anything else."""
+    if nn.utils.parametrize.is_parametrized(module, "weight"):
+        return None, (f"its weight is computed by a parametrization ({_parametrizations(module)}): left whole; "
+                      "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') makes it prunable")  # fmt: skip
+    if _weight_not_own(module):
+        return None, ("its weight is not a parameter of its own (computed by a hook, e.g. torch.nn.utils."
+                      "weight_norm): left whole")  # fmt: skip
     if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return "linear", None
     if isinstance(module, _SCORED_CONVS) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
@@ -96,6 +102,17 @@ def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return None, "in_proj_weight (packed query/key/value projection) is not scored; out_proj is"
     return None, None
+
+
+def _weight_not_own(module: nn.Module) -> bool:
+    """A Linear/conv whose ``weight`` is neither its parameter nor torch's pruning of one."""
+    if not isinstance(module, (nn.Linear, *_SCORED_CONVS)) or isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return False
+    return "weight" not in module._parameters and "weight_orig" not in module._parameters
+
+
+def _parametrizations(module: nn.Module) -> str:
+    return ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
 
 
 def find_layers(model: nn.Module) -> tuple[dict[str, PrunableLayer], dict[str, str]]:
