@@ -27,9 +27,12 @@ class MatmulLinear(nn.Linear):
         self.transpose = transpose
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = {"T": lambda w: w.T, "t": lambda w: w.t(), "transpose": lambda w: w.transpose(-1, -2),
-                  "permute": lambda w: w.permute(1, 0)}[self.transpose](self.weight)  # fmt: skip
-        out = torch.matmul(x, weight)
+        if self.transpose == "mm":  # flattened to 2-D, multiplied, reshaped back
+            out = torch.mm(x.reshape(-1, x.shape[-1]), self.weight.t()).reshape(*x.shape[:-1], -1)
+        else:
+            weight = {"T": lambda w: w.T, "t": lambda w: w.t(), "transpose": lambda w: w.transpose(-1, -2),
+                      "permute": lambda w: w.permute(1, 0)}[self.transpose](self.weight)  # fmt: skip
+            out = torch.matmul(x, weight)
         return out if self.bias is None else out + self.bias
 
 
@@ -56,7 +59,7 @@ def _planted(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("transpose", ["T", "t", "transpose", "permute"])
+@pytest.mark.parametrize("transpose", ["T", "t", "transpose", "permute", "mm"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matmul_linear_masks_equal_nn_linear_masks(transpose: str, bias: bool) -> None:
     torch.manual_seed(0)

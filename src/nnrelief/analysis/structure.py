@@ -104,14 +104,18 @@ def _matmul_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite |
         return None
     if getattr(module, "bias", None) is None:
         return _site(layer, node, node.args[0], [])
-    users = list(node.users)
+    product, internal = node, []  # (x.reshape(-1, in) @ weight.T).reshape(..., out) + bias
+    while len(product.users) == 1 and scope(next(iter(product.users))) == layer and op_name(next(iter(product.users))) in VIEWS:
+        internal.append(product.name)
+        product = next(iter(product.users))
+    users = list(product.users)
     add = users[0] if len(users) == 1 else None
-    if add is None or op_name(add) != "add" or scope(add) != layer or len(add.args) != 2 or add.args[0] is not node:
+    if add is None or op_name(add) != "add" or scope(add) != layer or len(add.args) != 2 or add.args[0] is not product:
         return None
     bias = _parameter_path(add.args[1], "bias") if isinstance(add.args[1], fx.Node) else None
     if bias is None or bias != (f"{layer}.bias", 0):
         return None
-    return _site(layer, add, node.args[0], [node.name])
+    return _site(layer, add, node.args[0], [*internal, product.name])
 
 
 def _site(layer: str, output: fx.Node, data: Any, internal: list[str]) -> LayerSite:
