@@ -172,7 +172,10 @@ def _quiet_torch() -> Iterator[None]:
 def _no_stack_traces() -> Iterator[None]:
     """Export records a Python stack trace per node (about a sixth of its cost on the zoo's
     models); nnrelief reads none, so where torch has the switch they are not recorded."""
-    config = importlib.import_module("torch.fx.config")
+    try:
+        config = importlib.import_module("torch.fx.config")
+    except ImportError:  # older torch: no such switch
+        config = None
     before = getattr(config, "do_not_emit_stack_traces", None)
     if before is None:
         yield

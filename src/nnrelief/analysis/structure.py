@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -21,11 +20,11 @@ log = logging.getLogger(__name__)
 # ATen op -> (index of the data input, index of the weight) of the layer calls recognised.
 LAYER_OPS = {"linear": (0, 1), "conv1d": (0, 1), "conv2d": (0, 1), "conv_transpose2d": (0, 1), "addmm": (1, 2)}
 CONV_OPS = {"conv1d", "conv2d", "conv_transpose2d"}
-_WEIGHT_PATH = {"mul", "to", "_to_copy", "alias", "detach", "t", "transpose", "permute", "contiguous", "clone"}
+_CASTS = {"to", "_to_copy", "alias", "detach", "contiguous", "clone"}
+_WEIGHT_PATH = _CASTS | {"mul", "t", "transpose", "permute"}
 _INPUT_PATH = VIEWS | {"pad", "constant_pad_nd", "contiguous", "clone", "_to_copy", "to"}
 # A Linear written out as ``x @ self.weight.T (+ self.bias)`` (Falcon, hand-written layers).
 _MATMULS = {"matmul", "mm"}
-_CASTS = {"to", "_to_copy", "alias", "detach", "contiguous", "clone"}
 
 
 @dataclass
@@ -99,21 +98,17 @@ def _matmul_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite |
     layer = found[0].rsplit(".", 1)[0] if found else None
     if found is None or found[1] != 1 or layer not in layers or layers[layer].kind != "linear" or scope(node) != layer:
         return None
-    module = layers[layer].module
-    if layers[layer].transposed or not isinstance(getattr(module, "weight", None), torch.Tensor):
+    if layers[layer].transposed:
         return None
-    if getattr(module, "bias", None) is None:
+    if getattr(layers[layer].module, "bias", None) is None:
         return _site(layer, node, node.args[0], [])
-    product, internal = node, []  # (x.reshape(-1, in) @ weight.T).reshape(..., out) + bias
-    while len(product.users) == 1 and scope(next(iter(product.users))) == layer and op_name(next(iter(product.users))) in VIEWS:
-        internal.append(product.name)
-        product = next(iter(product.users))
+    product, internal = _views_after(node, layer)  # (x.reshape(-1, in) @ weight.T).reshape(..., out) + bias
     users = list(product.users)
     add = users[0] if len(users) == 1 else None
     if add is None or op_name(add) != "add" or scope(add) != layer or len(add.args) != 2 or add.args[0] is not product:
         return None
     bias = _parameter_path(add.args[1], "bias") if isinstance(add.args[1], fx.Node) else None
-    if bias is None or bias != (f"{layer}.bias", 0):
+    if bias != (f"{layer}.bias", 0):
         return None
     return _site(layer, add, node.args[0], [*internal, product.name])
 
@@ -124,10 +119,18 @@ def _site(layer: str, output: fx.Node, data: Any, internal: list[str]) -> LayerS
     while op_name(data) in _INPUT_PATH and scope(data) == layer and len(data.all_input_nodes) == 1:
         internal.append(data.name)
         data = data.all_input_nodes[0]
-    while len(output.users) == 1 and scope(next(iter(output.users))) == layer and op_name(next(iter(output.users))) in VIEWS:
-        internal.append(output.name)
-        output = next(iter(output.users))
-    return LayerSite(layer, output.name, data.name, internal)
+    output, reshapes = _views_after(output, layer)
+    return LayerSite(layer, output.name, data.name, internal + reshapes)
+
+
+def _views_after(node: fx.Node, layer: str) -> tuple[fx.Node, list[str]]:
+    """The end of the chain of single-user reshapes of ``node`` inside ``layer``, and the
+    names of the nodes before it."""
+    passed = []
+    while len(node.users) == 1 and scope(next(iter(node.users))) == layer and op_name(next(iter(node.users))) in VIEWS:
+        passed.append(node.name)
+        node = next(iter(node.users))
+    return node, passed
 
 
 def _parameter_path(node: fx.Node, kind: str) -> tuple[str, int] | None:
