@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +121,20 @@ def test_json_needs_exactly_one_finished_run(run, tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_dense_time_travels_with_the_folder_and_is_left_out_where_unrecorded(run, tmp_path):
+    copied = tmp_path / "copied"
+    shutil.copytree(run, copied, copy_function=shutil.copyfile)  # new file times, as a git checkout gives
+    os.utime(copied / "trained.pt", (0, 0))
+    parts = run_results(copied)["wall_time_parts_s"]
+    written = {e: json.loads((run / "checksums.json").read_text())["files"][e]["written"] for e in ("init.pt", "trained.pt")}
+    assert parts["dense"] == pytest.approx(written["trained.pt"] - written["init.pt"]) and parts["dense"] >= 0
+    (copied / "checksums.json").unlink()  # a folder written before checksums recorded times
+    data = run_results(copied)
+    assert list(data["wall_time_parts_s"]) == ["nnrelief", "global-magnitude"]
+    assert data["wall_time_s"] == pytest.approx(sum(data["wall_time_parts_s"].values()))
+    assert "dense" not in results_markdown(data).splitlines()[0]
+
+
 def test_results_command_writes_table_and_figure(run, tmp_path, capsys):
     path = tmp_path / "demo.json"
     assert main(["report", str(run), "--json", str(path), "-q"]) == 0
@@ -154,7 +170,10 @@ def test_summary_finds_the_fewest_weights_within_a_point_of_dense():
     data = handmade([0.90, 0.905, 0.892, 0.8905, 0.8899], [100.0, 60.0, 40.0, 30.0, 20.0])
     assert "iteration 3, 30.00% of the weights at 89.05%" in results_summary(data)
     data["baselines"] = [{"method": "global-magnitude", "iteration": 3, "remaining_percent": 30.0, "test_accuracy": 0.85}]
-    assert results_summary(data).endswith("at the same iteration global-magnitude 85.00%.")
+    assert results_summary(data).endswith("at the same iteration global-magnitude 85.00% (30.00%).")
+    data["baselines"].append({"method": "l1-filter", "iteration": 3, "remaining_percent": 41.5, "test_accuracy": 0.8, "macs": 4000})
+    assert results_summary(data).endswith(
+        "at the same iteration global-magnitude 85.00% (30.00%), l1-filter 80.00% (41.50%, 4.0K MACs).")
     assert "iteration 1," in results_summary(data, within_points=0.0)
     assert "No iteration is within 0.5 point" in results_summary(handmade([0.9, 0.8], [100.0, 50.0]), 0.5)
 

@@ -9,7 +9,8 @@ Order of the writes (one atomic write of ``checksums.json`` per file write, sync
 the file is replaced; see :mod:`nnrelief.fileio`)::
 
     1. the new content is complete in a temporary file
-    2. checksums.json gets the entry {"sha256": new, "size": ..., "was": hash on disk now}
+    2. checksums.json gets the entry {"sha256": new, "size": ..., "was": hash on disk now,
+                                      "written": the time (Unix seconds)}
     3. the temporary file replaces the file
 
 A kill before 2 leaves the old file and its old entry; a kill between 2 and 3 leaves the
@@ -17,7 +18,8 @@ old file, which the entry accepts as ``was``; after 3 the file matches ``sha256`
 kill is ever taken for damage. ``was`` is the hash of the file as it was before the write
 (``null``: there was none, or it was damaged), and is dropped at the next write of the
 folder once the replace is known to be done: a restored older copy of the last-written
-file is the one content accepted besides the current one.
+file is the one content accepted besides the current one. ``written`` travels with the
+folder where file times do not (a copy, a git checkout): :func:`written_at`.
 
 A file without an entry (a folder written before checksums existed, or a file some
 command other than the run put there) is accepted unchecked; its tensors are still
@@ -37,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,14 @@ def read_entries(folder: Path) -> dict[str, dict[str, Any]]:
             "(their weights are still checked for finite values), then run the command again",
         )  # fmt: skip
     return files
+
+
+def written_at(folder: str | os.PathLike[str], name: str) -> float | None:
+    """When ``name`` was last written into ``folder`` (Unix seconds, as recorded in its
+    checksums); ``None`` if that was not recorded (no entry, or one written before the
+    times were)."""
+    written = read_entries(Path(folder)).get(name, {}).get("written")
+    return float(written) if isinstance(written, (int, float)) else None
 
 
 def of(folder: str | os.PathLike[str]) -> Checksums:
@@ -174,7 +185,7 @@ class Checksums:
             return
         entries = self._load()
         digest, size = _file_hash(temp)
-        entries[name] = {"sha256": digest, "size": size, "was": self._hash_on_disk(name)}
+        entries[name] = {"sha256": digest, "size": size, "was": self._hash_on_disk(name), "written": time.time()}
         self._confirmed.discard(name)
         self._save()
 

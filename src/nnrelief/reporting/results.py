@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..experiments import checksums
 from ..experiments import runfolder as files
 from ..experiments.config import ConfigError, ExperimentConfig
 from ..experiments.history import History
@@ -95,11 +96,13 @@ def _read_json(path: Path) -> Any:
 
 def _wall_times(run_dir: Path, history: History, baselines: Mapping[str, History]) -> dict[str, float]:
     """Seconds per part of a run: ``dense`` training (from writing ``init.pt`` to writing
-    ``trained.pt``), ``nnrelief`` (its iterations' own wall times) and one entry per
-    baseline of ``nnrelief compare``; pauses between resumed iterations are not counted."""
-    init, trained = run_dir / files.INIT, run_dir / files.TRAINED
-    dense = trained.stat().st_mtime - init.stat().st_mtime if init.exists() and trained.exists() else 0.0
-    parts = {"dense": max(dense, 0.0), "nnrelief": sum(record.seconds for record in history.records)}
+    ``trained.pt``, as the folder's checksums recorded them; left out where they did not,
+    e.g. a folder written before they recorded times), ``nnrelief`` (its iterations' own
+    wall times) and one entry per baseline of ``nnrelief compare``; pauses between resumed
+    iterations are not counted."""
+    init, trained = (checksums.written_at(run_dir, name) for name in (files.INIT, files.TRAINED))
+    parts = {} if init is None or trained is None else {"dense": max(trained - init, 0.0)}
+    parts["nnrelief"] = sum(record.seconds for record in history.records)
     for method, baseline in baselines.items():
         parts[method] = sum(record.seconds for record in baseline.records)
     return parts
@@ -220,12 +223,18 @@ def _percent(fraction: float) -> str:
 
 
 def _matched_baseline(results: Mapping[str, Any], iteration: int) -> str:
-    cells = [
-        f"{row['method']} {_percent(row['test_accuracy'])}"
+    """Each baseline pruned to NNrelief's ``iteration``: its test accuracy, then the weights
+    and MACs it kept (a baseline matches NNrelief in one of them, not in both)."""
+    return ", ".join(
+        f"{row['method']} {_percent(row['test_accuracy'])} ({_baseline_size(row)})"
         for row in results["baselines"]
         if row.get("iteration") == iteration
-    ]
-    return ", ".join(cells) if cells else ""
+    )
+
+
+def _baseline_size(row: Mapping[str, Any]) -> str:
+    size = f"{row['remaining_percent']:.2f}%"
+    return f"{size}, {_count(row['macs'])} MACs" if row.get("macs") is not None else size
 
 
 def _count(value: float) -> str:
@@ -249,7 +258,7 @@ def _title(results: Mapping[str, Any]) -> str:
 def results_summary(results: Mapping[str, Any], within_points: float = 1.0) -> str:
     """One sentence: the dense test accuracy, the iteration with the fewest remaining weights
     whose test accuracy is within ``within_points`` percentage points of dense (none: said so),
-    and each baseline's test accuracy at that iteration."""
+    and each baseline's test accuracy (weights, MACs) at that iteration."""
     dense = results["iterations"][0]["test_accuracy"]
     close = [row for row in results["iterations"][1:] if 100 * (dense - row["test_accuracy"]) <= within_points]
     text = f"Dense: {_percent(dense)} test accuracy. "
@@ -264,14 +273,15 @@ def results_summary(results: Mapping[str, Any], within_points: float = 1.0) -> s
 
 def results_markdown(results: Mapping[str, Any]) -> str:
     """A Markdown table of one results file: per iteration the remaining weights, test
-    accuracy before/after retraining, validation accuracy, MACs, alive channels and the
-    baselines' test accuracy at the same iteration; then :func:`results_summary`."""
+    accuracy before/after retraining, validation accuracy, MACs, alive channels and, for each
+    baseline at the same iteration, its test accuracy, weights and MACs; then
+    :func:`results_summary`."""
     iterations = results["iterations"]
     dense = iterations[0]
     lines = [
         _title(results),
         "",
-        "| iter | remaining | compression | test before | test after | val after | vs dense | MACs | channels | baselines (test) |",
+        "| iter | remaining | compression | test before | test after | val after | vs dense | MACs | channels | baselines: test (weights, MACs) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in iterations:
