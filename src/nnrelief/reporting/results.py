@@ -97,7 +97,8 @@ def _read_json(path: Path) -> Any:
 def _wall_times(run_dir: Path, history: History, baselines: Mapping[str, History]) -> dict[str, float]:
     """Seconds per part of a run: ``dense`` training (from writing ``init.pt`` to writing
     ``trained.pt``, as the folder's checksums recorded them; left out where they did not,
-    e.g. a folder written before they recorded times), ``nnrelief`` (its iterations' own
+    e.g. a folder written before they recorded times; a pause of a resumed dense phase
+    counts), ``nnrelief`` (its iterations' own
     wall times) and one entry per baseline of ``nnrelief compare``; pauses between resumed
     iterations are not counted."""
     init, trained = (checksums.written_at(run_dir, name) for name in (files.INIT, files.TRAINED))
