@@ -98,9 +98,8 @@ def _wall_times(run_dir: Path, history: History, baselines: Mapping[str, History
     """Seconds per part of a run: ``dense`` training (from writing ``init.pt`` to writing
     ``trained.pt``, as the folder's checksums recorded them; left out where they did not,
     e.g. a folder written before they recorded times; a pause of a resumed dense phase
-    counts), ``nnrelief`` (its iterations' own
-    wall times) and one entry per baseline of ``nnrelief compare``; pauses between resumed
-    iterations are not counted."""
+    counts), ``nnrelief`` (its iterations' own wall times) and one entry per baseline of
+    ``nnrelief compare``; pauses between resumed iterations are not counted."""
     init, trained = (checksums.written_at(run_dir, name) for name in (files.INIT, files.TRAINED))
     parts = {} if init is None or trained is None else {"dense": max(trained - init, 0.0)}
     parts["nnrelief"] = sum(record.seconds for record in history.records)
