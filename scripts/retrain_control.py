@@ -20,6 +20,7 @@ import nnrelief.experiments.runfolder as files
 from nnrelief.experiments.config import ExperimentConfig
 from nnrelief.experiments.experiment import Experiment, load_weights
 from nnrelief.experiments.runfolder import RunFolder
+from nnrelief.fileio import cpu_state
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
                 model.load_state_dict(experiment.folder.load(name))
             else:
                 experiment.retrain(model, phase, method="control")
-                experiment.folder.save(name, {k: v.cpu() for k, v in model.state_dict().items()})
+                experiment.folder.save(name, cpu_state(model))
                 experiment.folder.remove(files.RETRAIN_CHECKPOINTS)
             report(phase, experiment.accuracies(model))
 
