@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import nnrelief
 from bn_helpers import calibrate_and_dim
 from nnrelief.compaction import compact
-from nnrelief.masks import current_mask
 from nnrelief.models import InvertedResidual
+from nnrelief.pruning.masks import current_mask
 
 transformers = pytest.importorskip("transformers")
 

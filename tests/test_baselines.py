@@ -7,7 +7,7 @@ import torch.nn as nn
 from nnrelief.experiments.baselines import global_magnitude_prune, magnitude_prune, random_prune
 from nnrelief.experiments.config import ConfigError
 from nnrelief.experiments.methods import METHODS, Targets, get_method
-from nnrelief.masks import current_mask
+from nnrelief.pruning.masks import current_mask
 
 
 def two_layers():

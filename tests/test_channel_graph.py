@@ -12,7 +12,7 @@ import nnrelief
 from bn_helpers import calibrate_and_dim
 from nnrelief.analysis import analyse, map_axis
 from nnrelief.inputs import ModelInput
-from nnrelief.masks import current_mask
+from nnrelief.pruning.masks import current_mask
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 import nnrelief
-from nnrelief.choices import alpha_for, find_alpha, spared_layers
-from nnrelief.masks import current_mask
 from nnrelief.models import INPUT_SHAPES, MODELS
+from nnrelief.pruning.choices import alpha_for, find_alpha, spared_layers
+from nnrelief.pruning.masks import current_mask
 
 ZOO = ["lenet300_100", "lenet5", "vgg_like", "resnet20"]
 

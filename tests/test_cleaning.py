@@ -5,9 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.cleaning import residual_decisions
 from nnrelief.compaction import compact
-from nnrelief.masks import current_mask, gate_of
+from nnrelief.pruning.cleaning import residual_decisions
+from nnrelief.pruning.masks import current_mask, gate_of
 
 
 def alive_rows(module):

@@ -19,11 +19,10 @@ import torch
 
 import nnrelief
 from nnrelief.cli import build_parser, main
-from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig, resolve_config
+from nnrelief.compaction.export import load_sparse
+from nnrelief.experiments.config import PRESETS, RECORDED_FIELDS, ExperimentConfig, reproduce_command, resolve_config
 from nnrelief.experiments.experiment import load_weights
-from nnrelief.export import load_sparse
-from nnrelief.masks import current_mask
-from nnrelief.reporting.results import reproduce_command
+from nnrelief.pruning.masks import current_mask
 from nnrelief.settings import specs
 
 COMMANDS = ["train", "prune", "eval", "demo", "report", "compare", "compact"]

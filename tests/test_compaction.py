@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import nnrelief
 from bn_helpers import calibrate_and_dim
 from nnrelief.compaction import compact, compaction_summary, format_summary
-from nnrelief.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
-from nnrelief.masks import GATE, gate_of, set_gate, set_mask
+from nnrelief.compaction.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
+from nnrelief.compaction.narrowing import ChannelMap
 from nnrelief.metrics import summarize
 from nnrelief.models import MODELS, get_model, input_shape
 from nnrelief.models.resnet_cifar import PadShortcut
-from nnrelief.narrowing import ChannelMap
+from nnrelief.pruning.masks import GATE, gate_of, set_gate, set_mask
 
 
 def _pruned(name: str, passes: int = 2, samples: int = 4) -> tuple[nn.Module, torch.Tensor]:

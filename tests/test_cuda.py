@@ -22,10 +22,10 @@ from nnrelief.compaction import compact
 from nnrelief.experiments.config import ExperimentConfig
 from nnrelief.experiments.experiment import Experiment
 from nnrelief.inputs import ModelInput
-from nnrelief.masks import current_mask
 from nnrelief.models import INPUT_SHAPES, MODELS, get_model
 from nnrelief.pruning.batches import PruningBatches
-from nnrelief.stats import collect
+from nnrelief.pruning.masks import current_mask
+from nnrelief.pruning.stats import collect
 from nnrelief.training import TrainConfig, fit, make_optimizer, train_epoch
 from nnrelief.training.loops import _train_step
 

@@ -9,8 +9,8 @@ import torch
 
 import nnrelief
 from nnrelief.compaction import compact
-from nnrelief.masks import GATE, restore_masks
 from nnrelief.models import INPUT_SHAPES, MODELS, get_model
+from nnrelief.pruning.masks import GATE, restore_masks
 
 
 def floating_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,9 +25,8 @@ import nnrelief
 from nnrelief import data as nndata
 from nnrelief import distributed
 from nnrelief.cli import main
-from nnrelief.experiments.config import ConfigError, ExperimentConfig
+from nnrelief.experiments.config import ConfigError, ExperimentConfig, reproduce_command
 from nnrelief.models import get_model
-from nnrelief.reporting.results import reproduce_command
 from nnrelief.training import TrainConfig, evaluate, fit, parallel
 
 WORLD = 2

@@ -14,8 +14,8 @@ import torch.nn as nn
 
 import nnrelief
 import nnrelief.analysis
-from nnrelief.masks import restore_masks
 from nnrelief.models import INPUT_SHAPES, MODELS
+from nnrelief.pruning.masks import restore_masks
 
 transformers = pytest.importorskip("transformers")
 analysis = sys.modules["nnrelief.analysis"]  # the package (its attribute "capture" is the function)

@@ -34,9 +34,9 @@ from nnrelief.experiments.experiment import Experiment, claim_run_folder, load_w
 from nnrelief.experiments.history import History
 from nnrelief.experiments.iterative import PassChoices, relieve, rewind
 from nnrelief.experiments.runfolder import RunFolder, RunFolderError
-from nnrelief.masks import current_mask
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100
+from nnrelief.pruning.masks import current_mask
 from nnrelief.reporting import load_run
 from nnrelief.training import evaluate
 

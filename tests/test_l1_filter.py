@@ -19,10 +19,10 @@ from nnrelief.experiments.l1_filter import (
     removal_counts,
 )
 from nnrelief.experiments.methods import Targets
-from nnrelief.masks import current_mask
 from nnrelief.metrics import effective_tensor, summarize
 from nnrelief.models import lenet300_100, resnet20
-from nnrelief.pruning import SPARED
+from nnrelief.pruning.masks import current_mask
+from nnrelief.pruning.prune import SPARED
 
 SHAPE = (1, 4, 4)
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
-from nnrelief.masks import StateDictMismatchError, current_mask
 from nnrelief.models import lenet5, lenet300_100, resnet20
+from nnrelief.pruning.masks import StateDictMismatchError, current_mask
 
 
 def pruned_lenet5(seed=0):

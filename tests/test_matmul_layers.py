@@ -16,7 +16,7 @@ import nnrelief
 from nnrelief.analysis import analyse
 from nnrelief.compaction import compact
 from nnrelief.inputs import ModelInput
-from nnrelief.masks import current_mask
+from nnrelief.pruning.masks import current_mask
 
 
 class MatmulLinear(nn.Linear):

@@ -11,7 +11,6 @@ import torch.nn.utils.prune as torch_prune
 
 import nnrelief
 from nnrelief.compaction import compact
-from nnrelief.masks import make_permanent, set_mask
 from nnrelief.metrics import (
     MaskMismatchError,
     alive_channels,
@@ -22,6 +21,7 @@ from nnrelief.metrics import (
     summarize,
 )
 from nnrelief.models import get_model
+from nnrelief.pruning.masks import make_permanent, set_mask
 
 
 def _masked_linear() -> nn.Linear:

@@ -12,12 +12,12 @@ import torch
 import nnrelief
 from nnrelief.cli import main
 from nnrelief.compaction import compact
-from nnrelief.export import export_program, export_torchscript
-from nnrelief.masks import make_permanent
+from nnrelief.compaction.export import export_program, export_torchscript
+from nnrelief.compaction.opmetrics import op_summary
 from nnrelief.metrics import summarize
 from nnrelief.modelfile import PROGRAM, TORCHSCRIPT, file_format, load_model_file
 from nnrelief.models import lenet5
-from nnrelief.opmetrics import op_summary
+from nnrelief.pruning.masks import make_permanent
 
 SHAPE = (1, 28, 28)
 

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import nnrelief
 from nnrelief.analysis import analyse
 from nnrelief.inputs import ModelInput
-from nnrelief.masks import current_mask
 from nnrelief.models import lenet5, lenet300_100, resnet20, vgg_like
-from nnrelief.stats import add_statistics, collect
+from nnrelief.pruning.masks import current_mask
+from nnrelief.pruning.stats import add_statistics, collect
 
 
 def check_pruned(model, report):

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from nnrelief.cli import build_parser, main
-from nnrelief.experiments.config import ConfigError, ExperimentConfig, resolve_config
+from nnrelief.experiments.config import ConfigError, ExperimentConfig, reproduce_command, resolve_config
 from nnrelief.experiments.history import History
 from nnrelief.reporting.results import (
     load_results,
-    reproduce_command,
     results_markdown,
     results_summary,
     results_tables,

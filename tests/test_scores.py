@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nnrelief import scores
 from nnrelief.analysis import analyse, input_key
 from nnrelief.inputs import ModelInput
-from nnrelief.stats import collect
+from nnrelief.pruning.stats import collect
 
 
 def test_linear_scores_by_hand():
@@ -142,7 +142,7 @@ def test_streamed_statistics_match_formula_over_uneven_batches(kernel, stride, p
 
 
 def test_chunk_budget_cpu_constants_and_gpu_share(monkeypatch) -> None:
-    from nnrelief.scores import _GPU_CHUNK_BYTES, ChunkBudget, chunk_budget
+    from nnrelief.pruning.scores import _GPU_CHUNK_BYTES, ChunkBudget, chunk_budget
 
     assert chunk_budget(torch.device("cpu")) == ChunkBudget()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (800 * 2**20, 80 * 2**30))
@@ -153,7 +153,7 @@ def test_chunk_budget_cpu_constants_and_gpu_share(monkeypatch) -> None:
 
 @pytest.mark.parametrize("in_channels,out_channels,groups", [(3, 5, 1), (4, 6, 2)])
 def test_conv_norm_sum_does_not_depend_on_the_chunking(in_channels: int, out_channels: int, groups: int) -> None:
-    from nnrelief.scores import ChunkBudget, conv_norm_sum
+    from nnrelief.pruning.scores import ChunkBudget, conv_norm_sum
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=2, groups=groups)

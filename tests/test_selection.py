@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nnrelief.selection import check_alpha, select
+from nnrelief.pruning.selection import check_alpha, select
 
 
 def rows(*values):

@@ -7,11 +7,26 @@
 the masks into plain weights.
 """
 
+import importlib
+import sys
+
 from .compaction import compact
 from .experiments.iterative import relieve
-from .masks import make_permanent, restore_masks
-from .pruning import prune
-from .report import LayerReport, PruneReport
+from .pruning.masks import make_permanent, restore_masks
+from .pruning.prune import prune
+from .pruning.report import LayerReport, PruneReport
 
 __all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "PruneReport", "LayerReport"]
 __version__ = "0.1.0"
+
+# Modules that moved into the pruning and compaction packages keep their old names, so
+# imports and pickled files (sparse and whole-module files hold nnrelief.narrowing.ChannelMap)
+# written before the move still resolve.
+_MOVED = {
+    "scores": "pruning.scores", "selection": "pruning.selection", "stats": "pruning.stats", "cleaning": "pruning.cleaning",
+    "masks": "pruning.masks", "report": "pruning.report", "choices": "pruning.choices", "diagnostics": "pruning.diagnostics",
+    "narrowing": "compaction.narrowing", "indexmaps": "compaction.indexmaps", "export": "compaction.export",
+    "opmetrics": "compaction.opmetrics",
+}  # fmt: skip
+for _old, _new in _MOVED.items():
+    sys.modules[f"{__name__}.{_old}"] = importlib.import_module(f".{_new}", __name__)

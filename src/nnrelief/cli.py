@@ -41,11 +41,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__, distributed
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
+from .compaction.export import export_onnx, export_program, export_torchscript, save_sparse
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, load_weights
-from .export import export_onnx, export_program, export_torchscript, save_sparse
 from .fileio import save_text
 from .metrics import file_size
 from .modelfile import evaluate_model_file

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .masks import gate_of, is_masked
+from .pruning.masks import gate_of, is_masked
 
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 

@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from . import data as nndata
+from .compaction.export import SPARSE_FORMAT, load_sparse
+from .compaction.opmetrics import op_summary
 from .experiments.config import ConfigError, ExperimentConfig
 from .experiments.experiment import device_of, load_weights, stored_config
 from .experiments.runfolder import CONFIG, RunFolder
-from .export import SPARSE_FORMAT, load_sparse
 from .metrics import ArchitectureSummary, summarize
-from .opmetrics import op_summary
 from .training import EvalResult, evaluate
 
 logger = logging.getLogger(__name__)

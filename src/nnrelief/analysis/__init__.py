@@ -31,10 +31,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..inputs import ModelInput
-from .capture import Capture, capture, observing, parameter_name, scope
+from .capture import Capture, capture, observing
 from .derive import RuleDeriver
 from .follow import ModuleState, follow_masks, module_state
 from .layers import LayerCall, PrunableLayer, find_layers, is_transposed_linear, prunable_kind, weight_matrix
+from .nodes import parameter_name, scope
 from .rules import NodeRule, Rule, map_axis
 from .structure import ResidualJoin, attach_calls, find_joins, find_sites
 

@@ -26,10 +26,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..inputs import ModelInput
+from .nodes import INNER
 
 log = logging.getLogger(__name__)
 
-INNER = "inner"  # the model's attribute name inside the capture wrapper
 _SINK: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("nnrelief_sink", default=None)
 
 
@@ -113,30 +113,6 @@ class Capture:
             with self.graph.inserting_after(anchor):
                 self.graph.call_function(watch, (tuple(keys), node))
         self.module.recompile()
-
-
-def scope(node: fx.Node) -> str | None:
-    """Qualified name (in the user's model) of the innermost module ``node`` ran in."""
-    stack = scopes(node)
-    return stack[-1] if stack else None
-
-
-def scopes(node: fx.Node) -> list[str]:
-    """The qualified names of the modules ``node`` ran in, outermost first ('' = the model)."""
-    names = []
-    for path, _type in (node.meta.get("nn_module_stack") or {}).values():
-        if path == INNER:
-            names.append("")
-        elif path.startswith(INNER + "."):
-            names.append(path[len(INNER) + 1 :])
-    return names
-
-
-def parameter_name(node: fx.Node) -> str | None:
-    """The model's qualified name of the parameter or buffer a get_attr node reads."""
-    if node.op != "get_attr" or not isinstance(node.target, str) or not node.target.startswith(INNER + "."):
-        return None
-    return node.target[len(INNER) + 1 :]
 
 
 def _identity_views(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:

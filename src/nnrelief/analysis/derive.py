@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
+from .nodes import op_name, shape_of
 from .rules import (
     ADDITIVE,
     BATCHNORMS,
@@ -21,8 +22,6 @@ from .rules import (
     Rule,
     map_axis,
     normalise_dim,
-    op_name,
-    shape_of,
 )
 
 

@@ -17,8 +17,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from ..masks import GATE
-from .capture import INNER, Capture, watch
+from ..pruning.masks import GATE
+from .capture import Capture, watch
+from .nodes import INNER
 
 ModuleState = dict[str, tuple[int, int, int]]  # module name -> (id, pre-hooks, forward hooks)
 

@@ -16,10 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
-
-import torch.fx as fx
-from torch import Tensor
 
 
 class Rule(Enum):
@@ -82,22 +78,6 @@ ADDITIVE = {"add", "add_", "sub", "sub_", "rsub"}
 PRODUCTS = {"mul", "mul_"}
 DIVISIONS = {"div", "div_"}
 SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
-
-
-def op_name(node: fx.Node) -> str | None:
-    """The ATen overload packet name of a call_function node ('conv2d'), else None."""
-    if node.op != "call_function":
-        return None
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(node.target, "__name__", None)
-
-
-def shape_of(node: Any) -> tuple[int | None, ...] | None:
-    """A node's tensor shape with symbolic sizes (the batch dim) as None; None if not a tensor."""
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(value, Tensor):
-        return None
-    return tuple(size if isinstance(size, int) else None for size in value.shape)
 
 
 def _product(sizes: tuple[int | None, ...]) -> int | None:

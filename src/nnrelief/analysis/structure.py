@@ -11,9 +11,9 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import parameter_name, scope, scopes
 from .layers import LayerCall, PrunableLayer
-from .rules import VIEWS, NodeRule, Rule, op_name, shape_of
+from .nodes import op_name, parameter_name, scope, scopes, shape_of
+from .rules import VIEWS, NodeRule, Rule
 
 log = logging.getLogger(__name__)
 

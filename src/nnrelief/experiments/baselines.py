@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..masks import current_mask, set_mask
-from ..report import PruneReport, build_report
+from ..pruning.masks import current_mask, set_mask
+from ..pruning.report import PruneReport, build_report
 
 METHODS = ("magnitude", "global-magnitude", "random")
 

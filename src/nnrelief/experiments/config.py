@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import types
 import typing
@@ -23,7 +24,7 @@ from typing import Any
 from .. import data as nndata
 from ..models import MODELS
 from ..models import input_shape as model_input_shape
-from ..pruning import SCORE_MODES
+from ..pruning.prune import SCORE_MODES
 from ..settings import check_keys, check_value, document, flag_of, like, setting, spec_of, specs, suggestion
 from ..training import TrainConfig
 
@@ -387,3 +388,30 @@ def resolve_config(
 def run_name(cfg: ExperimentConfig, label: str) -> str:
     """Folder name of a run: ``<label>-<config hash>``."""
     return f"{label}-{cfg.config_hash()}"
+
+
+_COMMAND_SKIP = frozenset({"data_dir", "device"})  # where a run reads and runs, not what it is
+
+
+def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
+    """An ``nnrelief prune`` command line that gives every setting of ``cfg`` explicitly
+    (so it does not depend on presets changing), reading the data from ``data_dir``."""
+    defaults = ExperimentConfig().to_dict()
+    words = ["nnrelief", "prune"]
+    for name, value in cfg.to_dict().items():
+        default = defaults[name] == value and name not in ("model", "dataset")
+        if name in _COMMAND_SKIP or not specs(ExperimentConfig)[name].flag or default:
+            continue
+        words += _flag_words(name, value)
+    words += ["--data-dir", data_dir]
+    return shlex.join(words)
+
+
+def _flag_words(name: str, value: Any) -> list[str]:
+    """The command-line words giving the setting ``name`` the value ``value``."""
+    flag = flag_of(name)
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if isinstance(value, list):
+        return [flag, *map(str, value)]
+    return [flag, "none" if value is None else str(value)]

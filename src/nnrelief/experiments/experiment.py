@@ -22,16 +22,16 @@ import torch
 from torch import nn
 
 from .. import data as nndata
-from ..choices import spared_layers, unmatched_patterns
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
-from ..masks import StateDictMismatchError, restore_masks
 from ..models import get_model, input_shape
+from ..pruning.choices import spared_layers, unmatched_patterns
+from ..pruning.masks import StateDictMismatchError, restore_masks
 from ..settings import flag_of
 from ..training import evaluate, fit, resolve_device
 from . import checksums
 from . import runfolder as files
-from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed
+from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed, reproduce_command
 from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
 from .iterative import PassChoices, relieve
@@ -173,7 +173,6 @@ def _claim_dense_folder(cfg: ExperimentConfig, shared: RunFolder) -> None:
 def run_command(folder: RunFolder) -> str | None:
     """The ``nnrelief prune`` command that rewrites the damaged ``config.json`` of
     ``folder`` from the settings ``history.json`` records (``None`` without them)."""
-    from ..reporting.results import reproduce_command  # the reporting package imports this module
 
     recorded = recorded_settings(folder)
     if recorded is None:
@@ -214,7 +213,7 @@ def load_weights(
     the number of classes comes from ``dataset`` (default: that config's). The file is
     checked against the run's checksums and for finite values. Returns the model (on CPU,
     eval mode) and the run's config if there is one. A state dict of another model raises
-    :class:`~nnrelief.masks.StateDictMismatchError` naming the file and the first differences.
+    :class:`~nnrelief.pruning.masks.StateDictMismatchError` naming the file and the first differences.
     """
     path = Path(path)
     if path.is_dir():

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..choices import Selector, iteration_target
 from ..fileio import cpu_state
-from ..masks import GATE, refresh_masked, restore_masks
-from ..pruning import SCORE_MODES, prune
-from ..report import PruneReport
+from ..pruning.choices import Selector, iteration_target
+from ..pruning.masks import GATE, refresh_masked, restore_masks
+from ..pruning.prune import SCORE_MODES, prune
+from ..pruning.report import PruneReport
 from . import runfolder as files
 from .history import History, IterationRecord, measure
 from .runfolder import DamagedFileError, RunFolder
@@ -110,7 +110,7 @@ class PassChoices:
         only: prune only the layers matching these.
         alphas: pattern -> alpha of the matching layers, first match wins.
         target_remaining: each pass keeps this fraction of what the previous one left
-            (:func:`~nnrelief.choices.iteration_target`), with one alpha for every layer.
+            (:func:`~nnrelief.pruning.choices.iteration_target`), with one alpha for every layer.
     """
 
     ignore: tuple[Selector, ...] = ()

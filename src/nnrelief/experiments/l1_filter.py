@@ -12,7 +12,7 @@ VGG and plain conv nets it is every conv but the stem. Layers NNrelief's run spa
 
 Removing filter j of a conv removes its kernels and bias, its BatchNorm channel (weight
 and bias masked to 0, as :func:`nnrelief.prune` does) and the next layers' connections
-from channel j (cleaning of :mod:`nnrelief.cleaning`). One fraction f is removed in every
+from channel j (cleaning of :mod:`nnrelief.pruning.cleaning`). One fraction f is removed in every
 such layer: of a layer's n filters (all, removed ones included) ``round(f n)``, at least
 one kept, those of the smallest L1 norm among the filters still there. So pruning again
 with a larger f removes further filters from an already pruned, retrained model.
@@ -39,12 +39,12 @@ from torch import Tensor, nn
 
 from ..analysis import ChannelGraph, Rule, analyse, weight_matrix
 from ..analysis.layers import kernel_layout
-from ..cleaning import LayerMask, clean
 from ..inputs import ModelInput
-from ..masks import current_mask, gate_of
 from ..metrics import effective_tensor, layer_macs
-from ..pruning import apply_layer_masks
-from ..report import PruneReport, build_report
+from ..pruning.apply import apply_layer_masks
+from ..pruning.cleaning import LayerMask, clean
+from ..pruning.masks import current_mask, gate_of
+from ..pruning.report import PruneReport, build_report
 
 __all__ = ["FilterPlan", "bisect_fraction", "breakpoints", "filter_l1_norms", "filter_layers", "l1_filter_prune", "removal_counts"]
 

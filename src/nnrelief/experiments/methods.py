@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..pruning import SPARED
-from ..report import PruneReport
+from ..pruning.prune import SPARED
+from ..pruning.report import PruneReport
 from .baselines import global_magnitude_prune, magnitude_prune, random_prune
 from .config import ConfigError, derive_seed
 from .history import History, IterationRecord

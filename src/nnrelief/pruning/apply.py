@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ..analysis import ChannelGraph, weight_matrix
 from ..analysis.layers import module_layout
-from ..cleaning import LayerMask
-from ..masks import model_weights, set_gate, set_mask
+from .cleaning import LayerMask
+from .masks import model_weights, set_gate, set_mask
 
 
 def flat_masks(masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: dict[str, Tensor]) -> dict[str, Tensor]:

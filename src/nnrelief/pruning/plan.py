@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import scores as score_fns
 from ..analysis import ChannelGraph, PrunableLayer, activity_key, input_key, map_key, weight_matrix
 from ..analysis.layers import kernel_layout
-from ..cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
-from ..masks import current_mask, gate_of
-from ..selection import select
-from ..stats import Statistics
+from . import scores as score_fns
+from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
+from .masks import current_mask, gate_of
+from .selection import select
+from .stats import Statistics
 
 
 def _connection_mask(module: nn.Module) -> LayerMask:

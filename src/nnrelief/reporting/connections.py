@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as nndata
-from .. import scores as score_fns
 from ..analysis import analyse, input_key
 from ..experiments.config import ExperimentConfig, derive_seed
 from ..inputs import ModelInput
-from ..masks import current_mask
-from ..stats import collect
+from ..pruning import scores as score_fns
+from ..pruning.masks import current_mask
+from ..pruning.stats import collect
 from .figures import pyplot, save
 
 REMOVED_COLOR = "#b0b0b0"  # connections pruning removed
@@ -64,8 +64,8 @@ def pruning_inputs(cfg: ExperimentConfig, samples: int, data_dir: str | None = N
 def connection_scores(model: nn.Module, inputs: Tensor, score: str = "paper") -> list[ConnectionScores]:
     """The relative scores of every prunable Linear/Conv2d layer on ``inputs`` (one batch).
 
-    The statistics and contributions are those of a pruning pass (:func:`nnrelief.stats.collect`,
-    :func:`nnrelief.scores.contributions`); ``score="authors"`` uses the authors' conv variant.
+    The statistics and contributions are those of a pruning pass (:func:`nnrelief.pruning.stats.collect`,
+    :func:`nnrelief.pruning.scores.contributions`); ``score="authors"`` uses the authors' conv variant.
     """
     modes = {module: module.training for module in model.modules()}
     model.eval()

@@ -22,18 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..experiments import checksums
 from ..experiments import runfolder as files
-from ..experiments.config import ConfigError, ExperimentConfig
+from ..experiments.config import ConfigError, reproduce_command
 from ..experiments.history import History
 from ..experiments.runfolder import RunFolder
 from ..fileio import save_text
-from ..settings import flag_of, specs
 from .figures import count_axis, percent_axis, pyplot, save
 from .runs import load_run
 from .seeds import Spread, seeds_markdown, spreads
@@ -42,7 +40,6 @@ __all__ = [
     "RESULTS_FORMAT",
     "load_results",
     "plot_results",
-    "reproduce_command",
     "run_labels",
     "results_markdown",
     "results_summary",
@@ -57,32 +54,7 @@ RESULTS_FORMAT = 1
 _REQUIRED = ("model", "dataset", "device", "command", "settings", "wall_time_s", "iterations", "baselines")
 _ITERATION_KEYS = ("iteration", "remaining_percent", "test_accuracy", "val_accuracy", "macs")
 _BASELINE_KEYS = ("method", "remaining_percent", "test_accuracy")
-_COMMAND_SKIP = frozenset({"data_dir", "device"})
 _NOT_DISTINGUISHING = frozenset({"data_dir", "device", "seed"})  # not what a legend tells runs apart by
-
-
-def reproduce_command(cfg: ExperimentConfig, data_dir: str = "DATA") -> str:
-    """An ``nnrelief prune`` command line that gives every setting of ``cfg`` explicitly
-    (so it does not depend on presets changing), reading the data from ``data_dir``."""
-    defaults = ExperimentConfig().to_dict()
-    words = ["nnrelief", "prune"]
-    for name, value in cfg.to_dict().items():
-        default = defaults[name] == value and name not in ("model", "dataset")
-        if name in _COMMAND_SKIP or not specs(ExperimentConfig)[name].flag or default:
-            continue
-        words += _flag_words(name, value)
-    words += ["--data-dir", data_dir]
-    return shlex.join(words)
-
-
-def _flag_words(name: str, value: Any) -> list[str]:
-    """The command-line words giving the setting ``name`` the value ``value``."""
-    flag = flag_of(name)
-    if isinstance(value, bool):
-        return [flag if value else "--no-" + flag[2:]]
-    if isinstance(value, list):
-        return [flag, *map(str, value)]
-    return [flag, "none" if value is None else str(value)]
 
 
 def _read_json(path: Path) -> Any:

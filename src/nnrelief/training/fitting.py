@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fileio import cpu_state
-from ..masks import refresh_masked
+from ..pruning.masks import refresh_masked
 from .checkpoint import EpochRecord, Progress, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_device
 from .loops import Batches, evaluate, train_epoch, uses_channels_last

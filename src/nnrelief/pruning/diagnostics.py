@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .inputs import ModelInput
+from ..inputs import ModelInput
 
 
 class FeedError(Exception):

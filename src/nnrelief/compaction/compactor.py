@@ -5,10 +5,10 @@ gone: rows and columns of Linear/Conv weights, BatchNorm entries, the FC columns
 removed conv channel fed through a flatten, and residual-stream channels where every
 member of the coupled group allows it. Both routes work on the channel graph of the
 model's one ``torch.export`` capture (:mod:`nnrelief.analysis`, the live/used
-propagations of :mod:`nnrelief.cleaning`): the model's own class narrowed in place
-(:mod:`nnrelief.narrowing`) wherever the forward allows it; otherwise a
+propagations of :mod:`nnrelief.pruning.cleaning`): the model's own class narrowed in place
+(:mod:`nnrelief.compaction.narrowing`) wherever the forward allows it; otherwise a
 ``torch.fx.GraphModule`` made from the capture, with channel index maps
-(:mod:`nnrelief.indexmaps`).
+(:mod:`nnrelief.compaction.indexmaps`).
 
 How channels are coupled: tensors joined by channel-preserving ops (activations,
 BatchNorm, pooling, elementwise adds) must carry the same channels, so they form one
@@ -37,16 +37,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .analysis import ChannelGraph, analyse
-from .analysis.capture import TensorOutputs
-from .analysis.layers import weight_matrix
-from .cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
-from .diagnostics import rejected_input
+from ..analysis import ChannelGraph, analyse
+from ..analysis.capture import TensorOutputs
+from ..analysis.layers import weight_matrix
+from ..inputs import ModelInput, example_input
+from ..metrics import ArchitectureSummary, file_size, summarize
+from ..pruning.cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
+from ..pruning.diagnostics import rejected_input
+from ..pruning.masks import _GATE_HOOK, GATE, gate_of, make_permanent
 from .export import save_sparse
 from .indexmaps import MappedPlan
-from .inputs import ModelInput, example_input
-from .masks import _GATE_HOOK, GATE, gate_of, make_permanent
-from .metrics import ArchitectureSummary, file_size, summarize
 from .narrowing import Declined, InPlacePlan
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,15 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     when the first Linear layer reads the raw (N, features) input.
 
     Wherever the forward allows it the result is a copy of the model's own class with its
-    modules narrowed in place (:mod:`nnrelief.narrowing`): plain parameters (zeros where
+    modules narrowed in place (:mod:`nnrelief.compaction.narrowing`): plain parameters (zeros where
     unstructured sparsity remains), no hooks, no masks. A Hugging Face model's ``config``
     still names the old sizes. A module that pads channels (the option-A shortcut of the
     zoo's CIFAR ResNets) or whose shortcut gate drops channels is wrapped in a
-    :class:`~nnrelief.narrowing.ChannelMap` (an index map after it); a gate on an affine
+    :class:`~nnrelief.compaction.narrowing.ChannelMap` (an index map after it); a gate on an affine
     BatchNorm is folded into it. Where an index map has no module of its own to follow (a
     channel padding written in the forward), a flatten's consumers keep channels its input
     no longer gives, or the forward hard-codes sizes, the result is a
-    ``torch.fx.GraphModule`` made from the model's capture (:mod:`nnrelief.indexmaps`).
+    ``torch.fx.GraphModule`` made from the model's capture (:mod:`nnrelief.compaction.indexmaps`).
     Either is checked to give the same outputs on ``example``. A model ``torch.export``
     cannot capture gets its masks folded in, no channel removed (a warning says so).
     """

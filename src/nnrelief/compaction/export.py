@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 from torch import Tensor
 
-from .fileio import atomic_path
-from .masks import GATE
+from ..fileio import atomic_path
+from ..pruning.masks import GATE
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Some channel moves have no in-place form: a zero padding along the channels (the
 shortcut of the zoo's CIFAR ResNets pads stage i's channels into stage i+1's), or a flatten
 or concatenation whose consumers keep channels its narrowed inputs no longer produce. The
 model's ``torch.export`` capture (the same one the pruning passes analyse) is then turned
-into a plain GraphModule: its modules are sliced as in :mod:`nnrelief.narrowing`, and after
+into a plain GraphModule: its modules are sliced as in :mod:`nnrelief.compaction.narrowing`, and after
 each such node an index map places the kept source channels into the kept target channels
 (``constant_pad_nd`` adds one zero channel where a target channel has no source,
 ``index_select`` reads a constant index buffer). Sizes the capture recorded literally
@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .analysis import Rule
-from .analysis.capture import INNER, scope, watch
-from .analysis.rules import op_name
+from ..analysis import Rule
+from ..analysis.capture import watch
+from ..analysis.nodes import INNER, op_name, scope
 from .narrowing import Declined, InPlacePlan, MapEntry
 
 _SIZED_VIEWS = {"view", "reshape", "_unsafe_view", "expand"}  # ops whose argument 1 lists output sizes

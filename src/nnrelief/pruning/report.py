@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
-from .analysis.layers import is_transposed_linear, kernel_layout
+from ..analysis.layers import is_transposed_linear, kernel_layout
 from .masks import current_mask
 
 

@@ -240,7 +240,7 @@ def contributions(
     """(a_ij, bias share) of one Linear (``kind="linear"``) or conv layer (Conv1d, Conv2d,
     ConvTranspose2d) from the sums of its input statistics (``entry``: ``count`` and
     ``abs_input``, or ``positions`` and ``norms`` (``mode="paper"``) / ``abs_map``
-    (``mode="authors"``, a map of :func:`conv_input`), see :mod:`nnrelief.stats`).
+    (``mode="authors"``, a map of :func:`conv_input`), see :mod:`nnrelief.pruning.stats`).
     ``weight`` is a Linear layer's weight laid out (out, in) when ``module.weight`` is
     stored otherwise (GPT-2's transposed ``Conv1D``). Conv contributions are (J, C/g)."""
     count = float(entry["count"])

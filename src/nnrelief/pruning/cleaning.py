@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .analysis import ChannelGraph, Rule
+from ..analysis import ChannelGraph, Rule
 
 Graph = ChannelGraph
 

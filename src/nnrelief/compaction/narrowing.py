@@ -25,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .analysis import ChannelGraph, Rule
-from .analysis.capture import parameter_name, scope, scopes, watch
-from .analysis.rules import BATCHNORMS, op_name
+from ..analysis import ChannelGraph, Rule
+from ..analysis.capture import watch
+from ..analysis.nodes import op_name, parameter_name, scope, scopes
+from ..analysis.rules import BATCHNORMS
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from ..analysis import ChannelGraph, PrunableLayer, activity_key, graph_for, input_key, map_key, observing
+from ..inputs import ModelInput
 from . import scores
-from .analysis import ChannelGraph, PrunableLayer, activity_key, graph_for, input_key, map_key, observing
-from .inputs import ModelInput
 
 log = logging.getLogger(__name__)
 

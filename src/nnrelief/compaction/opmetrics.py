@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .metrics import ArchitectureSummary, LayerMetrics
+from ..metrics import ArchitectureSummary, LayerMetrics
 
 _aten = torch.ops.aten
 # operation -> (position of its weight operand, kind of layer)

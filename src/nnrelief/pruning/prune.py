@@ -1,0 +1,217 @@
+"""One NNrelief pruning pass, :func:`prune`, stage by stage:
+
+inputs (:mod:`.batches`: batches moved to the model's device, non-finite inputs and
+parameters refused) -> graph (:mod:`nnrelief.analysis`: the cached channel graph) ->
+statistics (:mod:`.stats`, streamed once over the batches) -> scores, selection and
+cleaning (:mod:`.plan`, on :mod:`.scores`, :mod:`.selection`, :mod:`.cleaning`) -> masks
+(:mod:`.apply`, held by :mod:`.masks`). What went wrong in a user's model or batches is
+explained by :mod:`.diagnostics`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
+from ..compaction.compactor import compacted_widths
+from ..distributed import check_same_on_all_ranks
+from ..inputs import ModelInput
+from .apply import apply_layer_masks, apply_pass_masks, flat_masks
+from .batches import PruningBatches, check_finite_model
+from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
+from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
+from .plan import Planner, contributions
+from .report import PruneReport, build_report
+from .selection import check_alpha
+from .stats import Statistics, all_reduce_statistics, collect
+
+__all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
+
+log = logging.getLogger(__name__)
+
+SCORE_MODES = ("paper", "authors")
+SPARED = "spared by ignore=/only=: every weight kept"  # report.skipped's reason for a spared layer
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    alpha_fc: float = 0.95,
+    alpha_conv: float = 0.9,
+    score: str = "paper",
+    progress: bool = True,
+    ignore: Iterable[Selector] | Selector | None = None,
+    only: Iterable[Selector] | Selector | None = None,
+    alphas: Mapping[str, float] | None = None,
+    target: float | None = None,
+) -> PruneReport:
+    """Run one NNrelief pruning pass on ``model`` in place.
+
+    ``batches`` is any iterable of input tensors, dicts of keyword inputs (called as
+    ``model(**batch)``, e.g. Hugging Face batches) or (inputs, target) pairs whose inputs are a
+    tensor, a tuple of positional inputs or a dict (a DataLoader works): the pruning set,
+    streamed once. Every Linear (and GPT-2 ``Conv1D``) and Conv2d layer is scored on its own
+    input (for token sequences, mean |x| over samples and token positions); per
+    neuron/filter the connections (kernels for conv) and the bias carrying a fraction
+    ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
+    without outgoing connections and weak residual branches/shortcuts are removed. Masks
+    are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
+
+    ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
+    Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
+    The model's train/eval mode and requires_grad flags are left as they were.
+
+    Choices (as in ``torch.nn.utils.prune`` / Torch-Pruning / NNI): ``ignore`` spares layers
+    (name glob patterns such as ``"features.0"`` or ``"*.classifier"``, or module types),
+    ``only`` prunes just the matching layers; a spared layer keeps every weight, and so keeps
+    its producers' channels in use, and is listed in ``report.skipped``. ``alphas`` maps name
+    patterns to a layer's alpha (the first match wins; others use ``alpha_fc`` /
+    ``alpha_conv``). ``target`` is the remaining fraction of the scored layers' weights and
+    biases to reach (as ``report.remaining_fraction`` counts it): one alpha for every layer,
+    found from the pass's own statistics by bisection (no second pass), is used and reported
+    as ``report.settings["alpha"]``; passing it back as ``alpha_fc`` and ``alpha_conv``
+    gives the same masks.
+
+    Under ``torchrun`` (a torch.distributed group of several processes) each process
+    passes its own part of the pruning set: the statistics are summed over processes,
+    and the masks are compared (by hash) before they are applied; ranks that disagree
+    raise :class:`nnrelief.distributed.DistributedError`.
+    """
+    alpha_fc = check_alpha(alpha_fc, "alpha_fc")
+    alpha_conv = check_alpha(alpha_conv, "alpha_conv")
+    ignore, only = check_selectors(ignore, "ignore"), check_selectors(only, "only")
+    alphas, target = check_alphas(alphas), check_target(target)
+    if score not in SCORE_MODES:
+        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    check_finite_model(model)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        inputs = PruningBatches(batches, device)
+        stream = iter(inputs)
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
+        graph = _analyse(model, first, dynamic=not inputs.one_signature())
+        total = len(batches) if hasattr(batches, "__len__") else None
+        feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
+                    disable=None if progress else True, leave=False)  # fmt: skip
+        stats = _run(model, graph, feed, score)
+        inputs.check_finite()
+        all_reduce_statistics(stats)
+        layers, skipped = _layers_that_ran(graph, stats)
+        samples = _sample_count(model, layers, stats)
+        layers = _unspared(model, layers, skipped, ignore, only)
+        planner = Planner(model, graph, layers, stats, contributions(layers, stats, score))
+        found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+        if found is None:
+            masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
+        else:
+            masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
+        check_same_on_all_ranks(flat_masks(masks, gates, bn_masks), "pruning masks")  # torchrun
+        apply_pass_masks(model, graph, masks, gates, bn_masks)
+        widths = None
+        if graph.traced:
+            graph = refresh(model, first, graph)  # new masks or gates changed the modules: the next pass finds them captured
+            widths = compacted_widths(model, graph)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    choices = {"alphas": dict(alphas)} if alphas else {}
+    if target is not None:
+        choices.update(target=target, alpha=found)
+    report = build_report(
+        ((name, layer.module) for name, layer in layers.items()), widths,
+        alpha_fc=alpha_fc,
+        alpha_conv=alpha_conv,
+        score=score,
+        samples=samples,
+        **choices,
+    )
+    report.skipped = skipped
+    report.analysis = "channel graph" if graph.traced else f"connection level: {graph.reason}"
+    if report.kept == 0:
+        log.warning(
+            "nnrelief pass removed every weight and bias of %s: the model now outputs a constant. "
+            "Check the pruning batches (are they all zero?) or raise alpha_fc/alpha_conv", type(model).__name__,
+        )  # fmt: skip
+    log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
+    return report
+
+
+def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:
+    graph = analyse(model, first, dynamic)
+    rejected = None if graph.traced else rejected_input(model, first)
+    if rejected is not None:
+        raise rejected
+    if not graph.layers:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+    return graph
+
+
+def _layers_that_ran(graph: ChannelGraph, stats: Statistics) -> tuple[dict[str, PrunableLayer], dict[str, str]]:
+    """The layers with input statistics (all of them when captured), and the skipped ones."""
+    skipped = dict(graph.skipped)
+    missing = [name for name in graph.layers if input_key(name) not in stats]
+    if not missing:
+        return graph.layers, skipped
+    for name in missing:
+        skipped[name] = "never ran on the pruning batches (an unused head, or its weight read by other code)"
+    return {name: layer for name, layer in graph.layers.items() if name not in missing}, skipped
+
+
+def _unspared(
+    model: nn.Module, layers: dict[str, PrunableLayer], skipped: dict[str, str], ignore: list[Selector], only: list[Selector]
+) -> dict[str, PrunableLayer]:
+    """The layers the pass prunes; the spared ones are added to ``skipped``."""
+    spared = spared_layers({name: layer.module for name, layer in layers.items()}, ignore, only)
+    if spared and len(spared) == len(layers):
+        raise ValueError(f"ignore=/only= spare every layer of {type(model).__name__} ({', '.join(sorted(spared))}): nothing to prune")
+    for name in sorted(spared):
+        skipped[name] = SPARED
+    return {name: layer for name, layer in layers.items() if name not in spared}
+
+
+def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics) -> int:
+    """Samples the first layer saw; refuses a pass over no samples (the model is untouched)."""
+    if not layers:
+        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} ran on the pruning batches")
+    samples = int(stats[input_key(next(iter(layers)))]["count"])
+    if samples == 0:
+        raise ValueError("the pruning batches hold no samples (every batch is empty); the model was left unchanged")
+    return samples
+
+
+def _run(model: nn.Module, graph: ChannelGraph, feed: Iterable[ModelInput], mode: str) -> Statistics:
+    position: dict[str, Any] = {"index": 0, "shape": None}
+
+    def tracked() -> Iterator[ModelInput]:
+        batches = iter(feed)
+        for index in itertools.count():
+            try:
+                x = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise FeedError() from error
+            position["index"], position["shape"] = index, shape_text(x)
+            yield x
+
+    try:
+        return collect(graph, tracked(), mode, model)
+    except FeedError as error:
+        raise error.__cause__ from None
+    except (ValueError, TypeError):
+        raise
+    except Exception as error:
+        raise explain_run_failure(position["index"], position["shape"], error) from error
