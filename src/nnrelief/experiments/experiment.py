@@ -17,6 +17,7 @@ import shlex
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -231,6 +232,7 @@ def load_weights(
     state = run.load(path.name)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
+    _check_tensors(state, path)
     try:
         restore_masks(net, state)
     except StateDictMismatchError as error:
@@ -238,6 +240,17 @@ def load_weights(
     except ValueError as error:
         raise ConfigError(f"{path} does not fit model {model_name}: {error}; give --model/--dataset of the run") from None
     return net.eval(), cfg
+
+
+def _check_tensors(state: Any, path: Path) -> None:
+    """Raise :class:`ConfigError` naming ``path`` unless ``state`` maps names to tensors."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict: give a model file such as "
+                          "RUN/model-iter<k>.pt")  # fmt: skip
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                              "give a model file such as RUN/model-iter<k>.pt")  # fmt: skip
 
 
 def _selected_model(run_dir: Path) -> str:

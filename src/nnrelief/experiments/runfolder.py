@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,32 @@ RETRAIN_CHECKPOINTS = retrain_checkpoint("*")  # glob of all of them
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is a temporary file of a write of one of :data:`RUN_FILES`."""
     return any(pattern.fullmatch(name) for pattern in _TEMPORARY)
+
+
+def holds_run_file(path: Path) -> bool:
+    """Whether ``path`` is (or would replace) a file of the run folder it lies in: a name
+    the run writes (:data:`RUN_FILES`, ``.lock``) or one its checksums record."""
+    folder = path.parent
+    if not any((folder / marker).is_file() for marker in _MARKERS):
+        return False
+    if path.name == LOCK or any(fnmatch.fnmatchcase(path.name, name) for name in RUN_FILES):
+        return True
+    try:
+        return path.name in checksums.read_entries(folder)
+    except DamagedFileError:
+        return False  # unverifiable: the names above are the run's
+
+
+def refuse_overwrite(output: Path, inputs: Iterable[Path], option: str) -> None:
+    """Raise :class:`RunFolderError` before anything is written if the output file
+    ``output`` (given as ``option``) is one of ``inputs`` or a file of a run folder."""
+    resolved = output.resolve()
+    if any(resolved == Path(source).resolve() for source in inputs):
+        raise RunFolderError(f"{option} {output} is the input file: nnrelief never overwrites its input; "
+                             "give another output file")  # fmt: skip
+    if holds_run_file(resolved):
+        raise RunFolderError(f"{option} {output} is a name of the run's own files in the run folder {output.parent}, "
+                             "which nnrelief never replaces: give another file name or folder")  # fmt: skip
 
 
 def remedy(name: str) -> str:
