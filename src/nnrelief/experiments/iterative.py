@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..choices import Selector, iteration_target
+from ..choices import Selector, UnreachableTargetError, iteration_target
 from ..fileio import cpu_state
 from ..masks import GATE, refresh_masked, restore_masks
 from ..pruning import SCORE_MODES, prune
@@ -250,8 +250,17 @@ def _nnrelief_step(
 ) -> PruneStep:  # fmt: skip
     def step(model: nn.Module, iteration: int) -> PruneReport:
         # prune() shows its bar whenever asked, even when stderr is not a terminal
-        return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
-                     score=score, progress=progress and sys.stderr.isatty(), **choices.arguments(iteration))  # fmt: skip
+        arguments = choices.arguments(iteration)
+
+        def run(**changed: Any) -> PruneReport:
+            return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
+                         score=score, progress=progress and sys.stderr.isatty(), **{**arguments, **changed})  # fmt: skip
+
+        try:
+            return run()
+        except UnreachableTargetError as error:  # an earlier pass went below this one's target: keep what is left
+            logger.warning("iteration %d: %s; this pass keeps what it can", iteration, error)
+            return run(target=error.remaining)
 
     return step
 
