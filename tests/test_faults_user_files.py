@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,10 +24,11 @@ from torch import nn
 
 from nnrelief.cli import main
 from nnrelief.compaction import compact
-from nnrelief.experiments.experiment import load_weights
+from nnrelief.experiments.experiment import load_weights, run_data_dir, stored_data_dir
 from nnrelief.export import SPARSE_FORMAT, export_program, export_torchscript, load_sparse, save_sparse
+from nnrelief.models import get_model
 from nnrelief.reporting.figures import pyplot, save
-from test_faults import REAL_REPLACE, TINY, Killed, error_line, killing_at
+from test_faults import HOLD, REAL_REPLACE, TINY, Killed, error_line, killing_at
 
 EXAMPLE = torch.rand(2, 1, 28, 28)
 
@@ -258,3 +263,127 @@ def test_what_compact_writes_into_a_run_folder_is_evaluated_or_named_there(run, 
         assert main(["compact", str(run / name), "-o", str(run / "again.pt"), "-q"]) == 1
         line = error_line(capsys)
         assert kind in line and "compact takes a pruned state dict" in line and "damaged" not in line
+
+
+# ----------------------------------------------------------------------------- the shared dense folder
+
+
+@pytest.fixture
+def runs(source, tmp_path) -> Path:
+    """A copy of the tiny run's parent: the run and its shared dense folder."""
+    shutil.copytree(source.parent, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def _another_run(runs: Path, *extra: str) -> int:
+    """A run beside the tiny one that needs the shared dense model (other pruning settings)."""
+    return main(["prune", *TINY, "--alpha-fc", "0.9", "--run-dir", str(runs / "other"), *extra])
+
+
+def test_a_damaged_shared_checksums_file_goes_with_the_remedy_it_names(runs, capsys):
+    (shared,) = (runs / "dense").iterdir()
+    (shared / "checksums.json").write_text("{")
+    assert _another_run(runs) == 1
+    line = error_line(capsys)
+    assert f"{shared / 'checksums.json'} is damaged" in line and "delete it" in line
+    (shared / "checksums.json").unlink()  # as the message says
+    assert _another_run(runs) == 0
+    assert (runs / "other" / "trained.pt").read_bytes() == (runs / "run" / "trained.pt").read_bytes()
+
+
+def test_a_damaged_shared_dense_json_is_rewritten(runs, capsys):
+    (shared,) = (runs / "dense").iterdir()
+    original = (shared / "dense.json").read_bytes()
+    (shared / "dense.json").write_text('{"model": ')
+    assert _another_run(runs, "-v") == 0
+    assert f"{shared / 'dense.json'} is damaged" in capsys.readouterr().err
+    assert (shared / "dense.json").read_bytes() == original
+    assert (runs / "other" / "trained.pt").read_bytes() == (runs / "run" / "trained.pt").read_bytes()
+
+
+def test_a_read_only_incomplete_shared_folder_is_refused_before_training(runs, monkeypatch, capsys):
+    (shared,) = (runs / "dense").iterdir()
+    (shared / "trained.pt").unlink()  # as a run killed during its dense training leaves it
+    before = snapshot(shared)
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # the shared folder's lock file cannot be opened for writing
+        if Path(path) == shared / ".lock":
+            raise OSError(13, os.strerror(13), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert _another_run(runs) == 1
+    line = error_line(capsys)
+    assert f"{shared} is not writable, and its dense model is not trained yet" in line
+    assert snapshot(shared) == before
+
+
+def test_a_run_waiting_for_the_shared_dense_model_says_so_at_the_default_level(runs, capfd):
+    (shared,) = (runs / "dense").iterdir()
+    (shared / "trained.pt").unlink()  # being trained by the holder
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(shared)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        threading.Timer(3.0, holder.kill).start()  # the other run ends: the lock goes with it
+        argv = [word for word in TINY if word != "-q"]
+        assert main(["prune", *argv, "--alpha-fc", "0.9", "--run-dir", str(runs / "other")]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"waiting for another run training the shared dense model {shared}" in capfd.readouterr().err
+
+
+def test_a_run_folder_under_a_file_is_named_without_errno(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["prune", *TINY, "--run-dir", str(tmp_path / "file" / "run")]) == 1
+    line = error_line(capsys)
+    assert f"cannot write {tmp_path / 'file' / 'run'}: a folder on its path is a file" in line
+    assert not line.split(": error: ")[1].startswith("[Errno") and (tmp_path / "file").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- the run's data folder
+
+
+def test_a_run_finds_its_data_folder_from_anywhere_and_moved(shared_data_dir, tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data").symlink_to(shared_data_dir)
+    monkeypatch.chdir(project)
+    argv = [*TINY, "--dataset", "mnist", "--data-dir", "data", "--num-iters", "1"]
+    assert main(["prune", *argv, "--run-dir", "runs/run"]) == 0
+    assert json.loads((project / "runs" / "run" / "config.json").read_text())["data_dir"] == "../../data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(project / "runs" / "run" / "model-iter1.pt"), "-q"]) == 0
+    accuracy = capsys.readouterr().out.splitlines()[2]
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the run moved with its data
+    assert main(["eval", str(moved / "runs" / "run" / "model-iter1.pt"), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == accuracy
+    (moved / "data").unlink()  # the data gone: the message says where it looked and what to give
+    assert main(["eval", str(moved / "runs" / "run" / "model-iter1.pt"), "-q"]) == 1
+    line = error_line(capsys)
+    assert f"the data folder of run {moved / 'runs' / 'run'} ({moved / 'data'}, from its config.json)" in line
+    assert "give --data-dir DIR" in line
+    assert main(["eval", str(moved / "runs" / "run" / "model-iter1.pt"), "--data-dir", str(shared_data_dir), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == accuracy
+
+
+def test_a_stored_data_folder_resolves_against_the_run_folder_then_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    assert stored_data_dir("data", "runs/a") == "../../data"
+    assert run_data_dir("../../data", tmp_path / "runs" / "a") == str(tmp_path / "data")
+    assert run_data_dir("data", "runs/a") == "data"  # a run from before: relative to where it ran
+    assert run_data_dir(str(tmp_path / "x"), "runs/a") == str(tmp_path / "x") and run_data_dir(None, "runs/a") is None
+
+
+def test_a_dataset_without_its_folder_names_the_flag(tmp_path, capsys):
+    torch.save(get_model("lenet300_100", 10).state_dict(), tmp_path / "state.pt")
+    assert main(["eval", str(tmp_path / "state.pt"), "--model", "lenet300_100", "--dataset", "mnist", "-q"]) == 1
+    line = error_line(capsys)
+    assert "give --data-dir DIR" in line and "load_dataset" not in line

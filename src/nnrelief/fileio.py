@@ -49,6 +49,8 @@ _FIXABLE = {
     errno.EROFS: ("the file system is read-only", "make it writable or use another folder"),
     errno.EACCES: ("permission denied", "make the folder writable or use another folder"),
     errno.EPERM: ("operation not permitted", "make the folder writable or use another folder"),
+    errno.ENOTDIR: ("a folder on its path is a file", "give a path whose folders are folders"),
+    errno.ENOENT: ("its folder was removed or moved while it was written", "restore the folder or give another path"),
 }
 
 

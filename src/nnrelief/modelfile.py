@@ -41,7 +41,7 @@ from torch import nn
 
 from . import data as nndata
 from .experiments.config import ConfigError, ExperimentConfig
-from .experiments.experiment import device_of, load_weights, stored_config
+from .experiments.experiment import device_of, load_weights, run_data_dir, stored_config
 from .experiments.runfolder import CONFIG, RunFolder, holds_run_file
 from .export import SPARSE_FORMAT, check_sparse, sparse_model
 from .metrics import ArchitectureSummary, summarize
@@ -257,6 +257,21 @@ class ModelEvaluation:
     summary: ArchitectureSummary
 
 
+def _images(loaded: ModelFile, data_dir: str | None, split: str, download: bool) -> nndata.TensorDataset:
+    """``split`` of the file's dataset, from ``data_dir`` or else the run's data folder
+    (resolved against the run folder); a missing one names where it was looked for."""
+    if data_dir is not None or loaded.config is None:
+        if data_dir is None and not nndata.get_spec(loaded.dataset).packaged:
+            raise ConfigError(f"dataset {loaded.dataset!r} of {loaded.path} needs its data folder: give --data-dir DIR")
+        return nndata.load_dataset(loaded.dataset, data_dir, split, download=download)
+    folder = run_data_dir(loaded.config.data_dir, loaded.path.parent)
+    try:
+        return nndata.load_dataset(loaded.dataset, folder, split, download=download)
+    except FileNotFoundError as error:
+        raise type(error)(f"the data folder of run {loaded.path.parent} ({folder}, from its {CONFIG}) does not hold "
+                          f"{loaded.dataset}: give --data-dir DIR where it is (or --download); {error}") from None  # fmt: skip
+
+
 def evaluate_model_file(
     path: str | os.PathLike[str], *, model: str | None = None, dataset: str | None = None, data_dir: str | None = None,
     split: str = "test", batch_size: int = 500, device: str = "auto", download: bool = False, trust: bool = False,
@@ -266,9 +281,7 @@ def evaluate_model_file(
     loaded = load_model_file(path, model, dataset, trust=trust)
     if loaded.dataset is None:
         raise ConfigError(f"{loaded.path} is not in a run folder: give the dataset (--dataset)")
-    if data_dir is None and loaded.config is not None:
-        data_dir = loaded.config.data_dir
-    images = nndata.load_dataset(loaded.dataset, data_dir, split, download=download)
+    images = _images(loaded, data_dir, split, download)
     target = device_of(device)
     loaded.model.to(target)
     batches = nndata.BatchLoader(images, batch_size, shuffle=False, seed=0, device=target)

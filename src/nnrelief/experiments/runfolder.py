@@ -16,8 +16,9 @@ Files of a run folder (all written atomically: temporary file + ``os.replace``):
 ``compare/<method>/``       a baseline's run of ``nnrelief compare`` (the same files)
 ==========================  ==============================================================
 
-A folder is taken as a run folder when it holds ``checksums.json``, ``config.json`` or
-``relief_state.pt`` (the last two: folders written before checksums existed); one that
+A folder is taken as a run folder when it holds ``checksums.json``, ``config.json``,
+``dense.json`` (a shared dense folder) or ``relief_state.pt`` (folders written before
+checksums existed); one that
 holds other files and none of these is refused before anything is created or removed in
 it, and so is a path that is a file.
 
@@ -87,7 +88,7 @@ COMPARE_FILES = ("compare.csv", "compare.json", "compare.md", "compare.png")
 RUN_FILES = (CONFIG, INIT, TRAINED, DENSE_CHECKPOINT, DENSE_SETTINGS, STATE, HISTORY_CSV, HISTORY_JSON, MANIFEST,
              "model-iter*.pt", "retrain-*.ckpt", *COMPARE_FILES)  # fmt: skip
 _TEMPORARY = [temporary_name_pattern(name) for name in RUN_FILES]
-_MARKERS = (MANIFEST, CONFIG, STATE)  # what makes a folder a run folder
+_MARKERS = (MANIFEST, CONFIG, STATE, DENSE_SETTINGS)  # what makes a folder a run folder (or a shared dense one)
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -162,6 +163,7 @@ def remedy(name: str) -> str:
         INIT: "rebuild it from the seed",
         TRAINED: "rebuild it from model-iter0.pt",
         CONFIG: "rewrite it (its settings are also in history.json)",
+        DENSE_SETTINGS: "rewrite it (the shared dense folder's name is the hash of its settings)",
     }
     if name in rebuilt:
         return again + rebuilt[name] + ", or restore it from a copy"
