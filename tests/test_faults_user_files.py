@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from nnrelief import fileio
 from nnrelief.cli import main
 from nnrelief.compaction import compact
 from nnrelief.experiments.experiment import load_weights, run_data_dir, stored_data_dir
@@ -332,6 +333,18 @@ def test_a_run_waiting_for_the_shared_dense_model_says_so_at_the_default_level(r
         holder.kill()
         holder.wait()
     assert f"waiting for another run training the shared dense model {shared}" in capfd.readouterr().err
+
+
+def test_a_folder_removed_during_a_write_is_named_with_a_remedy(tmp_path):
+    folder = tmp_path / "out"
+
+    def write(file):
+        file.write(b"half")
+        shutil.rmtree(folder)  # removed (or moved) by someone else meanwhile
+        open(folder / "x", "rb")  # what the writer's next step meets
+
+    with pytest.raises(fileio.WriteError, match=f"cannot write {folder / 'model.pt'}: its folder was removed or moved"):
+        fileio.atomic_write(folder / "model.pt", write)
 
 
 def test_a_run_folder_under_a_file_is_named_without_errno(tmp_path, capsys):

@@ -261,8 +261,8 @@ def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
         description="Evaluate a model file: a state_dict (e.g. runs/<run>/model-iter3.pt), a TorchScript "
-        "or .pt2 file (nnrelief compact) or a torch.save'd module, told apart by content. Inside a "
-        "run folder the model and dataset come from its config.json.",
+        "or .pt2 file (nnrelief compact) or a torch.save'd module (with --trust-file), told apart by content. "
+        "Inside a run folder the model, dataset and data folder come from its config.json.",
     )  # fmt: skip
     evaluate_cmd.add_argument("checkpoint", type=Path, help="the model file")
     evaluate_cmd.add_argument("--model", help="architecture (default: the run's)")
