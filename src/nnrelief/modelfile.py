@@ -161,9 +161,11 @@ def _safe_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f" (it names {found.group(1)})" if found else ""
-        raise _PickledObjects(f"{path} holds pickled Python objects, not only tensors{what}") from None
+        found = re.search(r"GLOBAL (\S+)", str(error))  # a class or function weights_only does not allow
+        if found is None:
+            raise ValueError(f"{path} cannot be read with weights_only=True: it is damaged or not a model file (a "
+                             "file of Python objects loads only with --trust-file, for a file you trust)") from None  # fmt: skip
+        raise _PickledObjects(f"{path} holds pickled Python objects, not only tensors (it names {found.group(1)})") from None
     except Exception as error:  # noqa: BLE001 - truncated or foreign: named, whatever torch raised
         raise ValueError(f"{path} cannot be read ({_first_line(error)}): it is truncated or damaged, or not "
                          f"a model; give {_ACCEPTED}") from None  # fmt: skip
