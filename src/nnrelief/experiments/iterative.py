@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..fileio import cpu_state
-from ..pruning.choices import Selector, iteration_target
+from ..pruning.choices import Selector, UnreachableTargetError, iteration_target
 from ..pruning.masks import GATE, refresh_masked, restore_masks
 from ..pruning.prune import SCORE_MODES, prune
 from ..pruning.report import PruneReport
@@ -250,8 +250,17 @@ def _nnrelief_step(
 ) -> PruneStep:  # fmt: skip
     def step(model: nn.Module, iteration: int) -> PruneReport:
         # prune() shows its bar whenever asked, even when stderr is not a terminal
-        return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
-                     score=score, progress=progress and sys.stderr.isatty(), **choices.arguments(iteration))  # fmt: skip
+        arguments = choices.arguments(iteration)
+
+        def run(**changed: Any) -> PruneReport:
+            return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
+                         score=score, progress=progress and sys.stderr.isatty(), **{**arguments, **changed})  # fmt: skip
+
+        try:
+            return run()
+        except UnreachableTargetError as error:  # an earlier pass went below this one's target: keep what is left
+            logger.warning("iteration %d: %s; this pass keeps what it can", iteration, error)
+            return run(target=error.remaining)
 
     return step
 

@@ -79,6 +79,12 @@ class Planner:
             bn_masks = clean(self.graph, masks, gates)
         return masks, gates, bn_masks
 
+    def current(self) -> float:
+        """kept / total weights and biases of the layers before the pass (under their old masks)."""
+        kept = sum(int((self.taps[name] * old.weight.to(self.taps[name].device)).sum()) for name, old in self.old.items())
+        kept += sum(int(old.bias.sum()) for old in self.old.values() if old.bias is not None)
+        return kept / self.total if self.total else 1.0
+
     def remaining(self, alpha_of: AlphaOf) -> float:
         """kept / total weights and biases of the layers under the pass's masks (as the report counts)."""
         masks, _, _ = self.masks(alpha_of)

@@ -25,7 +25,17 @@ from ..distributed import check_same_on_all_ranks
 from ..inputs import ModelInput
 from .apply import apply_layer_masks, apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
-from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
+from .choices import (
+    Selector,
+    UnreachableTargetError,
+    alpha_for,
+    check_alphas,
+    check_choices_match,
+    check_selectors,
+    check_target,
+    find_alpha,
+    spared_layers,
+)
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from .plan import Planner, contributions
 from .report import PruneReport, build_report
@@ -78,7 +88,11 @@ def prune(
     biases to reach (as ``report.remaining_fraction`` counts it): one alpha for every layer,
     found from the pass's own statistics by bisection (no second pass), is used and reported
     as ``report.settings["alpha"]``; passing it back as ``alpha_fc`` and ``alpha_conv``
-    gives the same masks.
+    gives the same masks. ``target`` is a fraction of the dense layers: one above what they
+    still keep raises :class:`~nnrelief.choices.UnreachableTargetError` (a ``ValueError``;
+    the model is left unchanged), one the pass cannot come within 10% of is logged as a
+    warning. A pattern of ``ignore``/``only``/``alphas`` that matches no prunable layer, or a
+    type the model does not contain, raises ``ValueError`` naming it.
 
     Under ``torchrun`` (a torch.distributed group of several processes) each process
     passes its own part of the pruning set: the statistics are summed over processes,
@@ -91,6 +105,9 @@ def prune(
     alphas, target = check_alphas(alphas), check_target(target)
     if score not in SCORE_MODES:
         raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
+                        "pass a list of batches, [x] (one batch) or x.split(n) (batches of n samples)")  # fmt: skip
     check_finite_model(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -103,6 +120,7 @@ def prune(
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
         graph = _analyse(model, first, dynamic=not inputs.one_signature())
+        check_choices_match(model, [*graph.layers, *graph.skipped], ignore, only, alphas)
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
@@ -113,7 +131,7 @@ def prune(
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, ignore, only)
         planner = Planner(model, graph, layers, stats, contributions(layers, stats, score))
-        found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+        found = None if target is None else _alpha_for_target(planner, target)
         if found is None:
             masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
         else:
@@ -147,6 +165,21 @@ def prune(
         )  # fmt: skip
     log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
     return report
+
+
+def _alpha_for_target(planner: Planner, target: float) -> float:
+    """The one alpha whose masks come closest to ``target``; a target above what the layers
+    still hold is refused (a pass never restores weights), one this pass cannot come near
+    (cleaning keeps or removes more) is logged as a warning."""
+    now = planner.current()
+    if target > now + 1e-9:
+        raise UnreachableTargetError(target, now)
+    found = find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+    reached = planner.remaining(lambda _name, _kind: found)
+    if abs(reached - target) > 0.1 * target:
+        log.warning("target=%g: the nearest this pass reaches is %.4g (alpha %.4g); structure cleaning sets the rest",
+                    target, reached, found)  # fmt: skip
+    return found
 
 
 def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:
