@@ -9,7 +9,7 @@ import torch.nn as nn
 import nnrelief
 from nnrelief.models import INPUT_SHAPES, MODELS
 from nnrelief.pruning.choices import alpha_for, find_alpha, spared_layers
-from nnrelief.pruning.masks import current_mask
+from nnrelief.pruning.masks import current_mask, state_with_masks
 
 ZOO = ["lenet300_100", "lenet5", "vgg_like", "resnet20"]
 
@@ -65,8 +65,8 @@ def test_target_lands_near_the_fraction_and_its_alpha_reproduces_the_masks(name:
     alpha = report.settings["alpha"]
     again = nnrelief.prune(twin, batches, alpha_fc=alpha, alpha_conv=alpha, progress=False)
     assert again.kept == report.kept
-    masks = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
-    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in masks.items())
+    masks = {k: v for k, v in state_with_masks(model).items() if k.endswith("_mask")}
+    assert all(torch.equal(v, state_with_masks(twin)[k]) for k, v in masks.items())
 
 
 def test_bad_choices_are_refused_before_anything_changes() -> None:
@@ -79,4 +79,4 @@ def test_bad_choices_are_refused_before_anything_changes() -> None:
         nnrelief.prune(model, batches, ignore=[3])
     with pytest.raises(ValueError, match="spare every layer"):
         nnrelief.prune(model, batches, ignore="*")
-    assert not any(key.endswith("_mask") for key in model.state_dict())
+    assert not any(key.endswith("_mask") for key in state_with_masks(model))

@@ -27,7 +27,7 @@ from .apply import apply_layer_masks, apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
-from .plan import Planner, contributions
+from .plan import Planner
 from .report import PruneReport, build_report
 from .selection import check_alpha
 from .stats import Statistics, all_reduce_statistics, collect
@@ -112,7 +112,7 @@ def prune(
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, ignore, only)
-        planner = Planner(model, graph, layers, stats, contributions(layers, stats, score))
+        planner = Planner(model, graph, layers, stats, score)
         found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
         if found is None:
             masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
