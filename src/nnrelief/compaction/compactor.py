@@ -42,6 +42,7 @@ from torch import Tensor
 from ..analysis import ChannelGraph, analyse
 from ..analysis.capture import TensorOutputs
 from ..analysis.layers import weight_matrix
+from ..heap import release_freed_memory
 from ..inputs import ModelInput, example_input
 from ..metrics import ArchitectureSummary, file_size, summarize
 from ..pruning.cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
@@ -95,6 +96,7 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
         log.warning("compact: %s could not be compacted; masks folded in, no channel removed", type(model).__name__)
         compacted = work
     _unshare(compacted, model)
+    release_freed_memory()
     return compacted.train(model.training)
 
 

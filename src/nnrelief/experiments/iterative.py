@@ -148,7 +148,7 @@ def relieve(
     Iteration 0 records the model as given. Then ``num_iters`` times: one pruning pass on
     the pruning set, evaluation ("before"), rewinding to ``rewind_state`` if given,
     ``train_fn(model, iteration)``, evaluation ("after"). The masks hold during training
-    (PyTorch pruning reparametrisation), so ``train_fn`` may be any ordinary loop over
+    with any ``torch.optim`` optimizer (:mod:`nnrelief.pruning.masks`), so ``train_fn`` may be any ordinary loop over
     ``model.parameters()``, e.g. :func:`nnrelief.training.fit`.
 
     Args:

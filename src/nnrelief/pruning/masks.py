@@ -180,15 +180,18 @@ def current_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
     return None if tensor is None else torch.ones_like(tensor, dtype=torch.bool)
 
 
-def set_mask(module: nn.Module, name: str, keep: Tensor) -> None:
+def set_mask(module: nn.Module, name: str, keep: Tensor, adopt: bool = False) -> None:
     """Mask ``module.<name>`` with ``keep`` ANDed with any existing mask (never revives):
-    the pruned entries are zeroed in place and held at zero (see :func:`hold_masks`)."""
+    the pruned entries are zeroed in place and held at zero (see :func:`hold_masks`). With
+    ``adopt`` a first mask that already is a boolean tensor of the parameter's shape and
+    device becomes the mask buffer itself (no copy: the caller lets go of it)."""
     param = module._parameters.get(name)
     if param is None:
         raise TypeError(f"{type(module).__name__}.{name} is not a parameter of its module: nnrelief masks parameters only")
     mask = _mask_of(module, name)
     if mask is None:
-        mask = torch.empty_like(param, dtype=torch.bool).copy_(keep)
+        fits = keep.dtype == torch.bool and keep.shape == param.shape and keep.device == param.device and keep.is_contiguous()
+        mask = keep if adopt and fits else torch.empty_like(param, dtype=torch.bool).copy_(keep)
         module.register_buffer(name + MASK, mask, persistent=False)
     else:
         mask.logical_and_(keep.to(mask.device))

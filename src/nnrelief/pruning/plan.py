@@ -26,7 +26,7 @@ def _connection_mask(module: nn.Module) -> LayerMask:
 
 
 AlphaOf = Callable[[str, str], float]  # (layer name, kind) -> alpha
-_BLOCK_ENTRIES = 1 << 22  # connections selected at once: bounds the selection's temporaries (sort, cumsum)
+_BLOCK_ENTRIES = 1 << 20  # connections selected at once: bounds the selection's temporaries (sort, cumsum)
 
 
 class Planner:

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
 from ..compaction.compactor import compacted_widths
 from ..distributed import check_same_on_all_ranks
+from ..heap import release_freed_memory
 from ..inputs import ModelInput
-from .apply import apply_layer_masks, apply_pass_masks, flat_masks
+from .apply import apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
@@ -32,7 +33,7 @@ from .report import PruneReport, build_report
 from .selection import check_alpha
 from .stats import Statistics, all_reduce_statistics, collect
 
-__all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
+__all__ = ["SCORE_MODES", "SPARED", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ def prune(
     input (for token sequences, mean |x| over samples and token positions); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
-    without outgoing connections and weak residual branches/shortcuts are removed. Masks
-    are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
+    without outgoing connections and weak residual branches/shortcuts are removed. Pruned
+    weights are zeroed in place and held at zero through training by byte masks
+    (:mod:`nnrelief.pruning.masks`).
 
     ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
     Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
@@ -127,6 +129,7 @@ def prune(
     finally:
         for module, training in modes.items():
             module.train(training)
+        release_freed_memory()
     choices = {"alphas": dict(alphas)} if alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
