@@ -12,7 +12,7 @@ import nnrelief
 from nnrelief.experiments import iterative
 from nnrelief.models import INPUT_SHAPES, MODELS
 from nnrelief.pruning.choices import UnreachableTargetError, alpha_for, find_alpha, spared_layers
-from nnrelief.pruning.masks import current_mask
+from nnrelief.pruning.masks import current_mask, state_with_masks
 
 ZOO = ["lenet300_100", "lenet5", "vgg_like", "resnet20"]
 
@@ -68,8 +68,8 @@ def test_target_lands_near_the_fraction_and_its_alpha_reproduces_the_masks(name:
     alpha = report.settings["alpha"]
     again = nnrelief.prune(twin, batches, alpha_fc=alpha, alpha_conv=alpha, progress=False)
     assert again.kept == report.kept
-    masks = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}
-    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in masks.items())
+    masks = {k: v for k, v in state_with_masks(model).items() if k.endswith("_mask")}
+    assert all(torch.equal(v, state_with_masks(twin)[k]) for k, v in masks.items())
 
 
 def test_bad_choices_are_refused_before_anything_changes() -> None:
@@ -82,7 +82,7 @@ def test_bad_choices_are_refused_before_anything_changes() -> None:
         nnrelief.prune(model, batches, ignore=[3])
     with pytest.raises(ValueError, match="spare every layer"):
         nnrelief.prune(model, batches, ignore="*")
-    assert not any(key.endswith("_mask") for key in model.state_dict())
+    assert not any(key.endswith("_mask") for key in state_with_masks(model))
 
 
 class _Toy(nn.Module):
@@ -140,11 +140,11 @@ def test_a_choice_that_matches_nothing_is_named_and_the_model_left_alone(choices
 def test_an_unreachable_target_is_refused_and_the_model_left_alone() -> None:
     model, batches = _model_and_batches("lenet300_100")
     first = nnrelief.prune(model, batches, target=0.25, progress=False)
-    masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("_mask")}
+    masks = {k: v.clone() for k, v in state_with_masks(model).items() if k.endswith("_mask")}
     with pytest.raises(UnreachableTargetError, match=f"already keep only {first.remaining_fraction:.4g}") as caught:
         nnrelief.prune(model, batches, target=0.9, progress=False)
     assert caught.value.remaining == pytest.approx(first.remaining_fraction)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in masks.items())
+    assert masks and all(torch.equal(v, state_with_masks(model)[k]) for k, v in masks.items())
     assert nnrelief.prune(model, batches, target=0.1, progress=False).remaining_fraction == pytest.approx(0.1, abs=0.01)
 
 
@@ -166,7 +166,7 @@ def test_a_bare_tensor_as_batches_is_refused_with_the_fix() -> None:
     model, batches = _model_and_batches("lenet5")
     with pytest.raises(TypeError, match=r"one tensor of shape \(12, 1, 28, 28\).*\[x\].*x.split\(n\)"):
         nnrelief.prune(model, batches[0], progress=False)
-    assert not any(key.endswith("_mask") for key in model.state_dict())
+    assert not any(key.endswith("_mask") for key in state_with_masks(model))
 
 
 def test_a_batch_of_the_wrong_shape_logs_nothing_before_the_error(capfd) -> None:

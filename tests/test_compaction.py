@@ -329,3 +329,20 @@ def test_an_example_the_model_rejects_is_named_with_its_layer() -> None:
     model = get_model("lenet5", 10)
     with pytest.raises(ValueError, match=r"compact: the model rejected the example of shape \(2, 1, 20, 20\) in layer fc1 \(Linear\)"):
         compact(model, torch.rand(2, 1, 20, 20))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet5"])
+def test_compaction_leaves_the_model_alone_and_shares_no_tensor_with_it(name: str) -> None:
+    model, x = _pruned(name)
+    model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    mask_buffers = {key for key, _ in model.named_buffers() if key.endswith("_mask")}
+    small = compact(model, x[:2])
+    assert model.training and mask_buffers == {key for key, _ in model.named_buffers() if key.endswith("_mask")}
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    theirs = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert not any(id(t) in theirs for t in [*small.parameters(), *small.buffers()])
+    with torch.no_grad():
+        for parameter in small.parameters():
+            parameter.add_(1.0)  # training the small model leaves the pruned one as it was
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

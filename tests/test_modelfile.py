@@ -97,8 +97,8 @@ def test_a_state_dict_of_another_model_is_told_in_a_few_lines(files, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert 2 <= len(lines) <= 4 and all(len(line) < 300 for line in lines), lines
     assert "does not fit model lenet300_100" in lines[0] and "keys of other shapes" in lines[0] and "keys missing" in lines[0]
-    assert "fc1.weight_orig: checkpoint (500, 800), model (300, 784)" in lines[1]
-    assert any(line.strip().startswith("not in the model: conv1.weight_orig") and "more)" in line for line in lines)
+    assert "fc1.weight: checkpoint (500, 800), model (300, 784)" in lines[1]
+    assert any(line.strip().startswith("not in the model: conv1.weight") and "more)" in line for line in lines)
 
 
 def test_files_that_hold_no_model_are_refused_unchanged(tmp_path, capsys):

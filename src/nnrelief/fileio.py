@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import is_main
+from .pruning.masks import state_with_masks
 
 logger = logging.getLogger(__name__)
 
@@ -219,5 +220,6 @@ def save_text(text: str, path: str | os.PathLike[str]) -> None:
 
 
 def cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    """A detached CPU copy of ``model.state_dict()``."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    """A detached CPU copy of ``model``'s state with its pruning masks
+    (:func:`nnrelief.pruning.masks.state_with_masks`; load it with ``restore_masks``)."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in state_with_masks(model).items()}

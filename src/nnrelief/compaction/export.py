@@ -23,11 +23,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.utils.prune as torch_prune
 from torch import Tensor
 
 from ..fileio import atomic_path
-from ..pruning.masks import GATE
+from ..pruning.masks import GATE, is_masked
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def _check_exportable(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if torch_prune.is_pruned(module) or GATE in module._buffers:
+        if any(is_masked(module, name) for name in module._parameters) or GATE in module._buffers:
             raise ValueError(
                 f"module {name or '<root>'} still carries nnrelief masks or gates; "
                 "export compact(model, example) (or make_permanent(model)) instead"

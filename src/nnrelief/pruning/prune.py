@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
 from ..compaction.compactor import compacted_widths
 from ..distributed import check_same_on_all_ranks
+from ..heap import release_freed_memory
 from ..inputs import ModelInput
-from .apply import apply_layer_masks, apply_pass_masks, flat_masks
+from .apply import apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .choices import (
     Selector,
@@ -37,12 +38,12 @@ from .choices import (
     spared_layers,
 )
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
-from .plan import Planner, contributions
+from .plan import Planner
 from .report import PruneReport, build_report
 from .selection import check_alpha
 from .stats import Statistics, all_reduce_statistics, collect
 
-__all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
+__all__ = ["SCORE_MODES", "SPARED", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def prune(
     input (for token sequences, mean |x| over samples and token positions); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
-    without outgoing connections and weak residual branches/shortcuts are removed. Masks
-    are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
+    without outgoing connections and weak residual branches/shortcuts are removed. Pruned
+    weights are zeroed in place and held at zero through training by byte masks
+    (:mod:`nnrelief.pruning.masks`).
 
     ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
     Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
@@ -130,7 +132,7 @@ def prune(
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, ignore, only)
-        planner = Planner(model, graph, layers, stats, contributions(layers, stats, score))
+        planner = Planner(model, graph, layers, stats, score)
         found = None if target is None else _alpha_for_target(planner, target)
         if found is None:
             masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
@@ -145,6 +147,7 @@ def prune(
     finally:
         for module, training in modes.items():
             module.train(training)
+        release_freed_memory()
     choices = {"alphas": dict(alphas)} if alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
