@@ -410,11 +410,12 @@ def load_dataset(
             f"{name} ({split}) read from {source} has images of shape "
             f"{dataset.image_shape}, expected {spec.image_shape}"
         )
+    unit = "tokens" if spec.task == "next-token" else "samples"
     if len(dataset) != expected:
         raise DataFormatError(
-            f"{name} ({split}) read from {source} has {len(dataset)} samples, the "
+            f"{name} ({split}) read from {source} has {len(dataset)} {unit}, the "
             f"distribution has {expected}: files incomplete or modified"
         )
-    logger.info("loaded %s %s: %d samples from %s in %.2f s", name, split, len(dataset),
+    logger.info("loaded %s %s: %d %s from %s in %.2f s", name, split, len(dataset), unit,
                 source, time.perf_counter() - start)
     return dataset
