@@ -16,7 +16,7 @@ import torch
 
 from .errors import ChecksumError
 
-BYTE_VOCAB = 256
+BYTE_VOCAB = 256  # token values: the bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,11 +45,6 @@ class TokenStream:
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token values (bytes)."""
-        return BYTE_VOCAB
 
 
 def _checked_bytes(path: Path, size: int, sha256: str) -> bytes:
