@@ -240,9 +240,9 @@ def run_comparison(
     """Run NNrelief (the experiment) and the given baselines, and write the comparison
     files into ``<run folder>/compare`` (see the module docstring). An unknown method, or
     one that cannot prune the experiment's model, is refused before anything runs."""
-    experiment.require_classifier("comparing pruning methods")
     for name in methods:
         get_method(name)
+    experiment.require_classifier("comparing pruning methods")
     shape = tuple(experiment.train_set.image_shape)
     for name in methods:
         check = get_method(name).check
