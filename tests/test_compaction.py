@@ -18,7 +18,7 @@ from nnrelief.compaction import compact, compaction_summary, format_summary
 from nnrelief.compaction.export import export_onnx, export_program, export_torchscript, load_sparse, save_sparse
 from nnrelief.compaction.narrowing import ChannelMap
 from nnrelief.metrics import summarize
-from nnrelief.models import MODELS, get_model, input_shape
+from nnrelief.models import IMAGE_MODELS, get_model, input_shape
 from nnrelief.models.resnet_cifar import PadShortcut
 from nnrelief.pruning.masks import GATE, gate_of, set_gate, set_mask
 
@@ -48,7 +48,7 @@ def _assert_plain(model: nn.Module) -> None:
         assert not any(name.endswith(("_mask", "_orig")) for name in list(module._buffers) + list(module._parameters))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(IMAGE_MODELS))
 def test_zoo_compacted_outputs_match(name: str) -> None:
     model, x = _pruned(name, passes=1, samples=3)
     before = {key: value.clone() for key, value in model.state_dict().items()}

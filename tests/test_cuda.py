@@ -22,7 +22,7 @@ from nnrelief.compaction import compact
 from nnrelief.experiments.config import ExperimentConfig
 from nnrelief.experiments.experiment import Experiment
 from nnrelief.inputs import ModelInput
-from nnrelief.models import INPUT_SHAPES, MODELS, get_model
+from nnrelief.models import IMAGE_MODELS, INPUT_SHAPES, get_model
 from nnrelief.pruning.batches import PruningBatches
 from nnrelief.pruning.masks import current_mask
 from nnrelief.pruning.stats import collect
@@ -57,7 +57,7 @@ def assert_all_on_cuda_float32(model: torch.nn.Module) -> None:
     assert not wrong
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(IMAGE_MODELS))
 def test_zoo_model_prune_train_compact_on_gpu(name: str, exact_fp32) -> None:
     torch.manual_seed(0)
     model = get_model(name, 10).to(CUDA)

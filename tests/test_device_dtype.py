@@ -9,7 +9,7 @@ import torch
 
 import nnrelief
 from nnrelief.compaction import compact
-from nnrelief.models import INPUT_SHAPES, MODELS, get_model
+from nnrelief.models import IMAGE_MODELS, INPUT_SHAPES, get_model
 from nnrelief.pruning.masks import GATE, restore_masks
 
 
@@ -18,7 +18,7 @@ def floating_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in named.items() if t.is_floating_point()}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(IMAGE_MODELS))
 def test_float64_model_stays_float64_through_prune_and_compact(name: str) -> None:
     torch.manual_seed(0)
     model = get_model(name, 10).double()

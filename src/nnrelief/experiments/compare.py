@@ -242,6 +242,7 @@ def run_comparison(
     one that cannot prune the experiment's model, is refused before anything runs."""
     for name in methods:
         get_method(name)
+    experiment.require_classifier("comparing pruning methods")
     shape = tuple(experiment.train_set.image_shape)
     for name in methods:
         check = get_method(name).check

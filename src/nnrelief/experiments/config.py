@@ -48,6 +48,7 @@ FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
 # defaults, and assumed to have them in run folders written before they existed.
 LATER_FIELDS: dict[str, Any] = {
     "lr_schedule": "step", "amp": "off", "compile": False, "ignore": [], "only": [], "alphas": [], "target_remaining": None,
+    "steps_per_epoch": None,
 }  # fmt: skip
 
 
@@ -117,6 +118,10 @@ class ExperimentConfig:
     momentum: float = like(TrainConfig, "momentum", 0.9)
     weight_decay: float = like(TrainConfig, "weight_decay", 5e-4)
     batch_size: int = setting(120, help="training batch size (the global batch under torchrun)", range="[1, inf)")
+    steps_per_epoch: int | None = setting(
+        None, range="[1, inf)", help="training batches per epoch of a text dataset, each of windows drawn at random anew "
+        "('none': as many as one pass over the training tokens takes)",
+    )  # fmt: skip
     milestones: list[int] = like(TrainConfig, "milestones", factory=lambda: [30],
                                  help="dense-training epochs after which the learning rate decays (none = no decay)")
     retrain_milestones: list[int] = like(TrainConfig, "milestones", factory=lambda: [30],
@@ -197,12 +202,27 @@ class ExperimentConfig:
         if self.dataset not in nndata.DATASETS:
             known = nndata.DATASETS
             raise ConfigError(f"unknown dataset {self.dataset!r}{suggestion(self.dataset, known)}; known: {', '.join(sorted(known))}")
-        spec = nndata.get_spec(self.dataset)
-        if model_input_shape(self.model) != spec.image_shape:
-            raise ConfigError(
-                f"model {self.model} expects inputs {model_input_shape(self.model)}, dataset "
-                f"{self.dataset} has images {spec.image_shape}"
-            )
+        problem = input_mismatch(self.model, self.dataset)
+        if problem is not None:
+            raise ConfigError(problem.replace(" takes ", " expects ", 1))
+        self._check_task_settings()
+
+    def _check_task_settings(self) -> None:
+        """Refuse settings that do not apply to the dataset's kind (images or text)."""
+        if nndata.get_spec(self.dataset).task == "next-token":
+            given = {"val_size": self.val_size, "train_subset": self.train_subset, "augment": self.augment}
+            for name in (name for name, value in given.items() if value is not None):
+                raise ConfigError(f"setting {name} does not apply to the text dataset {self.dataset} (it holds out whole "
+                                  f"works for validation and test; --steps-per-epoch sets an epoch's length): leave {flag_of(name)} out")  # fmt: skip
+        elif self.steps_per_epoch is not None:
+            raise ConfigError(f"setting steps_per_epoch applies to text datasets only; {self.dataset} is an image "
+                              "dataset (an epoch is one pass over its training images): leave --steps-per-epoch out")  # fmt: skip
+
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the run trains a language model (a text dataset): judged by its
+        validation loss (bits per token), not by accuracy."""
+        return nndata.get_spec(self.dataset).task == "next-token"
 
     @property
     def num_classes(self) -> int:
@@ -222,7 +242,7 @@ class ExperimentConfig:
             optimizer=self.optimizer, lr=lr, momentum=self.momentum,
             weight_decay=self.weight_decay, epochs=epochs, milestones=list(milestones),
             gamma=self.gamma, lr_schedule=self.lr_schedule, device=self.device, seed=seed,
-            amp=self.amp, compile=self.compile,
+            amp=self.amp, compile=self.compile, metric="loss" if self.is_language_model else "accuracy",
         )  # fmt: skip
 
     @property
@@ -255,6 +275,20 @@ class ExperimentConfig:
 
 # Recorded from the environment (torchrun's WORLD_SIZE), not settings: no command-line flag.
 RECORDED_FIELDS = frozenset(name for name, spec in specs(ExperimentConfig).items() if not spec.flag)
+
+
+def input_mismatch(model: str, dataset: str) -> str | None:
+    """Why the registered ``model`` cannot take the samples of ``dataset`` (None if it can):
+    an image classifier needs the dataset's image shape, a language model a text dataset."""
+    shape, spec = tuple(model_input_shape(model)), nndata.get_spec(dataset)
+    text, sequences = spec.task == "next-token", len(shape) == 1
+    if text != sequences:
+        takes = "token sequences" if sequences else f"images {shape}"
+        holds = "text" if text else f"images {tuple(spec.image_shape)}"
+        return f"model {model} takes {takes}, but dataset {dataset} holds {holds}"
+    if not text and shape != tuple(spec.image_shape):
+        return f"model {model} takes inputs {shape}, but dataset {dataset} has images {tuple(spec.image_shape)}"
+    return None
 
 
 def _setting_error(name: str, problem: str) -> ConfigError:
@@ -322,6 +356,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 120, "epochs": 200, "milestones": [120, 160], "retrain_epochs": 80,
         "retrain_milestones": [30, 60], "alpha_conv": 0.95, "alpha_fc": 0.99, "num_iters": 10,
         "prune_samples": 2000, "rewind": False,
+    },
+    # Not in the paper: a byte-level Llama decoder (RMSNorm, rotary, SwiGLU; 3.4M parameters, context 256) trained on
+    # the Shakespeare corpus in under an hour on a shared 2-core CPU (one torch thread): 10 epochs of 200 batches of 16
+    # random windows of 256 bytes (8.2M tokens, 1.8 passes over the training works), cosine schedule.
+    "llama-shakespeare": {
+        "model": "byte_llama", "dataset": "shakespeare", "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
+        "batch_size": 16, "steps_per_epoch": 200, "epochs": 10, "lr_schedule": "cosine", "milestones": [],
     },
 }  # fmt: skip
 """Named settings of the paper's experiments (ALGORITHM.md) and a quick offline demo.

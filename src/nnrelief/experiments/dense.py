@@ -22,15 +22,22 @@ from .config import LATER_FIELDS, ExperimentConfig
 # its initialisation and batch order (the seed) and every setting of its training.
 DENSE_FIELDS = (
     "model", "dataset", "val_size", "train_subset", "augment", "seed", "epochs", "optimizer", "lr", "momentum",
-    "weight_decay", "batch_size", "milestones", "gamma", "lr_schedule", "amp", "compile",
+    "weight_decay", "batch_size", "milestones", "gamma", "lr_schedule", "amp", "compile", "steps_per_epoch",
 )  # fmt: skip
+# Dense settings added after shared dense folders existed: their dense.json lacks them, so
+# they are recorded only when they differ from these defaults.
+_LATER_DENSE_FIELDS = {"steps_per_epoch": None}
 SHARED_FOLDER = "dense"
 
 
 def dense_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings of ``cfg`` that shape its dense model."""
     values = cfg.to_dict()
-    return {name: values[name] for name in DENSE_FIELDS}
+    return {
+        name: values[name]
+        for name in DENSE_FIELDS
+        if not (name in _LATER_DENSE_FIELDS and _LATER_DENSE_FIELDS[name] == values[name])
+    }
 
 
 def dense_name(cfg: ExperimentConfig) -> str:

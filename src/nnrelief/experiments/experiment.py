@@ -29,10 +29,20 @@ from ..models import get_model, input_shape
 from ..pruning.choices import spared_layers, unmatched_patterns
 from ..pruning.masks import StateDictMismatchError, restore_masks
 from ..settings import flag_of
-from ..training import evaluate, fit, resolve_device
+from ..training import EvalResult, evaluate, fit, resolve_device
 from . import checksums
 from . import runfolder as files
-from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed, reproduce_command
+from .config import (
+    FREE_FIELDS,
+    LATER_FIELDS,
+    RECORDED_FIELDS,
+    ConfigError,
+    ExperimentConfig,
+    RunConflictError,
+    derive_seed,
+    input_mismatch,
+    reproduce_command,
+)
 from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
 from .iterative import PassChoices, relieve
@@ -40,7 +50,11 @@ from .runfolder import DamagedFileError, RunFolder, RunFolderError, RunLockedErr
 
 logger = logging.getLogger(__name__)
 
+Data = nndata.TensorDataset | nndata.TokenStream
+Loader = nndata.BatchLoader | nndata.SequenceLoader
+
 _EVAL_BATCH = 500
+_EVAL_SEQUENCES = 64  # token windows per evaluation batch of a language model
 
 
 def claim_run_folder(cfg: ExperimentConfig, folder: RunFolder) -> None:
@@ -295,12 +309,11 @@ def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
     spec = nndata.get_spec(dataset_name)
     try:
         net = get_model(model_name, spec.num_classes)
-        expected = input_shape(model_name)
+        problem = input_mismatch(model_name, dataset_name)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if tuple(expected) != tuple(spec.image_shape):
-        raise ConfigError(f"model {model_name} takes inputs {tuple(expected)}, but dataset {dataset_name} has images "
-                          f"{tuple(spec.image_shape)}: give the dataset the model was trained on (--dataset)")  # fmt: skip
+    if problem is not None:
+        raise ConfigError(f"{problem}: give the dataset the model was trained on (--dataset)")
     return net
 
 
@@ -390,8 +403,13 @@ class Experiment:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _load_data(self) -> tuple[nndata.TensorDataset, nndata.TensorDataset, nndata.TensorDataset]:
+    def _load_data(self) -> tuple[Data, Data, Data]:
         cfg = self.cfg
+        if cfg.is_language_model:  # the corpus holds out whole works for validation and test
+            train, val, test = (nndata.load_dataset(cfg.dataset, self.data_dir, split, download=self.download)
+                                for split in ("train", "val", "test"))  # fmt: skip
+            logger.info("data: %d train, %d validation, %d test tokens", len(train), len(val), len(test))
+            return train, val, test
         full = nndata.load_dataset(cfg.dataset, self.data_dir, "train", download=self.download)
         test = nndata.load_dataset(cfg.dataset, self.data_dir, "test", download=self.download)
         train, val = nndata.train_val_split(full, cfg.val_size, seed=cfg.seed)
@@ -406,13 +424,26 @@ class Experiment:
         logger.info("data: %d train, %d validation, %d test samples", len(train), len(val), len(test))
         return train, val, test
 
-    def _eval_loader(self, dataset: nndata.TensorDataset) -> nndata.BatchLoader:
+    def _eval_loader(self, dataset: Data) -> Loader:
+        if isinstance(dataset, nndata.TokenStream):
+            return nndata.SequenceLoader(dataset, _EVAL_SEQUENCES, self.context, shuffle=False, seed=0, device=self.device,
+                                         rank=rank(), world_size=world_size())  # fmt: skip
         return nndata.BatchLoader(dataset, _EVAL_BATCH, shuffle=False, seed=0, device=self.device,
                                   rank=rank(), world_size=world_size())  # fmt: skip
 
-    def train_loader(self, *phase: object) -> nndata.BatchLoader:
+    @property
+    def context(self) -> int:
+        """Tokens per window of a language model: its context (:func:`~nnrelief.models.input_shape`)."""
+        return input_shape(self.cfg.model)[0]
+
+    def train_loader(self, *phase: object) -> Loader:
         """Shuffled training batches of a phase (e.g. ("retrain", k)): the same for every
         method and every resumed run, as they depend only on the seed and the phase."""
+        if isinstance(self.train_set, nndata.TokenStream):
+            return nndata.SequenceLoader(
+                self.train_set, self.cfg.batch_size, self.context, shuffle=True, seed=derive_seed(self.cfg.seed, "batches", *phase),
+                device=self.device, steps=self.cfg.steps_per_epoch, rank=rank(), world_size=world_size(), even_shards=True,
+            )  # fmt: skip
         return nndata.BatchLoader(
             self.train_set, self.cfg.batch_size, shuffle=True,
             seed=derive_seed(self.cfg.seed, "batches", *phase), device=self.device,
@@ -436,6 +467,18 @@ class Experiment:
     def accuracies(self, model: nn.Module) -> dict[str, float]:
         """Validation and test accuracy of ``model``."""
         return {name: fn(model) for name, fn in self.eval_fns().items()}
+
+    def evaluations(self, model: nn.Module) -> dict[str, EvalResult]:
+        """Validation and test loss and accuracy of ``model`` (of a language model: per
+        token, with its bits per token and perplexity)."""
+        return {"val": evaluate(model, self.val_batches, self.device), "test": evaluate(model, self.test_batches, self.device)}
+
+    def require_classifier(self, what: str) -> None:
+        """Refuse ``what`` for a language model: so far only its dense training is wired
+        (pruning it one shot is issue 29's later part)."""
+        if self.cfg.is_language_model:
+            raise ConfigError(f"{what} of the language model {self.cfg.model} on {self.cfg.dataset} is not supported yet; "
+                              "`nnrelief train` trains it")  # fmt: skip
 
     def initial_model(self) -> nn.Module:
         """The untrained model, built from the seed (stored as ``init.pt``; rebuilt from the
@@ -594,6 +637,7 @@ class Experiment:
 
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
+        self.require_classifier("iterative pruning")
         model = self.train_dense()
         damage = self.folder.damaged(files.model_file(0))  # the loop's copy of the dense model
         if damage is not None:

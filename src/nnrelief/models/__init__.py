@@ -1,4 +1,5 @@
-"""Model zoo: the networks used in the NNrelief paper and MobileNetV2, all ``torch.fx``-traceable.
+"""Model zoo: the networks used in the NNrelief paper and MobileNetV2, all ``torch.fx``-traceable,
+and a small byte-level Llama decoder (``byte_llama``, from ``transformers``).
 
 All constructors use Kaiming-normal initialisation of conv/linear weights with
 ``mode="fan_in"``, ``nonlinearity="relu"``, zero biases, BatchNorm weight 1 and bias 0.
@@ -11,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from .lenet import LeNet5, LeNet300100, lenet5, lenet300_100
+from .llama import BYTE_LLAMA_CONTEXT, byte_llama
 from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenetv2_cifar
 from .resnet_cifar import (
     BasicBlock,
@@ -41,13 +43,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet110": resnet110,
     "resnet18_tiny": resnet18_tiny,
     "mobilenetv2_cifar": mobilenetv2_cifar,
+    "byte_llama": byte_llama,
 }
 
 _MNIST_SHAPE = (1, 28, 28)
 _CIFAR_SHAPE = (3, 32, 32)
 _TINY_SHAPE = (3, 64, 64)
 
-INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+# (C, H, W) of an image classifier; (T,) of a language model: its context of T tokens.
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "lenet300_100": _MNIST_SHAPE,
     "lenet5": _MNIST_SHAPE,
     "vgg_like": _CIFAR_SHAPE,
@@ -62,7 +66,10 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "resnet110": _CIFAR_SHAPE,
     "resnet18_tiny": _TINY_SHAPE,
     "mobilenetv2_cifar": _CIFAR_SHAPE,
+    "byte_llama": (BYTE_LLAMA_CONTEXT,),
 }
+IMAGE_MODELS = tuple(name for name, shape in INPUT_SHAPES.items() if len(shape) == 3)
+"""The image classifiers of :data:`MODELS` (the others are language models)."""
 
 
 def _check_name(name: str) -> None:
@@ -79,14 +86,17 @@ def get_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes=num_classes)
 
 
-def input_shape(name: str) -> tuple[int, int, int]:
-    """(C, H, W) input shape expected by the registered model ``name``."""
+def input_shape(name: str) -> tuple[int, ...]:
+    """(C, H, W) input shape expected by the registered model ``name``; (T,) for a
+    language model (token sequences of up to T tokens)."""
     _check_name(name)
     return INPUT_SHAPES[name]
 
 
 __all__ = [
+    "BYTE_LLAMA_CONTEXT",
     "BasicBlock",
+    "IMAGE_MODELS",
     "INPUT_SHAPES",
     "InvertedResidual",
     "LeNet300100",
@@ -98,6 +108,7 @@ __all__ = [
     "ResNet18Tiny",
     "ResNetCifar",
     "VGG",
+    "byte_llama",
     "get_model",
     "input_shape",
     "lenet300_100",

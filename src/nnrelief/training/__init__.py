@@ -9,7 +9,9 @@ Design points:
 
 * The data are any iterable of ``(x, y)`` tensor batches with ``len()``. When the object
   has a ``set_epoch(epoch)`` method it is called (with the 0-based epoch index) before each
-  pass over it, so shuffling can depend only on ``(seed, epoch)``.
+  pass over it, so shuffling can depend only on ``(seed, epoch)``. A language model's
+  batches are token windows ``(B, T)`` with next-token targets ``(B, T)``; its best epoch is
+  chosen on the validation loss (``TrainConfig.metric="loss"``).
 * Pruned models keep their pruned weights at exactly zero through any ``torch.optim``
   optimizer (:mod:`nnrelief.pruning.masks`: gradients masked, pruned entries zeroed again
   after every step), whatever its momentum or weight decay would do.
@@ -26,13 +28,15 @@ Design points:
 """
 
 from .checkpoint import EpochRecord
-from .config import AMP_MODES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, resolve_device
+from .config import AMP_MODES, LR_SCHEDULES, METRICS, OPTIMIZERS, TrainConfig, resolve_device
 from .fitting import FitResult, TrainingDivergedError, fit, make_optimizer, make_scheduler, seed_everything
+from .lmmetrics import bits_per_token, perplexity
 from .loops import Batches, EvalResult, evaluate, train_epoch
 
 __all__ = [
     "AMP_MODES",
     "LR_SCHEDULES",
+    "METRICS",
     "OPTIMIZERS",
     "Batches",
     "EpochRecord",
@@ -40,10 +44,12 @@ __all__ = [
     "FitResult",
     "TrainConfig",
     "TrainingDivergedError",
+    "bits_per_token",
     "evaluate",
     "fit",
     "make_optimizer",
     "make_scheduler",
+    "perplexity",
     "resolve_device",
     "seed_everything",
     "train_epoch",

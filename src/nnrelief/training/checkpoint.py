@@ -75,8 +75,10 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 @dataclass
 class Progress:
-    """What :func:`fit` carries from epoch to epoch: the records and the best epoch so far."""
+    """What :func:`fit` carries from epoch to epoch: the records and the best epoch so far,
+    chosen on ``metric`` (:data:`~.config.METRICS`)."""
 
+    metric: str = "accuracy"
     history: list[EpochRecord] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch: int = 0
@@ -88,14 +90,21 @@ class Progress:
         return len(self.history)
 
     def add(self, record: EpochRecord, model: nn.Module) -> None:
-        """Append ``record``; keep a CPU copy of the weights if the epoch is the best one
-        (highest validation accuracy, ties: lower validation loss, then earlier)."""
+        """Append ``record``; keep a CPU copy of the weights if the epoch is the best one."""
         self.history.append(record)
-        better_loss = record.val_accuracy == self.best_val_accuracy and record.val_loss < self.best_val_loss
-        if record.val_accuracy > self.best_val_accuracy or better_loss:
+        if is_better(record, self.best_val_accuracy, self.best_val_loss, self.metric):
             self.best_epoch = record.epoch
             self.best_val_accuracy, self.best_val_loss = record.val_accuracy, record.val_loss
             self.best_state = cpu_state(model)
+
+
+def is_better(record: EpochRecord, best_accuracy: float, best_loss: float, metric: str) -> bool:
+    """Whether ``record`` beats the best epoch so far on ``metric``: ``"accuracy"``, higher
+    validation accuracy (ties: lower validation loss); ``"loss"``, lower validation loss.
+    An equal epoch does not (the earlier one stays)."""
+    if metric == "loss":
+        return record.val_loss < best_loss
+    return record.val_accuracy > best_accuracy or (record.val_accuracy == best_accuracy and record.val_loss < best_loss)
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, session: Resumable, progress: Progress) -> None:
@@ -141,6 +150,7 @@ def restore_checkpoint(ckpt: dict[str, Any], path: Path, session: Resumable) -> 
         session.scaler.load_state_dict(ckpt["scaler"])
     set_rng_states(ckpt["rng"])
     progress = Progress(
+        metric=ckpt["config"].get("metric", TrainConfig.metric),  # checked against the run's config
         history=[EpochRecord(**r) for r in ckpt["history"]],
         best_state=ckpt["best_state"],
         best_epoch=ckpt["best_epoch"],

@@ -14,6 +14,7 @@ from ..settings import check_fields, document, normalise_choice, setting
 OPTIMIZERS = ("adam", "sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine")
 AMP_MODES = ("off", "bf16", "fp16")
+METRICS = ("accuracy", "loss")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -51,6 +52,11 @@ class TrainConfig:
         0.0, help="label smoothing of the training loss (evaluation uses plain cross-entropy)", range="[0, 1)"
     )
     seed: int = setting(0, help="seed of Python, NumPy and torch RNGs at the start of fit()")
+    metric: str = setting(
+        "accuracy", choices=METRICS,
+        help="what picks the best epoch: 'accuracy' (highest validation accuracy, ties: lower loss) or 'loss' (lowest "
+        "validation loss, ties: the earlier epoch; language models)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.milestones = [int(m) for m in self.milestones]

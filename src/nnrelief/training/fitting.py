@@ -21,6 +21,7 @@ from ..fileio import cpu_state
 from ..pruning.masks import hold_masks, restore_masks
 from .checkpoint import EpochRecord, Progress, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_device
+from .lmmetrics import bits_per_token, perplexity
 from .loops import Batches, evaluate, train_epoch, uses_channels_last
 from .parallel import broadcast_buffers, checkpoint_on_every_rank, wrap_model
 
@@ -137,7 +138,8 @@ def fit(
 
     After every epoch the model is evaluated on ``val_batches`` (a validation split held
     out from the training data, never the test set). The epoch with the highest
-    validation accuracy (ties: lower validation loss, then earlier epoch) wins; a full
+    validation accuracy (ties: lower validation loss, then earlier epoch) wins, or with
+    ``cfg.metric="loss"`` (language models) the lowest validation loss; a full
     copy of its ``state_dict`` (parameters and buffers such as pruning masks) is loaded
     into the model before returning. The model is moved to the configured device and
     left in the train/eval mode it had on entry.
@@ -148,8 +150,10 @@ def fit(
     the call.
 
     Args:
-        model: any classifier returning logits ``(N, C)``; prune-style masked layers
-            are fine (only ``model.parameters()`` are optimised).
+        model: any classifier returning logits ``(N, C)``, or a language model returning
+            logits ``(B, T, V)`` for next-token targets ``(B, T)`` (also as a Hugging Face
+            ``ModelOutput``); prune-style masked layers are fine (only
+            ``model.parameters()`` are optimised).
         train_batches: sized iterable of ``(x, y)``; ``set_epoch(epoch)`` (0-based) is
             called before each epoch if present. It should shuffle.
         val_batches: sized iterable of validation ``(x, y)`` batches.
@@ -185,7 +189,7 @@ def fit(
     benchmark = torch.backends.cudnn.benchmark
     hold_masks(model)  # masks of a copied or unpickled model hold from the first step
     session = _Session.start(model, cfg, device)
-    state = Progress()
+    state = Progress(metric=cfg.metric)
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         ckpt = checkpoint_on_every_rank(checkpoint_path, cfg)
@@ -207,8 +211,8 @@ def fit(
         model.train(was_training)
     _load_weights(model, state.best_state)
     logger.info(
-        "best epoch %d (%s): val acc %.4f, val loss %.4f",
-        state.best_epoch, desc, state.best_val_accuracy, state.best_val_loss,
+        "best epoch %d (%s): val acc %.4f, val loss %.4f%s",
+        state.best_epoch, desc, state.best_val_accuracy, state.best_val_loss, _lm_metrics(cfg, state.best_val_loss),
     )  # fmt: skip
     return FitResult(
         best_epoch=state.best_epoch,
@@ -217,6 +221,14 @@ def fit(
         history=state.history,
         resumed_from=start,
     )
+
+
+def _lm_metrics(cfg: TrainConfig, val_loss: float) -> str:
+    """`` (x bits/token, perplexity y)`` of a validation loss when the loss picks the best
+    epoch (language models); empty for classifiers, whose logs stay as they were."""
+    if cfg.metric != "loss":
+        return ""
+    return f" ({bits_per_token(val_loss):.4f} bits/token, perplexity {perplexity(val_loss):.3f})"
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
@@ -244,9 +256,9 @@ def _train_epochs(
         record = _run_epoch(session, train_batches, val_batches, cfg, epoch, progress, desc)
         state.add(record, session.model)
         logger.info(
-            "epoch %d/%d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.3g | %.1fs",
+            "epoch %d/%d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f%s | lr %.3g | %.1fs",
             record.epoch, cfg.epochs, desc, record.train_loss, record.train_accuracy,
-            record.val_loss, record.val_accuracy, record.lr, record.seconds,
+            record.val_loss, record.val_accuracy, _lm_metrics(cfg, record.val_loss), record.lr, record.seconds,
         )  # fmt: skip
         epochs.set_postfix(train_loss=f"{record.train_loss:.4f}", val_acc=f"{record.val_accuracy:.4f}")
         if checkpoint_path is not None:

@@ -3,6 +3,10 @@
 Losses and accuracies are summed on the device and read once per pass (summed over the
 processes under torchrun, :mod:`.parallel`): the training step never waits for the device.
 On CUDA the passes use autocast (``amp``) and channels_last for conv nets.
+
+A model may return logits ``(N, C)`` for targets ``(N,)``, or, as a language model does,
+logits ``(B, T, V)`` for next-token targets ``(B, T)`` (then every token counts as a
+sample), as a tensor or as the ``logits`` of a Hugging Face ``ModelOutput``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import amp_mode, resolve_device
+from .lmmetrics import bits_per_token, perplexity
 from .parallel import all_reduce_sums
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,11 +38,35 @@ class Batches(Protocol):
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean loss and accuracy (fraction in [0, 1]) over ``n`` samples."""
+    """Mean loss (cross-entropy, nats) and accuracy (fraction in [0, 1]) over ``n`` samples
+    (of a language model: tokens; the accuracy is that of the most likely next token)."""
 
     loss: float
     accuracy: float
     n: int
+
+    @property
+    def bits_per_token(self) -> float:
+        """The mean loss in bits per token (bits per byte for byte tokens)."""
+        return bits_per_token(self.loss)
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``."""
+        return perplexity(self.loss)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """A model's logits: its output tensor, or the ``logits`` of a Hugging Face ``ModelOutput``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _per_target(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C) and targets (N,): a language model's logits (B, T, V) and targets
+    (B, T) become one row per token; a classifier's pass unchanged."""
+    if y.dim() > 1 and out.shape[:-1] == y.shape:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return out, y
 
 
 def _autocast(device: torch.device, amp: str) -> Any:
@@ -108,7 +137,7 @@ def evaluate(
                 x = _to_device(x, device, channels_last)
                 y = y.to(device, non_blocking=True)
                 with _autocast(device, amp):
-                    out = model(x)
+                    out, y = _per_target(_logits(model(x)), y)
                 tally.add(F.cross_entropy(out.float(), y, reduction="sum"), out, y)
     finally:
         model.train(was_training)
@@ -153,7 +182,7 @@ def train_epoch(
         for x, y in tqdm(batches, desc=desc, leave=False, disable=None if progress else True):
             x = _to_device(x, device, channels_last)
             y = y.to(device, non_blocking=True)
-            out, loss = _train_step(model, optimizer, x, y, device, amp, scaler, grad_clip, label_smoothing)
+            out, y, loss = _train_step(model, optimizer, x, y, device, amp, scaler, grad_clip, label_smoothing)
             tally.add(loss.double() * y.numel(), out, y)
     finally:
         model.train(was_training)
@@ -170,11 +199,12 @@ def _train_step(
     scaler: torch.amp.GradScaler | None,
     grad_clip: float | None,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the detached logits and loss (still on the device)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the detached logits, the targets (both one row per
+    target) and the loss, still on the device."""
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, amp):
-        out = model(x)
+        out, y = _per_target(_logits(model(x)), y)
         loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
     if scaler is None:
         loss.backward()
@@ -188,4 +218,4 @@ def _train_step(
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-    return out.detach(), loss.detach()
+    return out.detach(), y, loss.detach()
