@@ -24,6 +24,7 @@ from torch import nn
 from .. import data as nndata
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
+from ..kinds import kind_of
 from ..models import get_model, input_shape
 from ..pruning.choices import spared_layers, unmatched_patterns
 from ..pruning.masks import StateDictMismatchError, restore_masks
@@ -269,13 +270,13 @@ def pass_choices(cfg: ExperimentConfig) -> PassChoices:
 
 
 def check_layer_patterns(cfg: ExperimentConfig) -> None:
-    """Refuse layer name patterns of ``cfg`` that match no Linear or conv layer of its model,
+    """Refuse layer name patterns of ``cfg`` that match no layer of its model the pass prunes (:mod:`nnrelief.kinds`),
     and ``ignore``/``only`` that leave nothing to prune (the model is built on the meta device)."""
     if not (cfg.ignore or cfg.only or cfg.alphas):
         return
     with torch.device("meta"):
         model = _fresh_model(cfg.model, cfg.dataset)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {name: m for name, m in model.named_modules() if kind_of(m) is not None}
     shown = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
     for name, patterns in (("ignore", cfg.ignore), ("only", cfg.only), ("alphas", list(cfg.alpha_map))):
         for pattern in unmatched_patterns(patterns, layers):

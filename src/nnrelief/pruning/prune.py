@@ -23,6 +23,7 @@ from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
 from ..compaction.compactor import compacted_widths
 from ..distributed import check_same_on_all_ranks
 from ..inputs import ModelInput
+from ..kinds import scored_kinds
 from .apply import apply_layer_masks, apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
@@ -58,7 +59,8 @@ def prune(
     ``batches`` is any iterable of input tensors, dicts of keyword inputs (called as
     ``model(**batch)``, e.g. Hugging Face batches) or (inputs, target) pairs whose inputs are a
     tensor, a tuple of positional inputs or a dict (a DataLoader works): the pruning set,
-    streamed once. Every Linear (and GPT-2 ``Conv1D``) and Conv2d layer is scored on its own
+    streamed once. Every layer of a kind of :mod:`nnrelief.kinds` (Linear, GPT-2 ``Conv1D``,
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d) is scored on its own
     input (for token sequences, mean |x| over samples and token positions); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
@@ -155,7 +157,7 @@ def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph
     if rejected is not None:
         raise rejected
     if not graph.layers:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+        raise ValueError(f"{type(model).__name__} has no layer that NNrelief can prune ({scored_kinds()})")
     return graph
 
 
@@ -185,7 +187,7 @@ def _unspared(
 def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics) -> int:
     """Samples the first layer saw; refuses a pass over no samples (the model is untouched)."""
     if not layers:
-        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} ran on the pruning batches")
+        raise ValueError(f"no layer of {type(model).__name__} that NNrelief prunes ({scored_kinds()}) ran on the pruning batches")
     samples = int(stats[input_key(next(iter(layers)))]["count"])
     if samples == 0:
         raise ValueError("the pruning batches hold no samples (every batch is empty); the model was left unchanged")
