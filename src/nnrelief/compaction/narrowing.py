@@ -214,10 +214,10 @@ class InPlacePlan:
             need = torch.ones(rule.channels, dtype=torch.bool) if name in self.forced else live[name] & used[name]
             demand[root] = demand[root] | need if root in demand else need.clone()
         keep = {name: demand[self.groups.find(name)] for name, rule in self.graph.rules.items() if rule.channels is not None}
+        reshaped = {self.groups.find(name) for name, rule in self.graph.rules.items() if rule.rule in (Rule.FLATTEN, Rule.CAT)}
+        _keep_one({root: value for root, value in demand.items() if root not in reshaped})  # before the reshapes read them
         self._exact_reshapes(keep)
-        for value in keep.values():
-            if not bool(value.any()):
-                value[0] = True  # never build zero-width layers; an extra channel is exact
+        _keep_one(keep)
         return keep
 
     def _natural(self, name: str, keep: dict[str, Tensor]) -> Tensor:
@@ -301,6 +301,15 @@ class InPlacePlan:
             for parameter, node, axis in self.parameters:
                 _slice_parameter(self.model, parameter, axis, self.keep[node])
         return before - sum(p.numel() for p in self.model.parameters())
+
+
+def _keep_one(keep: Mapping[str, Tensor]) -> None:
+    """Channel 0 kept where no channel is: never a zero-width layer (an extra channel is exact).
+    A layer reduced to nothing thus keeps one channel on both sides of a flatten or a
+    concatenation (the concatenation a branch of which died entirely keeps its channel)."""
+    for value in keep.values():
+        if not bool(value.any()):
+            value[0] = True
 
 
 def _index(mask: Tensor | None) -> Tensor | None:
