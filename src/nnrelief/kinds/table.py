@@ -200,7 +200,7 @@ class ConvTransposeKind(ConvKind):
         return False
 
 
-KINDS: tuple[LayerKind, ...] = (LinearKind(), TransposedLinearKind(), ConvTransposeKind(), ConvKind())
+KINDS: tuple[LayerKind, ...] = (LinearKind(), TransposedLinearKind(), ConvKind(), ConvTransposeKind())
 """Every layer kind NNrelief scores; the first that matches a module is its kind."""
 
 
