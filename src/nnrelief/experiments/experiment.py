@@ -35,7 +35,7 @@ from . import runfolder as files
 from .config import FREE_FIELDS, LATER_FIELDS, RECORDED_FIELDS, ConfigError, ExperimentConfig, RunConflictError, derive_seed, reproduce_command
 from .dense import dense_folder, dense_settings
 from .history import History, IterationRecord
-from .iterative import PassChoices, relieve
+from .iterative import relieve
 from .runfolder import DamagedFileError, RunFolder, RunFolderError, RunLockedError
 
 logger = logging.getLogger(__name__)
@@ -262,11 +262,6 @@ def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
         raise ConfigError(f"model {model_name} takes inputs {tuple(expected)}, but dataset {dataset_name} has images "
                           f"{tuple(spec.image_shape)}: give the dataset the model was trained on (--dataset)")  # fmt: skip
     return net
-
-
-def pass_choices(cfg: ExperimentConfig) -> PassChoices:
-    """The choices of every NNrelief pass of ``cfg``'s run (``--ignore``, ``--only``, ``--alphas``, ``--target-remaining``)."""
-    return PassChoices(tuple(cfg.ignore), tuple(cfg.only), cfg.alpha_map, cfg.target_remaining)
 
 
 def check_layer_patterns(cfg: ExperimentConfig) -> None:
@@ -566,10 +561,7 @@ class Experiment:
             train_fn=self.retrain,
             eval_fns=self.eval_fns(),
             num_iters=self.cfg.num_iters,
-            alpha_fc=self.cfg.alpha_fc,
-            alpha_conv=self.cfg.alpha_conv,
-            score=self.cfg.score,
-            choices=pass_choices(self.cfg),
+            settings=self.cfg.pass_settings(),
             rewind_state=self.initial_state(),
             run_dir=self.run_dir,
             early_stop_margin=self.cfg.early_stop_margin,

@@ -26,18 +26,17 @@ from ..inputs import ModelInput
 from ..kinds import scored_kinds
 from .apply import apply_layer_masks, apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
-from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, find_alpha, spared_layers
+from .choices import Selector, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
+from .pass_settings import DEFAULTS, SCORE_MODES, PassSettings
 from .plan import Planner, contributions
 from .report import PruneReport, build_report
-from .selection import check_alpha
 from .stats import Statistics, all_reduce_statistics, collect
 
 __all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES = ("paper", "authors")
 SPARED = "spared by ignore=/only=: every weight kept"  # report.skipped's reason for a spared layer
 
 
@@ -45,9 +44,9 @@ def prune(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    alpha_fc: float = 0.95,
-    alpha_conv: float = 0.9,
-    score: str = "paper",
+    alpha_fc: float = DEFAULTS.alpha_fc,
+    alpha_conv: float = DEFAULTS.alpha_conv,
+    score: str = DEFAULTS.score,
     progress: bool = True,
     ignore: Iterable[Selector] | Selector | None = None,
     only: Iterable[Selector] | Selector | None = None,
@@ -86,13 +85,11 @@ def prune(
     passes its own part of the pruning set: the statistics are summed over processes,
     and the masks are compared (by hash) before they are applied; ranks that disagree
     raise :class:`nnrelief.distributed.DistributedError`.
+
+    The keywords but ``progress`` are the fields of :class:`~nnrelief.pruning.pass_settings.PassSettings`
+    (checked and defaulted there).
     """
-    alpha_fc = check_alpha(alpha_fc, "alpha_fc")
-    alpha_conv = check_alpha(alpha_conv, "alpha_conv")
-    ignore, only = check_selectors(ignore, "ignore"), check_selectors(only, "only")
-    alphas, target = check_alphas(alphas), check_target(target)
-    if score not in SCORE_MODES:
-        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    settings = PassSettings(alpha_fc, alpha_conv, score, ignore, only, alphas, target)
     check_finite_model(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -108,16 +105,17 @@ def prune(
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
-        stats = _run(model, graph, feed, score)
+        stats = _run(model, graph, feed, settings.score)
         inputs.check_finite()
         all_reduce_statistics(stats)
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
-        layers = _unspared(model, layers, skipped, ignore, only)
-        planner = Planner(model, graph, layers, stats, contributions(layers, stats, score))
+        layers = _unspared(model, layers, skipped, list(settings.ignore), list(settings.only))
+        planner = Planner(model, graph, layers, stats, contributions(layers, stats, settings.score))
+        target = settings.target
         found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
         if found is None:
-            masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
+            masks, gates, bn_masks = planner.masks(settings.alpha_of)
         else:
             masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
         check_same_on_all_ranks(flat_masks(masks, gates, bn_masks), "pruning masks")  # torchrun
@@ -129,14 +127,14 @@ def prune(
     finally:
         for module, training in modes.items():
             module.train(training)
-    choices = {"alphas": dict(alphas)} if alphas else {}
+    choices = {"alphas": dict(settings.alphas)} if settings.alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
     report = build_report(
         ((name, layer.module) for name, layer in layers.items()), widths,
-        alpha_fc=alpha_fc,
-        alpha_conv=alpha_conv,
-        score=score,
+        alpha_fc=settings.alpha_fc,
+        alpha_conv=settings.alpha_conv,
+        score=settings.score,
         samples=samples,
         **choices,
     )
