@@ -233,8 +233,8 @@ class ExperimentConfig:
     def pass_settings(self) -> PassSettings:
         """The settings of every NNrelief pass of the run (``target_remaining`` is the
         per-pass fraction, :meth:`PassSettings.at_iteration`)."""
-        return PassSettings(self.alpha_fc, self.alpha_conv, self.score, tuple(self.ignore), tuple(self.only), self.alpha_map,
-                            self.target_remaining)  # fmt: skip
+        return PassSettings(alpha_fc=self.alpha_fc, alpha_conv=self.alpha_conv, score=self.score, ignore=tuple(self.ignore),
+                            only=tuple(self.only), alphas=self.alpha_map, target=self.target_remaining)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of all fields."""

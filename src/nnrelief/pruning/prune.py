@@ -89,7 +89,7 @@ def prune(
     The keywords but ``progress`` are the fields of :class:`~nnrelief.pruning.pass_settings.PassSettings`
     (checked and defaulted there).
     """
-    settings = PassSettings(alpha_fc, alpha_conv, score, ignore, only, alphas, target)
+    settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas, target=target)
     check_finite_model(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
