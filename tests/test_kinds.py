@@ -184,6 +184,19 @@ def test_new_kinds_are_cleaned_and_compacted(net: type[nn.Module], shape: tuple[
         torch.testing.assert_close(small(probe), model(probe), rtol=1e-4, atol=1e-5)
 
 
+def test_a_grouped_transposed_conv_is_kept_whole_and_the_rest_compacts() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.ConvTranspose1d(6, 4, 2, stride=2, groups=2), nn.ReLU(), nn.Conv1d(4, 3, 1))
+    with torch.no_grad():
+        model[4].weight[:, 0] = 0.0  # a channel of the grouped layer no one reads: kept, its group is whole
+    x = torch.randn(4, 2, 9)
+    nnrelief.prune(model, [x], alpha_conv=0.9, progress=False)
+    small = nnrelief.compact(model, x[:2])
+    assert (small[2].in_channels, small[2].out_channels, small[2].weight.shape) == (6, 4, model[2].weight.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_baselines_prune_every_kind() -> None:
     torch.manual_seed(0)
     model = Volume()

@@ -193,7 +193,9 @@ class ConvTransposeKind(ConvKind):
         return False  # grouped: kept whole
 
     def slice(self, module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
-        weight = _slice_weight(module, rows, cols if module.groups == 1 else None, 1)
+        if module.groups > 1:
+            return  # grouped: compaction keeps every channel of its groups (its rows index out / groups per group)
+        weight = _slice_weight(module, rows, cols, 1)
         module.in_channels, module.out_channels = weight.shape[0], weight.shape[1] * module.groups
 
     def uses_channels_last(self, module: nn.Module) -> bool:
