@@ -15,6 +15,7 @@ from nnrelief.analysis import analyse, find_layers, input_key
 from nnrelief.experiments.baselines import magnitude_prune, prunable_layers
 from nnrelief.inputs import ModelInput
 from nnrelief.kinds import KINDS, ConvKind, ConvTransposeKind, kind_of, regroup
+from nnrelief.pruning import scores
 from nnrelief.pruning.masks import current_mask
 from nnrelief.pruning.stats import collect
 
@@ -88,6 +89,29 @@ def test_conv_transpose_1d_3d_scores_match_the_formula(dims: int, stride: int, p
     entry = _statistics(conv, x)
     assert torch.allclose(entry["norms"].double(), _slow_transposed_norms(x, conv), rtol=1e-4, atol=1e-6)
     assert float(entry["positions"]) / 3 == conv(x).shape[2:].numel()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv3d(3, 4, 2, stride=2, padding=1), nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1),
+                                  nn.ConvTranspose3d(3, 4, 2, stride=2)])  # fmt: skip
+def test_authors_scores_of_the_new_kinds_match_the_formula(conv: nn.Module) -> None:
+    """score="authors": || |K_ji| * mean_n |x_ni| ||, the layer's own (transposed) conv of the mean map."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, *((5,) * (conv.weight.dim() - 2)))
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    graph = analyse(model, ModelInput((x,)))
+    entry = collect(graph, [ModelInput((x,))], "authors", model)[input_key("0")]
+    contrib, _ = scores.contributions(conv, "conv", entry, "authors")
+    mean = x.abs().mean(0, keepdim=True).double()
+    weight = conv.weight.detach().abs().double()
+    expected = torch.zeros(4, 3, dtype=torch.float64)
+    for j, i in itertools.product(range(4), range(3)):
+        if isinstance(conv, nn.Conv3d):
+            out = F.conv3d(F.pad(mean[:, i : i + 1], [1] * 6), weight[j : j + 1, i : i + 1], stride=2)
+        else:
+            transposed = _CONV_TRANSPOSE[x.dim() - 2]
+            out = transposed(mean[:, i : i + 1], weight[i : i + 1, j : j + 1], stride=conv.stride, padding=conv.padding)
+        expected[j, i] = out.norm()
+    assert torch.allclose(contrib.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_every_kind_lays_its_weight_out_as_out_in_and_back() -> None:
