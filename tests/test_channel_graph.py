@@ -151,7 +151,9 @@ def test_the_capture_is_reused_until_the_modules_change() -> None:
     x = ModelInput((torch.randn(5, 6),))
     first = analyse(model, x)
     assert analyse(model, ModelInput((torch.randn(9, 6),))) is first  # another batch size: same capture
-    nnrelief.prune(model, [x.args[0]], progress=False)  # adds masks: the modules changed
+    nnrelief.prune(model, [x.args[0]], progress=False)  # masks zero weights in place: the graph stays
+    assert analyse(model, x) is first
+    model[1] = nn.Tanh()  # a module replaced: captured again
     second = analyse(model, x)
     assert second is not first and analyse(model, x) is second
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -197,7 +198,7 @@ def test_index_maps_with_literal_sizes(batch_inferred: bool) -> None:
     assert compacted.b.out_channels == (12 if batch_inferred else 10)
     # Its layers run as the narrowed modules: MACs count, fewer than the model's.
     assert 0 < summarize(compacted, (3, 16, 16)).macs_dense < summarize(model, (3, 16, 16)).macs_dense
-    loaded = load_sparse(save_sparse(compacted, Path(tempfile.mkdtemp()) / "m.pt"))
+    loaded = load_sparse(save_sparse(compacted, Path(tempfile.mkdtemp()) / "m.pt"), _zeroed(compacted))
     _assert_same(model, loaded.eval(), x)
     # Pruned and compacted again: the GraphModule is a model like any other (its maps kept).
     nnrelief.prune(compacted, [x], alpha_fc=0.6, alpha_conv=0.6, progress=False)
@@ -288,9 +289,20 @@ def test_export_refuses_masked_model(tmp_path: Path) -> None:
     assert not os.listdir(tmp_path)
 
 
+def _zeroed(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer zeroed: what load_sparse fills."""
+    blank = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in [*blank.parameters(), *blank.buffers()]:
+            tensor.zero_()
+    return blank
+
+
 def test_sparse_round_trip(compacted_resnet: tuple[nn.Module, torch.Tensor], tmp_path: Path) -> None:
     model, x = compacted_resnet
-    loaded = load_sparse(save_sparse(model, tmp_path / "sparse.pt"))
+    path = save_sparse(model, tmp_path / "sparse.pt")
+    assert torch.load(path, weights_only=True)["version"] == 2  # plain tensors, strings and numbers
+    loaded = load_sparse(path, _zeroed(model))
     _assert_same(model, loaded.eval(), x)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -309,7 +321,7 @@ def test_sparse_size_scales_with_remaining_weights(tmp_path: Path) -> None:
     for density in (0.2, 0.1, 0.05):
         path = save_sparse(_sparse_linear(density), tmp_path / f"{density}.pt")
         sizes[density] = path.stat().st_size
-        loaded = load_sparse(path)
+        loaded = load_sparse(path, _zeroed(_sparse_linear(density)))
         assert torch.equal(loaded[0].weight, _sparse_linear(density)[0].weight)
     assert 0.4 < sizes[0.1] / sizes[0.2] < 0.6
     assert 0.4 < sizes[0.05] / sizes[0.1] < 0.6
@@ -343,7 +355,9 @@ def test_compaction_summary(tmp_path: Path) -> None:
 def test_sparse_keeps_tied_parameters(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     model[2].weight = model[0].weight
-    loaded = load_sparse(save_sparse(model, tmp_path / "tied.pt"))
+    blank = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    blank[2].weight = blank[0].weight
+    loaded = load_sparse(save_sparse(model, tmp_path / "tied.pt"), blank)
     assert loaded[2].weight is loaded[0].weight
     _assert_same(model, loaded, torch.randn(3, 4))
 
@@ -352,3 +366,20 @@ def test_an_example_the_model_rejects_is_named_with_its_layer() -> None:
     model = get_model("lenet5", 10)
     with pytest.raises(ValueError, match=r"compact: the model rejected the example of shape \(2, 1, 20, 20\) in layer fc1 \(Linear\)"):
         compact(model, torch.rand(2, 1, 20, 20))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet5"])
+def test_compaction_leaves_the_model_alone_and_shares_no_tensor_with_it(name: str) -> None:
+    model, x = _pruned(name)
+    model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    mask_buffers = {key for key, _ in model.named_buffers() if key.endswith("_mask")}
+    small = compact(model, x[:2])
+    assert model.training and mask_buffers == {key for key, _ in model.named_buffers() if key.endswith("_mask")}
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    theirs = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert not any(id(t) in theirs for t in [*small.parameters(), *small.buffers()])
+    with torch.no_grad():
+        for parameter in small.parameters():
+            parameter.add_(1.0)  # training the small model leaves the pruned one as it was
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

@@ -27,6 +27,7 @@ from nnrelief import distributed
 from nnrelief.cli import main
 from nnrelief.experiments.config import ConfigError, ExperimentConfig, reproduce_command
 from nnrelief.models import get_model
+from nnrelief.pruning.masks import state_with_masks
 from nnrelief.training import TrainConfig, evaluate, fit, parallel
 
 WORLD = 2
@@ -148,7 +149,7 @@ def _float64_prune(name: str, x: torch.Tensor, shards: int) -> dict[str, torch.T
                     module.running_var.uniform_(0.5, 2.0)
     start, stop = distributed.shard_bounds(len(x)) if shards else (0, len(x))
     nnrelief.prune(model, list(x[start:stop].split(7)), alpha_fc=0.9, alpha_conv=0.85, progress=False)
-    return {k: v for k, v in model.state_dict().items() if k.endswith("_mask") or k.endswith("gate")}
+    return {k: v for k, v in state_with_masks(model).items() if k.endswith("_mask") or k.endswith("gate")}
 
 
 def _conv_bn() -> torch.nn.Module:

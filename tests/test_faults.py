@@ -292,11 +292,11 @@ def test_a_model_file_with_non_finite_weights_is_refused_naming_the_tensor(refer
     shutil.copytree(reference[0], run_dir)
     (run_dir / "checksums.json").unlink()  # as written before checksums: only the values can tell
     state = torch.load(run_dir / "model-iter1.pt", weights_only=True)
-    state["fc1.weight_orig"][0, :3] = torch.tensor([float("nan"), float("inf"), 3.3e38])
+    state["fc1.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), 3.3e38])
     torch.save(state, run_dir / "model-iter1.pt")
     assert main(["eval", str(run_dir / "model-iter1.pt"), "-q"]) == 1
     line = error_line(capsys)
-    assert f"{run_dir / 'model-iter1.pt'} is damaged: tensor 'fc1.weight_orig' holds 2 non-finite value(s)" in line
+    assert f"{run_dir / 'model-iter1.pt'} is damaged: tensor 'fc1.weight' holds 2 non-finite value(s)" in line
 
 
 def test_a_folder_from_before_checksums_resumes_and_gets_them(reference, tmp_path):

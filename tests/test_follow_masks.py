@@ -15,7 +15,7 @@ import torch.nn as nn
 import nnrelief
 import nnrelief.analysis
 from nnrelief.models import INPUT_SHAPES, MODELS
-from nnrelief.pruning.masks import restore_masks
+from nnrelief.pruning.masks import restore_masks, state_with_masks
 
 transformers = pytest.importorskip("transformers")
 analysis = sys.modules["nnrelief.analysis"]  # the package (its attribute "capture" is the function)
@@ -69,7 +69,7 @@ def _built(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.bool() for k, v in model.state_dict().items() if k.endswith("_mask") or k.endswith("nnrelief_gate")}
+    return {k: v.bool() for k, v in state_with_masks(model).items() if k.endswith("_mask") or k.endswith("nnrelief_gate")}
 
 
 def _count_captures(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -86,7 +86,7 @@ def test_later_passes_follow_the_capture_and_match_a_fresh_one(case: str, monkey
     followed = _built(build)
     first = nnrelief.prune(followed, batches, alpha_fc=0.9, alpha_conv=0.8, progress=False)
     fresh = _built(build)
-    restore_masks(fresh, followed.state_dict())  # the same masked model, never captured
+    restore_masks(fresh, state_with_masks(followed))  # the same masked model, never captured
     nnrelief.prune(followed, batches, alpha_fc=0.9, alpha_conv=0.8, progress=False)
     assert len(exports) == 1, "the second pass exported the model again"
     nnrelief.prune(fresh, batches, alpha_fc=0.9, alpha_conv=0.8, progress=False)

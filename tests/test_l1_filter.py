@@ -140,7 +140,7 @@ def test_iterations_prune_further_and_never_revive():
     assert summarize(model, SHAPE).macs_sparse == 262
     first = current_mask(model.conv2).clone()
     with torch.no_grad():  # retraining changes the ranking: filter 0 now weakest of the alive ones
-        model.conv2.weight_orig[0] *= 0.01
+        model.conv2.weight[0] *= 0.01
     report = l1_filter_prune(model, 150, SHAPE)
     assert report.settings["fraction"] == pytest.approx(3 / 8) and report.settings["macs"] == summarize(model, SHAPE).macs_sparse
     alive = current_mask(model.conv2).flatten(1).any(dim=1)

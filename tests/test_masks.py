@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nnrelief
 from nnrelief.models import lenet5, lenet300_100, resnet20
-from nnrelief.pruning.masks import StateDictMismatchError, current_mask
+from nnrelief.pruning.masks import StateDictMismatchError, current_mask, state_with_masks
 
 
 def pruned_lenet5(seed=0):
@@ -81,16 +81,16 @@ def test_round_trip_with_gates_on_resnet():
 
 
 def test_restore_into_another_architecture_changes_nothing_and_keeps_every_difference():
-    state = pruned_lenet5().state_dict()
+    state = state_with_masks(pruned_lenet5())
     other = lenet300_100()
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(StateDictMismatchError, match="model left unchanged") as info:
         nnrelief.restore_masks(other, state)
     error = info.value
-    assert "fc1.weight_orig: checkpoint (500, 800), model (300, 784)" in error.shapes
+    assert "fc1.weight: checkpoint (500, 800), model (300, 784)" in error.shapes
     assert "conv2.weight_mask" in error.unexpected and "fc3.bias" in error.missing
     assert len(str(error).splitlines()) == 1 + len(error.details) <= 4  # the first few keys of each kind, not all
-    assert f"{len(error.unexpected)} keys not in the model" in error.headline and "conv1.weight_orig" in error.details[-1]
+    assert f"{len(error.unexpected)} keys not in the model" in error.headline and "conv1.weight" in error.details[-1]
     assert not any(hasattr(m, "weight_mask") or m._forward_pre_hooks for m in other.modules())
     assert before.keys() == other.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
@@ -101,7 +101,7 @@ def test_make_permanent_leaves_plain_parameters():
     x = torch.rand(4, 1, 28, 28)
     before = model(x)
     nnrelief.make_permanent(model)
-    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert not any(name.endswith("_mask") for name, _ in model.named_buffers()) and not state_with_masks(model).keys() - model.state_dict().keys()
     assert all(not m._forward_pre_hooks for m in model.modules())
     assert isinstance(model.conv2.weight, nn.Parameter)
     assert torch.allclose(model(x), before)
@@ -113,9 +113,9 @@ def test_make_permanent_leaves_plain_parameters():
 def test_second_pass_only_removes():
     model = pruned_lenet5()
     first = {n: current_mask(m).clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    # a weight that the first pass removed must stay removed even if its orig value grows
+    # a weight that the first pass removed must stay removed even if something writes it
     with torch.no_grad():
-        model.fc1.weight_orig.add_(1.0)
+        model.fc1.weight.add_(1.0)
     nnrelief.prune(model, [torch.rand(64, 1, 28, 28)], alpha_fc=0.99, alpha_conv=0.99, progress=False)
     for name, mask in first.items():
         after = current_mask(dict(model.named_modules())[name])
@@ -130,7 +130,7 @@ def test_mode_and_requires_grad_are_restored():
     model.fc2.eval()
     nnrelief.prune(model, [torch.rand(8, 1, 28, 28)], progress=False)
     assert model.training and model.conv1.training and not model.fc2.training
-    assert not model.conv1.weight_orig.requires_grad and model.conv2.weight_orig.requires_grad
+    assert not model.conv1.weight.requires_grad and model.conv2.weight.requires_grad
 
 
 def test_restore_masks_refuses_what_is_not_a_binary_state_dict():
@@ -143,7 +143,8 @@ def test_restore_masks_refuses_what_is_not_a_binary_state_dict():
     with pytest.raises(TypeError, match="needs a state dict"):
         nnrelief.restore_masks(lenet300_100(), [1, 2])
     for bad in (0.5, float("nan")):
-        state = {key: value.clone() for key, value in pruned.state_dict().items()}
+        state = {key: value.clone() for key, value in state_with_masks(pruned).items()}
+        state["fc1.weight_mask"] = state["fc1.weight_mask"].float()  # a foreign file's float mask
         state["fc1.weight_mask"][0, 0] = bad
         fresh = lenet300_100()
         before = {key: value.clone() for key, value in fresh.state_dict().items()}

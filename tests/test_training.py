@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
+from nnrelief.pruning.masks import set_mask
 from nnrelief.training import (
     EpochRecord,
     TrainConfig,
@@ -299,7 +299,7 @@ def test_fit_selects_best_validation_epoch(data: tuple[Batches, Batches]) -> Non
     train, _ = data
     xv, yv = make_blobs(128, seed=2)
     model = make_model()
-    prune.random_unstructured(model[0], "weight", amount=0.5)
+    random_mask(model[0], "weight", amount=0.5)
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def snapshot(_: EpochRecord) -> None:
@@ -317,8 +317,7 @@ def test_fit_selects_best_validation_epoch(data: tuple[Batches, Batches]) -> Non
     assert res.best_val_accuracy == res.history[1].val_accuracy > 0.9
     assert states_equal(model.state_dict(), snapshots[1])
     assert not states_equal(model.state_dict(), snapshots[-1])
-    # the pruned layer's derived .weight shows the restored epoch, not the last forward pass
-    assert torch.equal(model[0].weight, model[0].weight_orig * model[0].weight_mask)
+    assert not model[0].weight[~model[0].weight_mask].any()  # the restored epoch's pruned entries are zero
 
 
 def test_fit_logs_epochs_with_progress_enabled(
@@ -354,8 +353,10 @@ def test_two_cpu_runs_are_identical() -> None:
 # ----------------------------------------------------------------------------- masks
 
 
-def effective(layer: nn.Linear, name: str) -> torch.Tensor:
-    return getattr(layer, f"{name}_orig") * getattr(layer, f"{name}_mask")
+def random_mask(layer: nn.Module, name: str, amount: float) -> None:
+    """Prune a random ``amount`` of ``layer.<name>`` with nnrelief's masks."""
+    tensor = getattr(layer, name)
+    set_mask(layer, name, torch.rand(tensor.shape) >= amount)
 
 
 @pytest.mark.parametrize(
@@ -372,26 +373,19 @@ def test_masks_hold_during_training(opt_kw: dict, data: tuple[Batches, Batches])
     model = make_model()
     layer = model[0]
     torch.manual_seed(7)
-    prune.random_unstructured(layer, "weight", amount=0.6)
-    prune.random_unstructured(layer, "bias", amount=0.5)
+    random_mask(layer, "weight", amount=0.6)
+    random_mask(layer, "bias", amount=0.5)
     w_mask, b_mask = layer.weight_mask.clone(), layer.bias_mask.clone()
-    orig_before = layer.weight_orig.detach().clone()
-    assert not isinstance(layer.weight, nn.Parameter)
+    before = layer.weight.detach().clone()
+    assert isinstance(layer.weight, nn.Parameter) and not layer._forward_pre_hooks
 
     fit(model, train, val, cpu_cfg(epochs=2, **opt_kw), progress=False)
 
     assert torch.equal(layer.weight_mask, w_mask) and torch.equal(layer.bias_mask, b_mask)
-    assert torch.all(effective(layer, "weight")[w_mask == 0] == 0)
-    assert torch.all(effective(layer, "bias")[b_mask == 0] == 0)
-    # the derived attribute reflects the loaded best weights, not a stale forward pass
-    assert torch.equal(layer.weight, effective(layer, "weight"))
-    assert torch.all(layer.weight[w_mask == 0] == 0)
-    # training did happen, and the decay really touched the hidden weight_orig entries
-    kept = w_mask == 1
-    assert not torch.equal(layer.weight_orig[kept], orig_before[kept])
-    assert not torch.equal(layer.weight_orig[~kept], orig_before[~kept])
+    assert torch.all(layer.weight[~w_mask] == 0) and torch.all(layer.bias[~b_mask] == 0)
+    assert not torch.equal(layer.weight[w_mask], before[w_mask])  # training did happen
     with torch.no_grad():
-        assert torch.all(model[0](torch.zeros(1, N_FEATURES))[0][layer.bias_mask == 0] == 0)
+        assert torch.all(model[0](torch.zeros(1, N_FEATURES))[0][~b_mask] == 0)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -425,7 +419,7 @@ class InterruptAfter:
 def pruned_model(model_seed: int, mask_seed: int) -> nn.Sequential:
     model = make_model(model_seed, dropout=0.2)
     torch.manual_seed(mask_seed)
-    prune.random_unstructured(model[0], "weight", amount=0.5)
+    random_mask(model[0], "weight", amount=0.5)
     return model
 
 

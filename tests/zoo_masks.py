@@ -19,6 +19,7 @@ from torch import nn
 
 import nnrelief
 from nnrelief.models import INPUT_SHAPES, MODELS
+from nnrelief.pruning.masks import state_with_masks
 
 REFERENCE = Path(__file__).parent / "data" / "zoo_masks.json"
 CASES = ["lenet300_100", "lenet5", "vgg_like", "resnet20", "resnet18_tiny", "mobilenetv2_cifar"]
@@ -44,7 +45,7 @@ def pruned_masks(name: str, score: str) -> dict[str, torch.Tensor]:
     x = torch.rand(32, *INPUT_SHAPES[name], generator=generator, dtype=torch.float64)
     for alpha_fc, alpha_conv in PASSES:
         nnrelief.prune(model, [x[:16], x[16:]], alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, progress=False)
-    return {key: value.bool() for key, value in model.state_dict().items() if key.endswith("_mask") or key.endswith("nnrelief_gate")}
+    return {key: value.bool() for key, value in state_with_masks(model).items() if key.endswith("_mask") or key.endswith("nnrelief_gate")}
 
 
 def digest(masks: dict[str, torch.Tensor]) -> dict[str, object]:

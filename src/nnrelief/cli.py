@@ -46,9 +46,10 @@ from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, load_weights
+from .experiments.runfolder import refuse_overwrite
 from .fileio import save_text
 from .metrics import file_size
-from .modelfile import evaluate_model_file
+from .modelfile import evaluate_model_file, require_state_dict
 from .reporting.results import (
     load_results,
     plot_results,
@@ -67,6 +68,8 @@ _EXPORTERS: dict[str, Callable[..., Path]] = {
     ".pt": export_torchscript, ".ts": export_torchscript, ".pt2": export_program, ".onnx": export_onnx,
     ".sparse": lambda model, _example, path: save_sparse(model, path),
 }  # fmt: skip
+_TRUST_HELP = ("unpickle a model file that holds more than tensors (a torch.save'd module, a sparse file of "
+               "format 1): this can run code stored in the file, so only for a file you trust")
 _FORMAT_HELP = ".pt or .ts (TorchScript), .pt2 (torch.export ExportedProgram), .onnx (ONNX), .sparse (sparse format)"
 
 # Commands that run under torchrun with several processes (the others need one).
@@ -258,8 +261,8 @@ def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
         description="Evaluate a model file: a state_dict (e.g. runs/<run>/model-iter3.pt), a TorchScript "
-        "or .pt2 file (nnrelief compact) or a torch.save'd module, told apart by content. Inside a "
-        "run folder the model and dataset come from its config.json.",
+        "or .pt2 file (nnrelief compact) or a torch.save'd module (with --trust-file), told apart by content. "
+        "Inside a run folder the model, dataset and data folder come from its config.json.",
     )  # fmt: skip
     evaluate_cmd.add_argument("checkpoint", type=Path, help="the model file")
     evaluate_cmd.add_argument("--model", help="architecture (default: the run's)")
@@ -270,6 +273,7 @@ def _add_eval(commands: Any) -> None:
     evaluate_cmd.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     evaluate_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate_cmd.add_argument("--download", action="store_true", help="download a missing dataset")
+    evaluate_cmd.add_argument("--trust-file", action="store_true", help=_TRUST_HELP)
     _add_common(evaluate_cmd, top_level=False)
     evaluate_cmd.set_defaults(handler=_cmd_eval)
 
@@ -303,6 +307,7 @@ def _add_report(commands: Any) -> None:
     report.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the run's)")
     report.add_argument("--max-neurons", type=int, default=12, metavar="N",
                         help="neurons drawn per layer in the connection picture (default: 12)")
+    report.add_argument("--trust-file", action="store_true", help=_TRUST_HELP)
     report.add_argument("--json", type=Path, metavar="FILE",
                         help="write the run's results file (format of docs/results/) instead of the "
                         "figures (both with -o); one run folder only")
@@ -430,7 +435,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     evaluation = evaluate_model_file(
         args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-        batch_size=args.batch_size, device=args.device, download=args.download,
+        batch_size=args.batch_size, device=args.device, download=args.download, trust=args.trust_file,
     )  # fmt: skip
     loaded, result, summary = evaluation.file, evaluation.result, evaluation.summary
     kept, total = summary.params_nonzero, summary.params_total
@@ -452,6 +457,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json is not None:
         if len(args.run_dirs) != 1 or model_files:
             raise ConfigError(f"--json takes one run folder, got {', '.join(map(str, args.run_dirs))}")
+        refuse_overwrite(args.json, args.run_dirs, "--json")
         results = run_results(args.run_dirs[0], command=args.run_command, device=args.device_name)
         print(f"results: {save_results(results, args.json)}")
         if args.out_dir is None:
@@ -459,7 +465,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.out_dir is None and len(args.run_dirs) > 1:
         raise ConfigError("give an output folder (-o OUT_DIR) for several runs or model files")
     out_dir = args.out_dir if args.out_dir is not None else _default_report_folder(args.run_dirs[0])
-    models = [evaluate_model_file(path, model=args.model, dataset=args.dataset, data_dir=args.data_dir) for path in model_files]
+    models = [evaluate_model_file(path, model=args.model, dataset=args.dataset, data_dir=args.data_dir, trust=args.trust_file)
+              for path in model_files]  # fmt: skip
     path = write_report(folders, out_dir, iteration=args.iteration, samples=args.samples,
                         data_dir=args.data_dir, max_nodes=args.max_neurons, models=models)  # fmt: skip
     print(f"report: {path}")
@@ -534,6 +541,14 @@ def _comparison_figures(comparison: Comparison) -> list[str]:
 def _cmd_compact(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() not in _EXPORTERS:
         raise ConfigError(f"-o {args.output}: unknown extension {args.output.suffix!r}; use {_FORMAT_HELP}")
+    outputs = [(option, path) for option, path in (("-o", args.output), ("--onnx", args.onnx), ("--sparse", args.sparse))
+               if path is not None]  # fmt: skip
+    for index, (option, path) in enumerate(outputs):
+        refuse_overwrite(path, [args.checkpoint], option)
+        same = [other for other, earlier in outputs[:index] if earlier.resolve() == path.resolve()]
+        if same:
+            raise ConfigError(f"{same[0]} and {option} both name {path}: give each output its own file")
+    require_state_dict(args.checkpoint)
     model, cfg = load_weights(args.checkpoint, args.model, args.dataset)
     shape = nndata.get_spec(args.dataset or cfg.dataset).image_shape
     example = torch.zeros(2, *shape)

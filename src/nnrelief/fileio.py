@@ -2,7 +2,9 @@
 
 A crash mid-write never leaves a half-written checkpoint, history or results file: the
 target either keeps its old content or gets the complete new one. The temporary file is
-named ``.<stem>.<random>.tmp<suffix>`` after its target (:func:`temporary_name_pattern`).
+named ``.<stem>.<random>.tmp<suffix>`` after its target (:func:`temporary_name_pattern`)
+and holds an ``flock`` while it is written: a temporary file of the same target that nobody
+holds is what a killed write left, and the next write of that target removes it.
 
 Write errors that the user can fix (a full disk, a disk quota, the file-size limit, a
 read-only or forbidden folder) raise :class:`WriteError` naming the target file and what
@@ -22,6 +24,8 @@ folder is written through here, so the ranks never race on the same file.
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -34,6 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import is_main
+from .pruning.masks import state_with_masks
+
+logger = logging.getLogger(__name__)
 
 # errno -> (what is wrong, what to do)
 _FIXABLE = {
@@ -43,6 +50,8 @@ _FIXABLE = {
     errno.EROFS: ("the file system is read-only", "make it writable or use another folder"),
     errno.EACCES: ("permission denied", "make the folder writable or use another folder"),
     errno.EPERM: ("operation not permitted", "make the folder writable or use another folder"),
+    errno.ENOTDIR: ("a folder on its path is a file", "give a path whose folders are folders"),
+    errno.ENOENT: ("its folder was removed or moved while it was written", "restore the folder or give another path"),
 }
 
 
@@ -108,18 +117,41 @@ def _umask() -> int:
     return mask
 
 
+def remove_leftovers(target: Path) -> None:
+    """Delete the temporary files of ``target`` that killed writes left (those no live
+    write holds the ``flock`` of); files of other names are never touched."""
+    pattern = re.compile(rf"\.{re.escape(target.stem)}\.[a-z0-9_]+\.tmp{re.escape(target.suffix)}")
+    for path in target.parent.glob(".*.tmp*"):
+        if not pattern.fullmatch(path.name) or not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a write under way
+        finally:
+            os.close(fd)
+        logger.info("removing %s, left by an interrupted write", path)
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` if the block succeeds
-    and is deleted if it raises. Parent folders are created."""
+    and is deleted if it raises. Parent folders are created; temporary files of ``path``
+    left by killed writes are removed."""
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target)
         handle, temp = mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
     except OSError as error:
         raise fixable_write_error(error, target) or error from None
     os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
-    os.close(handle)
+    fcntl.flock(handle, fcntl.LOCK_EX)  # held until the file has replaced its target (or is gone)
     try:
         yield Path(temp)
         recorder = _RECORDERS.get(_key(target.parent))
@@ -131,6 +163,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(handle)
 
 
 class _Keeping:
@@ -186,5 +220,6 @@ def save_text(text: str, path: str | os.PathLike[str]) -> None:
 
 
 def cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    """A detached CPU copy of ``model.state_dict()``."""
-    return {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+    """A detached CPU copy of ``model``'s state with its pruning masks
+    (:func:`nnrelief.pruning.masks.state_with_masks`; load it with ``restore_masks``)."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in state_with_masks(model).items()}

@@ -1,8 +1,8 @@
 """Parameter counts, sparse-aware MACs, alive channels and file sizes of a model.
 
-All counts read the *effective* tensors: ``<name>_orig * <name>_mask`` for tensors under a
-``torch.nn.utils.prune`` mask, the plain tensor otherwise. So a masked model, the same
-model after ``make_permanent`` and its compacted version give the same nonzero counts.
+All counts read the tensors the forward uses (nnrelief zeroes pruned entries in place), so a
+masked model, the same model after ``make_permanent`` and its compacted version give the
+same nonzero counts.
 
 Compute is counted in multiply-accumulates (MACs) of the Linear and convolution layers
 only (one MAC = one multiplication and one addition; bias additions, BatchNorm,
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .pruning.masks import gate_of, is_masked
+from .pruning.masks import current_mask, gate_of, is_masked
 
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -32,22 +32,15 @@ class MaskMismatchError(ValueError):
 
 
 def effective_tensor(module: nn.Module, name: str) -> Tensor | None:
-    """``module.<name>`` as the forward uses it: ``<name>_orig * <name>_mask`` if masked."""
-    if is_masked(module, name):
-        return (getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")).detach()
+    """``module.<name>`` as the forward uses it (detached), None if it is not a tensor."""
     tensor = getattr(module, name, None)
     return tensor.detach() if isinstance(tensor, Tensor) else None
 
 
 def _effective_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(qualified name, effective tensor) of every parameter, masks applied."""
-    for prefix, module in model.named_modules():
-        for name in module._parameters:
-            if module._parameters[name] is None:
-                continue
-            base = name[: -len("_orig")] if name.endswith("_orig") and is_masked(module, name[: -len("_orig")]) else name
-            tensor = effective_tensor(module, base)
-            yield (f"{prefix}.{base}" if prefix else base), tensor
+    """(qualified name, detached tensor) of every parameter."""
+    for name, parameter in model.named_parameters():
+        yield name, parameter.detach()
 
 
 @dataclass
@@ -244,29 +237,17 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...]) -> ArchitectureSum
     return ArchitectureSummary(tuple(input_shape), layers, counts["all_total"], counts["all_nonzero"], gated)
 
 
-def check_masks(model: nn.Module, strict: bool = True) -> None:
-    """Raise :class:`MaskMismatchError` if a masked entry is not zero.
-
-    For every tensor under a pruning mask the current effective attribute
-    (``module.<name>``, what a forward, ``make_permanent`` or an export uses) must be zero
-    wherever the mask is zero. With ``strict`` (the default) the stored original
-    ``<name>_orig`` must be zero there too: nnrelief keeps it so, so that rewinding or
-    retraining can never revive a pruned weight (plain ``torch.nn.utils.prune`` does not;
-    pass ``strict=False`` for such models).
-    """
+def check_masks(model: nn.Module) -> None:
+    """Raise :class:`MaskMismatchError` if an entry a mask prunes is not zero (nnrelief keeps
+    them zero: a nonzero one means something wrote the weights around the masks)."""
     problems = []
     for prefix, module in model.named_modules():
         for name in ("weight", "bias"):
             if not is_masked(module, name):
                 continue
-            pruned = getattr(module, f"{name}_mask") == 0
-            checked = [(name, getattr(module, name))]
-            if strict:
-                checked.append((f"{name}_orig", getattr(module, f"{name}_orig")))
-            for label, tensor in checked:
-                bad = int((tensor.detach()[pruned] != 0).sum())
-                if bad:
-                    problems.append(f"{prefix or '<root>'}.{label}: {bad} entries nonzero where the mask is 0")
+            bad = int((getattr(module, name).detach()[~current_mask(module, name)] != 0).sum())
+            if bad:
+                problems.append(f"{prefix or '<root>'}.{name}: {bad} entries nonzero where the mask is 0")
     if problems:
         raise MaskMismatchError("mask/weight mismatch: " + "; ".join(problems))
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..inputs import ModelInput
+from ..pruning.masks import is_mask_buffer
 from .capture import Capture, capture, observing
 from .derive import RuleDeriver
 from .follow import ModuleState, follow_masks, module_state
@@ -140,8 +141,10 @@ def _fingerprint(model: nn.Module) -> tuple:
     parts: list[Any] = []
     for name, module in model.named_modules():
         parts.append((name, id(module), len(module._forward_pre_hooks), len(module._forward_hooks), module.training))
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        parts.append((name, id(tensor), tuple(tensor.shape), tensor.dtype, tensor.device))
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and not is_mask_buffer(module, name):  # masks change weights' values, not the graph
+                parts.append((f"{prefix}.{name}", id(tensor), tuple(tensor.shape), tensor.dtype, tensor.device))
     return tuple(parts)
 
 
@@ -204,7 +207,7 @@ def _derive(model: nn.Module, captured: Capture, layers: dict[str, PrunableLayer
     attach_calls(layers, sites, rules, captured.graph, batchnorms)
     read = {parameter_name(node) for node in captured.graph.nodes if node.op == "get_attr" and node.users}
     for name in [name for name, layer in layers.items() if not layer.calls]:
-        if read & {f"{name}.weight", f"{name}.weight_orig"}:
+        if f"{name}.weight" in read:
             skipped[name] = ("its weight is read by operations that are not a plain call of the layer "
                              "(e.g. x @ weight, or its bias added after other operations): left whole")  # fmt: skip
         else:

@@ -134,10 +134,11 @@ def _dynamic_shapes(inputs: tuple[Any, ...]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_torch() -> Iterator[None]:
-    """torch's tracing loggers say nothing below ERROR meanwhile (nnrelief reports what matters)."""
+    """torch's tracing loggers say nothing meanwhile: a failed capture raises, and nnrelief
+    reports what matters (fake-tensor errors would log their tracebacks first)."""
     logger = logging.getLogger("torch")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

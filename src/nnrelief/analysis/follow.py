@@ -1,13 +1,11 @@
-"""Bring a capture up to date with the masks and gates a pruning pass added, without
+"""Bring a capture up to date with the shortcut gates a pruning pass added, without
 exporting the model again.
 
-A pass that masks a layer for the first time turns its ``weight`` parameter into
-``weight_orig`` (the same tensor) times a ``weight_mask`` buffer, computed in a forward
-pre-hook; a shortcut gate multiplies a module's output by a buffer in a forward hook. A
-new capture of the masked model would show exactly these multiplications, so they are
-written into the existing capture instead (``torch.export`` costs several forward passes;
-this costs a walk over the graph). Anything else that changed, or a mask whose dtype
-differs from its weight's, is not followed: the caller captures again.
+A shortcut gate multiplies a module's output by a buffer in a forward hook; a new capture of
+the gated model would show exactly that multiplication, so it is written into the existing
+capture instead (``torch.export`` costs several forward passes; this costs a walk over the
+graph). Masks need nothing: they zero weights in place, which the capture reads as they are.
+Anything else that changed is not followed: the caller captures again.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from ..pruning.masks import GATE
+from ..pruning.masks import GATE, is_mask_buffer
 from .capture import Capture, watch
 from .nodes import INNER
 
@@ -30,63 +28,46 @@ def module_state(model: nn.Module) -> ModuleState:
 
 
 def follow_masks(captured: Capture, model: nn.Module, before: ModuleState, gate_nodes: dict[str, str]) -> bool:
-    """Write the masks and gates added to ``model`` since it was captured (its modules were
-    then ``before``) into ``captured``, in place; ``gate_nodes`` maps a gateable module to
-    the node it returns. False (and ``captured`` untouched) if anything else changed."""
-    plan = _plan(captured, model, before, gate_nodes)
-    if plan is None:
+    """Write the gates added to ``model`` since it was captured (its modules were then
+    ``before``) into ``captured``, in place; ``gate_nodes`` maps a gateable module to the node
+    it returns. False (and ``captured`` untouched) if anything else changed."""
+    gated = _new_gates(captured, model, before, gate_nodes)
+    if gated is None:
         return False
-    masked, gated = plan
     graph = captured.graph
     for node in [node for node in graph.nodes if node.target is watch]:
         graph.erase_node(node)
-    for target, module_name, tensor_name in masked:
-        _mask_parameter(captured.module, target, model.get_submodule(module_name), tensor_name)
     for module_name in gated:
         _gate_output(captured.module, gate_nodes[module_name], getattr(model.get_submodule(module_name), GATE))
     graph.lint()
     return True
 
 
-def _plan(
-    captured: Capture, model: nn.Module, before: ModuleState, gate_nodes: dict[str, str]
-) -> tuple[list[tuple[str, str, str]], list[str]] | None:
-    """(parameters newly masked: (capture target, module, tensor name), modules newly gated),
-    or None if the model changed in any other way."""
+def _new_gates(captured: Capture, model: nn.Module, before: ModuleState, gate_nodes: dict[str, str]) -> list[str] | None:
+    """The modules newly gated, or None if the model changed in any other way (masks aside)."""
     held = {id(t): target for target, t in _held(captured.module).items()}
     nodes = {node.name: node for node in captured.graph.nodes}
-    masked, gated = [], []
+    gated = []
     for name, module in model.named_modules():
         if name not in before or before[name][0] != id(module):
             return None
-        local = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        new_masks = []
-        for tensor_name, tensor in local:
+        prefix = f"{INNER}.{name}." if name else f"{INNER}."
+        for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             target = held.get(id(tensor))
-            prefix = f"{INNER}.{name}." if name else f"{INNER}."
-            if target == prefix + tensor_name:
+            if target == prefix + tensor_name or is_mask_buffer(module, tensor_name):
                 continue
-            if tensor_name.endswith("_orig") and target == prefix + tensor_name[: -len("_orig")]:
-                base = tensor_name[: -len("_orig")]
-                mask = getattr(module, f"{base}_mask", None)
-                if not isinstance(mask, Tensor) or mask.dtype != tensor.dtype:
-                    return None
-                new_masks.append((target, name, base))
-            elif tensor_name.endswith("_mask") and isinstance(getattr(module, tensor_name[: -len("_mask")] + "_orig", None), Tensor):
-                continue
-            elif tensor_name == GATE and target is not None:
+            if tensor_name == GATE and target is not None:
                 continue  # gated by an earlier pass, followed then
-            elif tensor_name == GATE and _gateable(nodes.get(gate_nodes.get(name, "")), tensor):
+            if tensor_name == GATE and _gateable(nodes.get(gate_nodes.get(name, "")), tensor):
                 gated.append(name)
             else:
                 return None
         hooks = (len(module._forward_pre_hooks) - before[name][1], len(module._forward_hooks) - before[name][2])
-        if hooks != (len(new_masks), int(name in gated)):
+        if hooks != (0, int(name in gated)):
             return None
-        masked += new_masks
     if len(before) != sum(1 for _ in model.named_modules()):
         return None
-    return masked, gated
+    return gated
 
 
 def _gateable(node: fx.Node | None, gate: Tensor) -> bool:
@@ -102,33 +83,6 @@ def _held(module: fx.GraphModule) -> dict[str, Tensor]:
 def _attribute(module: nn.Module, target: str) -> Tensor:
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
-
-
-def _mask_parameter(gm: fx.GraphModule, target: str, module: nn.Module, name: str) -> None:
-    """get_attr ``target`` (``<name>``) becomes ``<name>_mask * <name>_orig``, as the pruning
-    pre-hook computes it."""
-    owner_name = target.rpartition(".")[0]
-    owner = gm.get_submodule(owner_name)
-    original = getattr(owner, name)
-    delattr(owner, name)
-    if isinstance(original, nn.Parameter):
-        owner.register_parameter(f"{name}_orig", original)
-    else:
-        owner.register_buffer(f"{name}_orig", original)
-    owner.register_buffer(f"{name}_mask", getattr(module, f"{name}_mask"))
-    graph = gm.graph
-    old = next(node for node in graph.nodes if node.op == "get_attr" and node.target == target)
-    with graph.inserting_before(old):
-        orig_node = graph.get_attr(f"{owner_name}.{name}_orig")
-        mask_node = graph.get_attr(f"{owner_name}.{name}_mask")
-    orig_node.meta = dict(old.meta)
-    mask_node.meta = dict(old.meta)
-    first_user = next(node for node in graph.nodes if node in old.users)
-    with graph.inserting_before(first_user):
-        product = graph.call_function(torch.ops.aten.mul.Tensor, (mask_node, orig_node))
-    product.meta = {**old.meta, "nn_module_stack": first_user.meta.get("nn_module_stack", {})}
-    old.replace_all_uses_with(product)
-    graph.erase_node(old)
 
 
 def _gate_output(gm: fx.GraphModule, node_name: str, gate: Tensor) -> None:

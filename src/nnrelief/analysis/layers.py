@@ -73,17 +73,18 @@ def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
         return None, (f"its weight is computed by a parametrization ({_parametrizations(module)}): left whole; "
                       "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') makes it prunable")  # fmt: skip
     if _weight_not_own(module):
-        return None, ("its weight is not a parameter of its own (computed by a hook, e.g. torch.nn.utils."
-                      "weight_norm): left whole")  # fmt: skip
+        return None, ("its weight is not a parameter of its own (computed by a hook, e.g. torch.nn.utils.weight_norm, "
+                      "or torch.nn.utils.prune's reparametrisation: torch.nn.utils.prune.remove(module, 'weight') makes "
+                      "it prunable): left whole")  # fmt: skip
     kind = kind_of(module)
     return (kind.family, None) if kind is not None else (None, unscored_reason(module))
 
 
 def _weight_not_own(module: nn.Module) -> bool:
-    """A Linear/conv whose ``weight`` is neither its parameter nor torch's pruning of one."""
+    """A Linear/conv whose ``weight`` is not its own parameter."""
     if kind_of(module) is None or isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return False
-    return "weight" not in module._parameters and "weight_orig" not in module._parameters
+    return "weight" not in module._parameters
 
 
 def _parametrizations(module: nn.Module) -> str:
@@ -99,7 +100,7 @@ def find_layers(model: nn.Module) -> tuple[dict[str, PrunableLayer], dict[str, s
         owners.setdefault(id(parameter), []).append(qualified.rpartition(".")[0])
     for name, module in model.named_modules():
         kind, reason = prunable_kind(module)
-        weight = getattr(module, "weight_orig", getattr(module, "weight", None))
+        weight = getattr(module, "weight", None)
         tied = [owner for owner in owners.get(id(weight), []) if owner != name]
         if kind is not None and tied:
             skipped[name] = f"weight tied to {tied[0]} (e.g. an embedding): left unpruned"

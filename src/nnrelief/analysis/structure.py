@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # ATen op -> (index of the data input, index of the weight, layer family) of the layer calls recognised.
 LAYER_OPS = layer_ops()
 _CASTS = {"to", "_to_copy", "alias", "detach", "contiguous", "clone"}
-_WEIGHT_PATH = _CASTS | {"mul", "t", "transpose", "permute"}
+_WEIGHT_PATH = _CASTS | {"t", "transpose", "permute"}
 _INPUT_PATH = VIEWS | {"pad", "constant_pad_nd", "contiguous", "clone", "_to_copy", "to"}
 # A Linear written out as ``x @ self.weight.T (+ self.bias)`` (Falcon, hand-written layers).
 _MATMULS = {"matmul", "mm"}
@@ -59,7 +59,7 @@ def _weight_source(node: fx.Node) -> str | None:
             continue
         seen.add(current.name)
         name = parameter_name(current)
-        if name is not None and (name.endswith(".weight") or name.endswith(".weight_orig")):
+        if name is not None and name.endswith(".weight"):
             return name
         if op_name(current) in _WEIGHT_PATH:
             frontier.extend(current.all_input_nodes)
@@ -134,11 +134,10 @@ def _views_after(node: fx.Node, layer: str) -> tuple[fx.Node, list[str]]:
 
 
 def _parameter_path(node: fx.Node, kind: str) -> tuple[str, int] | None:
-    """(the layer parameter ``<layer>.<kind>`` that ``node`` is, through its pruning mask,
+    """(the layer parameter ``<layer>.<kind>`` that ``node`` is, through
     casts and 2-D transposes; how many times it was transposed, mod 2), or None."""
     name = parameter_name(node)
     if name is not None:
-        name = name[: -len("_orig")] if name.endswith(f".{kind}_orig") else name
         return (name, 0) if name.endswith(f".{kind}") else None
     operation = op_name(node)
     inputs = node.all_input_nodes
@@ -147,19 +146,7 @@ def _parameter_path(node: fx.Node, kind: str) -> tuple[str, int] | None:
         return None if found is None else (found[0], 1 - found[1])
     if operation in _CASTS and len(inputs) == 1:
         return _parameter_path(inputs[0], kind)
-    if operation == "mul" and len(inputs) == 2:  # the mask torch.nn.utils.prune multiplies in
-        for value, mask in (inputs, inputs[::-1]):
-            found = _parameter_path(value, kind)
-            if found is not None and _buffer_name(mask) == f"{found[0]}_mask":
-                return found
     return None
-
-
-def _buffer_name(node: fx.Node) -> str | None:
-    """The parameter or buffer ``node`` reads, through casts."""
-    while parameter_name(node) is None and op_name(node) in _CASTS and len(node.all_input_nodes) == 1:
-        node = node.all_input_nodes[0]
-    return parameter_name(node)
 
 
 def _swaps_2d(node: fx.Node) -> bool:

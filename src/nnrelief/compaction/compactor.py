@@ -25,13 +25,15 @@ shortcut gates (a forward hook with a buffer) nor about which channels are exact
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -40,6 +42,7 @@ from torch import Tensor
 from ..analysis import ChannelGraph, analyse
 from ..analysis.capture import TensorOutputs
 from ..analysis.layers import weight_matrix
+from ..heap import release_freed_memory
 from ..inputs import ModelInput, example_input
 from ..kinds import kind_of
 from ..metrics import ArchitectureSummary, file_size, summarize
@@ -73,29 +76,65 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     ``torch.fx.GraphModule`` made from the model's capture (:mod:`nnrelief.compaction.indexmaps`).
     Either is checked to give the same outputs on ``example``. A model ``torch.export``
     cannot capture gets its masks folded in, no channel removed (a warning says so).
+
+    Memory: the copy is built layer by layer. It starts as a copy of the module tree sharing
+    every tensor with ``model``; narrowing gives each sliced module new, smaller tensors, and
+    what is left shared is copied at the end. So beyond ``model`` compaction holds the
+    compacted model and one layer's temporaries, never a second full copy.
     """
-    work = _clone(model).eval()  # capturing runs a forward: no BN statistics update
-    example = example_input(example if example is not None else _default_example(work))
-    rejected = rejected_input(work, example)
-    if rejected is not None:
-        raise ValueError(f"compact: {rejected}".replace("a pruning batch", "the example"))
+    example = example_input(example if example is not None else _default_example(model))
+    with _eval_mode(model):  # capturing and checking run forwards: no BN statistics update
+        rejected = rejected_input(model, example)
+        if rejected is not None:
+            raise ValueError(f"compact: {rejected}".replace("a pruning batch", "the example"))
+        expected = _outputs(model, example)
+    work = _sharing_copy(model).eval()
     gates = _take_gates(work)
     make_permanent(work)
-    compacted = _narrow(work, gates, example)
+    compacted = _narrow(work, gates, example, expected)
     if compacted is None:
         _fold_gates(work, gates)
         log.warning("compact: %s could not be compacted; masks folded in, no channel removed", type(model).__name__)
         compacted = work
+    _unshare(compacted, model)
+    release_freed_memory()
     return compacted.train(model.training)
 
 
-def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> nn.Module | None:
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules whose parameters and buffers are ``model``'s own tensors."""
+    memo: dict[int, Any] = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _unshare(compacted: nn.Module, model: nn.Module) -> None:
+    """Give ``compacted`` its own copy of every tensor it still shares with ``model`` (ties kept)."""
+    shared = {id(tensor) for tensor in itertools.chain(model.parameters(), model.buffers())}
+    copies: dict[int, Tensor] = {}
+    for module in compacted.modules():
+        for table, make in ((module._parameters, lambda t: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)),
+                            (module._buffers, lambda t: t.clone())):  # fmt: skip
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) in shared:
+                    table[name] = copies.setdefault(id(tensor), make(tensor))
+
+
+def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput, expected: tuple[Tensor, ...]) -> nn.Module | None:
     """``work`` (masks permanent, its shortcut ``gates`` taken off) narrowed in place, else as
     a GraphModule with index maps, else None; the route taken and why is logged. Gates on a
-    BatchNorm are folded into it; the others become index maps. ``work`` is not changed."""
-    folded = _clone(work)
-    _fold_gates(folded, gates)
-    expected = _outputs(folded, example)
+    BatchNorm are folded into it; the others become index maps. ``work``'s tensors are not
+    changed (narrowing gives modules new ones)."""
     name = type(work).__name__
     copy_ = _Copy.of(work, gates, example)
     if copy_ is None:
@@ -128,7 +167,7 @@ class _Copy:
 
     @classmethod
     def of(cls, work: nn.Module, gates: dict[str, Tensor], example: ModelInput) -> _Copy | None:
-        model = _clone(work)
+        model = _sharing_copy(work)
         rest = _fold_batchnorm_gates(model, gates)
         graph = analyse(model, example)
         if not graph.traced:
@@ -213,9 +252,10 @@ def _fold_batchnorm_gates(model: nn.Module, gates: dict[str, Tensor]) -> dict[st
         if bool(gate.all()):
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            with torch.no_grad():
-                module.weight[~gate.to(module.weight.device)] = 0.0
-                module.bias[~gate.to(module.bias.device)] = 0.0
+            for attribute in ("weight", "bias"):  # new tensors: the shared ones stay as they are
+                tensor = getattr(module, attribute)
+                kept = tensor.detach() * gate.to(tensor.device, tensor.dtype)
+                setattr(module, attribute, nn.Parameter(kept, requires_grad=tensor.requires_grad))
         else:
             rest[name] = gate
     return rest
@@ -248,16 +288,6 @@ def _close(actual: Tensor, expected: Tensor) -> bool:
         return torch.equal(actual, expected)
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     return bool(torch.allclose(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
-
-
-def _clone(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copes with masked ``.weight`` attributes (non-leaf tensors)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and value.grad_fn is not None:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def _default_example(model: nn.Module) -> Tensor:

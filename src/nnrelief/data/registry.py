@@ -353,7 +353,7 @@ def load_dataset(
         source = f"package data of {__package__}"
     else:
         if data_dir is None:
-            raise ValueError(f"load_dataset({name!r}) needs data_dir")
+            raise ValueError(f"dataset {name!r} needs the folder of its files: give --data-dir DIR (data_dir= in Python)")
         data_dir = Path(data_dir).expanduser()
         root = _find_root(spec, data_dir, split)
         if root is None:

@@ -74,7 +74,7 @@ def lock_shared_folder(shared: RunFolder, wait_for_weights: bool = True) -> bool
             if wait_for_weights and (shared.path / files.TRAINED).exists():
                 return True  # another run reading it, or trained meanwhile: reading it too is safe (writes are atomic)
             if not told:
-                log.info("waiting for another run training the shared dense model %s (%s)", shared.path, error)
+                log.warning("waiting for another run training the shared dense model %s (%s)", shared.path, error)
                 told = True
             time.sleep(_WAIT_SECONDS)
 
@@ -96,9 +96,16 @@ def claim_dense_folder(cfg: ExperimentConfig, shared: RunFolder) -> None:
     """Record the dense settings in a new shared dense folder; refuse one that holds others."""
     settings = dense_settings(cfg)
     if not shared.exists(files.DENSE_SETTINGS):
+        shared.require_writable("its dense model is not trained yet")
         shared.write_json(files.DENSE_SETTINGS, settings)
         return
-    stored = shared.read_json(files.DENSE_SETTINGS)
+    try:
+        stored = shared.read_json(files.DENSE_SETTINGS)
+    except DamagedFileError as damage:  # the folder's name is the hash of these settings: they are its own
+        shared.require_writable(f"{damage.path} is damaged")
+        log.warning("%s; rewritten from this run's settings (the folder's name is their hash)", damage.problem)
+        shared.write_json(files.DENSE_SETTINGS, settings)
+        return
     if stored != settings:
         raise RunConflictError(f"shared dense folder {shared.path} holds a dense model trained with other settings "
                                f"({files.DENSE_SETTINGS}: {stored}); move or delete it")  # fmt: skip
@@ -122,6 +129,7 @@ def shared_dense_state(
         if state is not None:
             shared.remove(files.DENSE_CHECKPOINT)  # a kill after trained.pt can leave it
             return state
+        shared.require_writable("its dense model is not trained yet")
         shared.drop_if_damaged(files.TRAINED)
         if not shared.exists(files.INIT):
             shared.save(files.INIT, cpu_state(model))

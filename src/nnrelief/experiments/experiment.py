@@ -16,6 +16,7 @@ import os
 import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,7 +134,7 @@ def run_command(folder: RunFolder) -> str | None:
     if recorded is None:
         return None
     cfg = ExperimentConfig.from_dict(recorded)
-    command = reproduce_command(cfg, cfg.data_dir or "DATA")
+    command = reproduce_command(cfg, run_data_dir(cfg.data_dir, folder.path) or "DATA")
     if cfg.data_dir is None and nndata.get_spec(cfg.dataset).packaged:
         command = command.rpartition(" --data-dir ")[0]
     return command + f" --run-dir {shlex.quote(str(folder.path))}"
@@ -149,6 +150,27 @@ def stored_config(folder: RunFolder) -> ExperimentConfig:
         if command is None:
             raise
         raise DamagedFileError(damage.path, damage.problem, f"`{command}` (the settings the run recorded) rewrites it") from None
+
+
+def stored_data_dir(data_dir: str | None, run_dir: str | os.PathLike[str]) -> str | None:
+    """``data_dir`` (as given: relative to the working folder) as a run stores it: relative
+    to the run folder, so that the run read from anywhere, or moved with its data, finds it."""
+    if data_dir is None:
+        return None
+    return os.path.relpath(os.path.abspath(os.path.expanduser(data_dir)), os.path.abspath(run_dir))
+
+
+def run_data_dir(stored: str | None, run_dir: str | os.PathLike[str]) -> str | None:
+    """The data folder a run's stored ``data_dir`` names: relative to the run folder (as
+    runs store it, :func:`stored_data_dir`), else, for runs written before, relative to the
+    working folder if that is where it is."""
+    if stored is None:
+        return None
+    given = Path(stored).expanduser()
+    if given.is_absolute():
+        return str(given)
+    beside = Path(os.path.normpath(Path(run_dir).absolute() / given))
+    return str(given) if given.is_dir() and not beside.is_dir() else str(beside)
 
 
 def device_of(name: str) -> torch.device:
@@ -185,6 +207,7 @@ def load_weights(
     state = run.load(path.name)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
+    _check_tensors(state, path)
     try:
         restore_masks(net, state)
     except StateDictMismatchError as error:
@@ -192,6 +215,17 @@ def load_weights(
     except ValueError as error:
         raise ConfigError(f"{path} does not fit model {model_name}: {error}; give --model/--dataset of the run") from None
     return net.eval(), cfg
+
+
+def _check_tensors(state: Any, path: Path) -> None:
+    """Raise :class:`ConfigError` naming ``path`` unless ``state`` maps names to tensors."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a state dict: give a model file such as "
+                          "RUN/model-iter<k>.pt")  # fmt: skip
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                              "give a model file such as RUN/model-iter<k>.pt")  # fmt: skip
 
 
 def _selected_model(run_dir: Path) -> str:
@@ -264,7 +298,8 @@ class Experiment:
         check_layer_patterns(cfg)
         self.device = device_of(cfg.device)
         init_from_env(cfg.device)  # torchrun: join the other processes
-        self.cfg = cfg = dataclasses.replace(cfg, world_size=world_size())
+        self.data_dir = None if cfg.data_dir is None else os.path.abspath(os.path.expanduser(cfg.data_dir))
+        self.cfg = cfg = dataclasses.replace(cfg, world_size=world_size(), data_dir=stored_data_dir(cfg.data_dir, run_dir))
         self.folder = RunFolder(run_dir)
         self.download = download
         self.progress = progress and is_main()
@@ -300,8 +335,8 @@ class Experiment:
 
     def _load_data(self) -> tuple[nndata.TensorDataset, nndata.TensorDataset, nndata.TensorDataset]:
         cfg = self.cfg
-        full = nndata.load_dataset(cfg.dataset, cfg.data_dir, "train", download=self.download)
-        test = nndata.load_dataset(cfg.dataset, cfg.data_dir, "test", download=self.download)
+        full = nndata.load_dataset(cfg.dataset, self.data_dir, "train", download=self.download)
+        test = nndata.load_dataset(cfg.dataset, self.data_dir, "test", download=self.download)
         train, val = nndata.train_val_split(full, cfg.val_size, seed=cfg.seed)
         if cfg.train_subset is not None:
             if cfg.train_subset >= len(train):

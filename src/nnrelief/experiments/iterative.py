@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..fileio import cpu_state
-from ..pruning.masks import GATE, refresh_masked, restore_masks
+from ..pruning.choices import UnreachableTargetError
+from ..pruning.masks import GATE, hold_masks, is_masked, make_permanent, restore_masks, split_masks
 from ..pruning.pass_settings import DEFAULTS, PassSettings
 from ..pruning.prune import prune
 from ..pruning.report import PruneReport
@@ -40,44 +41,34 @@ _STATE_FORMAT = 1
 def rewind(model: nn.Module, init_state: Mapping[str, Tensor]) -> None:
     """Reset the surviving weights of ``model`` to their initial values, keeping the masks.
 
-    Every masked tensor gets ``<name>_orig = init[<name>] * <name>_mask``; every other
-    parameter and buffer found in ``init_state`` (e.g. unmasked layers, BatchNorm running
-    statistics) is copied back as is. Masks and shortcut gates are left untouched.
-    ``init_state`` is the ``state_dict`` of the model before training (with or without
-    masks).
+    Every parameter and buffer found in ``init_state`` (the ``state_dict`` of the model before
+    training, in any of nnrelief's formats) is copied back, then the masked entries are zeroed
+    again. Masks and shortcut gates are left untouched.
     """
-    state = model.state_dict()
+    init, _ = split_masks(init_state)
     with torch.no_grad():
-        for key, value in state.items():
-            if key.endswith("_orig"):
-                base = key[: -len("_orig")]
-                init = init_state.get(base, init_state.get(key))
-                if init is None:
-                    raise KeyError(f"rewind: initial state has no entry for {base!r}")
-                mask = state[f"{base}_mask"]
-                value.copy_(init.to(value.device, value.dtype) * mask)
-            elif key.endswith("_mask") or key.rpartition(".")[2] == GATE:
-                continue
-            elif key in init_state:
-                value.copy_(init_state[key].to(value.device, value.dtype))
-    refresh_masked(model)
+        for key, value in model.state_dict().items():
+            if key in init and key.rpartition(".")[2] != GATE:
+                value.copy_(init[key].to(value.device, value.dtype))
+            elif key not in init and _is_masked_key(model, key):
+                raise KeyError(f"rewind: initial state has no entry for {key!r}")
+    hold_masks(model)
+
+
+def _is_masked_key(model: nn.Module, key: str) -> bool:
+    prefix, _, name = key.rpartition(".")
+    return is_masked(model.get_submodule(prefix), name)
 
 
 def _load_earlier(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load a state saved before the latest pruning pass into the (now more masked) model:
-    masks the earlier state lacks are all ones."""
-    loaded = {}
+    """Set the model back to a state saved before the latest pruning pass: its weights, masks
+    and gates (a gate the earlier state lacks is opened)."""
+    loaded = dict(state)
     for key, value in model.state_dict().items():
-        if key in state:
-            loaded[key] = state[key]
-        elif key.endswith("_orig") and key[: -len("_orig")] in state:
-            loaded[key] = state[key[: -len("_orig")]]
-        elif key.endswith("_mask") or key.rpartition(".")[2] == GATE:
+        if key.rpartition(".")[2] == GATE and key not in loaded:
             loaded[key] = torch.ones_like(value)
-        else:
-            raise KeyError(f"earlier state has no entry for {key!r}")
-    model.load_state_dict(loaded)
-    refresh_masked(model)
+    make_permanent(model)
+    restore_masks(model, loaded, infer=False)
 
 
 def _input_shape(batches: Iterable[Any]) -> tuple[int, ...]:
@@ -125,7 +116,7 @@ def relieve(
     Iteration 0 records the model as given. Then ``num_iters`` times: one pruning pass on
     the pruning set, evaluation ("before"), rewinding to ``rewind_state`` if given,
     ``train_fn(model, iteration)``, evaluation ("after"). The masks hold during training
-    (PyTorch pruning reparametrisation), so ``train_fn`` may be any ordinary loop over
+    with any ``torch.optim`` optimizer (:mod:`nnrelief.pruning.masks`), so ``train_fn`` may be any ordinary loop over
     ``model.parameters()``, e.g. :func:`nnrelief.training.fit`.
 
     Args:
@@ -210,7 +201,16 @@ def _nnrelief_step(prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]]
     def step(model: nn.Module, iteration: int) -> PruneReport:
         # prune() shows its bar whenever asked, even when stderr is not a terminal
         keywords = settings.at_iteration(iteration).keywords()
-        return prune(model, _batches_for(prune_batches, iteration), progress=progress and sys.stderr.isatty(), **keywords)
+
+        def run(**changed: Any) -> PruneReport:
+            return prune(model, _batches_for(prune_batches, iteration), progress=progress and sys.stderr.isatty(),
+                         **{**keywords, **changed})  # fmt: skip
+
+        try:
+            return run()
+        except UnreachableTargetError as error:  # an earlier pass went below this one's target: keep what is left
+            logger.warning("iteration %d: %s; this pass keeps what it can", iteration, error)
+            return run(target=error.remaining)
 
     return step
 
@@ -300,7 +300,7 @@ class _Loop:
         except DamagedFileError as damage:
             state = self._rebuilt_state(damage)
         _check_state(state, self.settings, self.folder / files.STATE)
-        restore_masks(self.model, state["model"])
+        restore_masks(self.model, state["model"], infer=False)
         self.history = History.from_dict(state["history"])
         self.phase, self.previous = state["phase"], state["previous"]
         self.pending = IterationRecord.from_dict(state["pending"]) if state["pending"] else None
@@ -393,7 +393,7 @@ class _Loop:
         if self.rewind_state is not None:
             rewind(self.model, self.rewind_state)
         self.train_fn(self.model, record.iteration)
-        refresh_masked(self.model)
+        hold_masks(self.model)  # a user's train_fn may have replaced or copied modules
         record.retrain_seconds = time.perf_counter() - start
         record.accuracy_after = self.evaluate()
         record.seconds += time.perf_counter() - start

@@ -16,8 +16,9 @@ Files of a run folder (all written atomically: temporary file + ``os.replace``):
 ``compare/<method>/``       a baseline's run of ``nnrelief compare`` (the same files)
 ==========================  ==============================================================
 
-A folder is taken as a run folder when it holds ``checksums.json``, ``config.json`` or
-``relief_state.pt`` (the last two: folders written before checksums existed); one that
+A folder is taken as a run folder when it holds ``checksums.json``, ``config.json``,
+``dense.json`` (a shared dense folder) or ``relief_state.pt`` (folders written before
+checksums existed); one that
 holds other files and none of these is refused before anything is created or removed in
 it, and so is a path that is a file.
 
@@ -50,11 +51,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,7 @@ COMPARE_FILES = ("compare.csv", "compare.json", "compare.md", "compare.png")
 RUN_FILES = (CONFIG, INIT, TRAINED, DENSE_CHECKPOINT, DENSE_SETTINGS, STATE, HISTORY_CSV, HISTORY_JSON, MANIFEST,
              "model-iter*.pt", "retrain-*.ckpt", *COMPARE_FILES)  # fmt: skip
 _TEMPORARY = [temporary_name_pattern(name) for name in RUN_FILES]
-_MARKERS = (MANIFEST, CONFIG, STATE)  # what makes a folder a run folder
+_MARKERS = (MANIFEST, CONFIG, STATE, DENSE_SETTINGS)  # what makes a folder a run folder (or a shared dense one)
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -123,6 +125,32 @@ def is_temporary(name: str) -> bool:
     return any(pattern.fullmatch(name) for pattern in _TEMPORARY)
 
 
+def holds_run_file(path: Path) -> bool:
+    """Whether ``path`` is (or would replace) a file of the run folder it lies in: a name
+    the run writes (:data:`RUN_FILES`, ``.lock``) or one its checksums record."""
+    folder = path.parent
+    if not any((folder / marker).is_file() for marker in _MARKERS):
+        return False
+    if path.name == LOCK or any(fnmatch.fnmatchcase(path.name, name) for name in RUN_FILES):
+        return True
+    try:
+        return path.name in checksums.read_entries(folder)
+    except DamagedFileError:
+        return False  # unverifiable: the names above are the run's
+
+
+def refuse_overwrite(output: Path, inputs: Iterable[Path], option: str) -> None:
+    """Raise :class:`RunFolderError` before anything is written if the output file
+    ``output`` (given as ``option``) is one of ``inputs`` or a file of a run folder."""
+    resolved = output.resolve()
+    if any(resolved == Path(source).resolve() for source in inputs):
+        raise RunFolderError(f"{option} {output} is the input file: nnrelief never overwrites its input; "
+                             "give another output file")  # fmt: skip
+    if holds_run_file(resolved):
+        raise RunFolderError(f"{option} {output} is a name of the run's own files in the run folder {output.parent}, "
+                             "which nnrelief never replaces: give another file name or folder")  # fmt: skip
+
+
 def remedy(name: str) -> str:
     """What to do about a damaged run file ``name``."""
     again = "run the same command again to "
@@ -135,6 +163,7 @@ def remedy(name: str) -> str:
         INIT: "rebuild it from the seed",
         TRAINED: "rebuild it from model-iter0.pt",
         CONFIG: "rewrite it (its settings are also in history.json)",
+        DENSE_SETTINGS: "rewrite it (the shared dense folder's name is the hash of its settings)",
     }
     if name in rebuilt:
         return again + rebuilt[name] + ", or restore it from a copy"

@@ -25,13 +25,14 @@ def flat_masks(masks: dict[str, LayerMask], gates: dict[str, Tensor], bn_masks: 
 
 def apply_layer_masks(model: nn.Module, masks: dict[str, LayerMask], bn_masks: dict[str, Tensor]) -> None:
     """Mask layers (connection-level masks expanded to whole kernels) and BatchNorm channels
-    of ``model``, ANDed with their existing masks: nothing revives."""
+    of ``model``, ANDed with their existing masks: nothing revives. A Linear's first mask is
+    its layer mask itself where it fits (the pass lets go of ``masks``)."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module = modules[name]
         shape = weight_matrix(module).shape
         weight = mask.weight.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-        set_mask(module, "weight", module_layout(module, weight))
+        set_mask(module, "weight", module_layout(module, weight), adopt=True)
         if mask.bias is not None:
             set_mask(module, "bias", mask.bias)
     for name, keep in bn_masks.items():

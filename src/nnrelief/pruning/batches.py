@@ -58,15 +58,24 @@ class PruningBatches:
             raise ValueError(f"pruning batch {index} (shape {shape}) contains NaN or inf values; clean the data first")
 
 
+def _finite(tensor: Tensor) -> Tensor:
+    """Whether every entry is finite, without a tensor-sized temporary: min and max carry a
+    NaN or an infinity through."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = tensor.aminmax()
+    return low.isfinite() & high.isfinite()
+
+
 def check_finite_model(model: nn.Module) -> None:
     """Refuse a model with NaN/inf parameters or buffers (a diverged training), naming them."""
     named = [(name, t) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_floating_point()]
     if not named:
         return
-    checks = [t.detach().isfinite().all() for _, t in named]
+    checks = [_finite(t.detach()) for _, t in named]
     one_device = len({check.device for check in checks}) == 1
     finite = torch.stack(checks).tolist() if one_device else [bool(check) for check in checks]  # one host sync
-    bad = [name.replace("_orig", "") for (name, _), ok in zip(named, finite) if not ok]
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if bad:
         raise ValueError(
             f"{type(model).__name__} has NaN or inf values in {', '.join(bad)}; the model was left unchanged. "

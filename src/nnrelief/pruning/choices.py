@@ -44,12 +44,39 @@ def spared_layers(layers: Mapping[str, nn.Module], ignore: list[Selector], only:
 
 
 def check_alphas(alphas: Mapping[str, float] | None) -> dict[str, float]:
-    """``alphas`` (layer name pattern -> alpha) with every alpha checked."""
+    """``alphas`` (layer name pattern -> alpha) with every alpha checked, the key named."""
     if alphas is None:
         return {}
     if not isinstance(alphas, Mapping):
         raise TypeError(f"alphas maps layer name patterns to alphas (e.g. {{'classifier': 0.99}}), got {type(alphas).__name__}")
-    return {str(pattern): check_alpha(alpha, f"alphas[{pattern!r}]") for pattern, alpha in alphas.items()}
+    checked = {}
+    for pattern, alpha in alphas.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"alphas takes layer name patterns (str) as keys, got {pattern!r} ({type(pattern).__name__})")
+        try:
+            float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"alphas[{pattern!r}] must be a number in (0, 1], got {alpha!r}") from None
+        checked[pattern] = check_alpha(alpha, f"alphas[{pattern!r}]")
+    return checked
+
+
+def check_choices_match(
+    model: nn.Module, layers: Iterable[str], ignore: list[Selector], only: list[Selector], alphas: Mapping[str, float]
+) -> None:
+    """Raise ``ValueError`` naming the first name pattern of ``ignore``, ``only`` or
+    ``alphas`` that matches none of the prunable ``layers``, or module type that ``model``
+    does not contain (as the command line refuses them)."""
+    names = list(layers)
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    types = {type(module) for module in model.modules()}
+    for choice, selectors in (("ignore", ignore), ("only", only), ("alphas", list(alphas))):
+        for item in selectors:
+            if isinstance(item, str) and not any(fnmatchcase(name, item) for name in names):
+                raise ValueError(f"{choice}=: pattern {item!r} matches no prunable layer of {type(model).__name__} "
+                                 f"({shown})")  # fmt: skip
+            if isinstance(item, type) and not any(issubclass(kind, item) for kind in types):
+                raise ValueError(f"{choice}=: {type(model).__name__} has no module of type {item.__name__}")
 
 
 def alpha_for(name: str, kind: str, alphas: Mapping[str, float], alpha_fc: float, alpha_conv: float) -> float:
@@ -68,6 +95,18 @@ def check_target(target: Any) -> float | None:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"target is the fraction of the scored weights and biases to keep, in (0, 1]; got {target!r}")
     return value
+
+
+class UnreachableTargetError(ValueError):
+    """``target=`` above the fraction the pruned layers still hold (``remaining``): a pass
+    never restores weights."""
+
+    def __init__(self, target: float, remaining: float) -> None:
+        super().__init__(f"target={target:g} cannot be reached: the pruned layers already keep only {remaining:.4g} of "
+                         "their weights and biases (target is a fraction of the dense layers, and a pass never "
+                         f"restores weights); give a target below {remaining:.4g}, e.g. {remaining * 0.5:.4g} to halve "
+                         "what is left")  # fmt: skip
+        self.target, self.remaining = target, remaining
 
 
 def find_alpha(remaining: Callable[[float], float], target: float, steps: int = 24) -> float:

@@ -9,7 +9,7 @@ that follow it and (where no other path feeds the same channel) its outgoing con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -35,35 +35,54 @@ class LayerMask:
     bias: Tensor | None
     shift: Tensor | None = None
     groups: int = 1  # of a grouped conv: filter j reads input channels of group j // (J / groups)
+    # alive() and used_inputs() are kept between changes: cleaning asks for them over and over
+    _alive: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _used: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def alive(self) -> Tensor:
         """(J,) which neurons/filters still have a kept connection, bias or BN shift."""
-        alive = self.weight.any(dim=1)
-        if self.bias is not None:
-            alive = alive | self.bias
-        return alive | self.shift if self.shift is not None else alive
+        if self._alive is None:
+            alive = self.weight.any(dim=1)
+            if self.bias is not None:
+                alive = alive | self.bias
+            self._alive = alive | self.shift if self.shift is not None else alive
+        return self._alive.clone()
 
     def used_inputs(self) -> Tensor:
         """(C,) which input channels still feed a kept connection."""
-        filters, group_channels = self.weight.shape
-        return self.weight.view(self.groups, filters // self.groups, group_channels).any(dim=1).reshape(-1)
+        if self._used is None:
+            filters, group_channels = self.weight.shape
+            self._used = self.weight.view(self.groups, filters // self.groups, group_channels).any(dim=1).reshape(-1)
+        return self._used.clone()
 
     def clear_inputs(self, live: Tensor) -> bool:
         """Drop the connections from input channels not in ``live`` (C,); whether any changed."""
+        gone = self.used_inputs() & ~live
+        if not bool(gone.any()):
+            return False
         filters, group_channels = self.weight.shape
-        per_group = live.view(self.groups, 1, group_channels).expand(self.groups, filters // self.groups, group_channels)
-        cleared = self.weight & per_group.reshape(filters, group_channels)
-        changed = not torch.equal(cleared, self.weight)
-        self.weight.copy_(cleared)
-        return changed
+        per_group = gone.view(self.groups, 1, group_channels).expand(self.groups, filters // self.groups, group_channels)
+        if self.groups == 1:
+            self.weight[:, gone] = False  # only the columns that lose something
+        else:
+            self.weight &= ~per_group.reshape(filters, group_channels)
+        self._alive = self._used = None
+        return True
 
-    def remove_neurons(self, remove: Tensor) -> None:
-        """Drop every incoming connection, the bias and the BN shift of the neurons in ``remove``."""
-        self.weight &= ~remove.unsqueeze(1)
+    def remove_neurons(self, remove: Tensor) -> bool:
+        """Drop every incoming connection, the bias and the BN shift of the neurons in
+        ``remove``; whether any of them was alive."""
+        rows = (remove & self.alive()).nonzero().flatten()
+        if rows.numel() == 0:
+            return False
+        self.weight[rows] = False
         if self.bias is not None:
-            self.bias &= ~remove
+            self.bias[rows] = False
         if self.shift is not None:
-            self.shift &= ~remove
+            self.shift[rows] = False
+        self._alive[rows] = False
+        self._used = None
+        return True
 
 
 def batchnorm_constant(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -188,10 +207,7 @@ def clean(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -
                 changed |= masks[name].clear_inputs(torch.stack(inputs).any(dim=0))
         used = used_channels(graph, masks, gates)
         for name, calls in structured.items():
-            mask = masks[name]
-            before = mask.alive()
-            mask.remove_neurons(~torch.stack([used[call.node] for call in calls]).any(dim=0))
-            changed |= not torch.equal(before, mask.alive())
+            changed |= masks[name].remove_neurons(~torch.stack([used[call.node] for call in calls]).any(dim=0))
         if not changed:
             break
     live = live_channels(graph, masks, gates)

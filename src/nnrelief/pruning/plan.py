@@ -13,48 +13,47 @@ from ..analysis import ChannelGraph, PrunableLayer, activity_key, input_key, map
 from ..analysis.layers import kernel_layout
 from . import scores as score_fns
 from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
-from .masks import current_mask, gate_of
+from .masks import current_mask, gate_of, is_masked
 from .selection import select
 from .stats import Statistics
 
 
 def _connection_mask(module: nn.Module) -> LayerMask:
-    weight = current_mask(module, "weight")
-    weight = kernel_layout(module, weight)
+    """A conv layer's current mask at connection level (whole kernels): (J, C/g)."""
+    weight = kernel_layout(module, current_mask(module, "weight"))
     bias = current_mask(module, "bias")
-    return LayerMask(
-        weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight.clone(),
-        None if bias is None else bias.clone(),
-        groups=getattr(module, "groups", 1),
-    )
+    return LayerMask(weight.flatten(2).any(dim=2).cpu(), None if bias is None else bias.cpu(), groups=getattr(module, "groups", 1))
 
 
-Contributions = dict[str, tuple[Tensor, Tensor | None]]
 AlphaOf = Callable[[str, str], float]  # (layer name, kind) -> alpha
-
-
-def contributions(layers: dict[str, PrunableLayer], stats: Statistics, mode: str) -> Contributions:
-    """(a_ij, bias share) of every layer, on the CPU: computed once, selected from as often as needed."""
-    result = {}
-    for layer in layers.values():
-        weight = weight_matrix(layer.module).detach()
-        contrib, bias_share = score_fns.contributions(layer.module, layer.kind, stats[input_key(layer.name)], mode, weight)
-        result[layer.name] = (contrib.cpu(), None if bias_share is None else bias_share.cpu())
-    return result
+_BLOCK_ENTRIES = 1 << 20  # connections selected at once: bounds the selection's temporaries (sort, cumsum)
 
 
 class Planner:
     """The masks of one pass for given alphas (selection, then structure cleaning), and the
-    remaining fraction they give; the statistics and contributions are computed once."""
+    remaining fraction they give; the statistics are collected once.
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, layers: dict[str, PrunableLayer], stats: Statistics,
-                 contributions: Contributions) -> None:  # fmt: skip
-        self.model, self.graph, self.layers, self.stats, self.contributions = model, graph, layers, stats, contributions
-        self.old = {name: _connection_mask(layer.module) for name, layer in layers.items()}
+    Memory stays within one layer's worth beyond the masks: a Linear's contributions
+    ``|w_ij| * mean |x_i|`` are recomputed from its weight, block of rows by block of rows,
+    whenever masks are selected (a target size selects a few dozen times); a conv's, (J, C/g)
+    per kernel and costly, are computed once and kept. Selection runs on the CPU.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, layers: dict[str, PrunableLayer], stats: Statistics, mode: str) -> None:
+        self.model, self.graph, self.layers, self.stats = model, graph, layers, stats
         self.shifts = {name: batchnorm_constant(model.get_submodule(layer.batchnorm)) for name, layer in layers.items() if layer.batchnorm}
-        self.taps = {name: _kept_taps(layer.module) for name, layer in layers.items()}
-        self.total = sum(current_mask(layer.module, "weight").numel() for layer in layers.values())
-        self.total += sum(int(m.bias.numel()) for m in self.old.values() if m.bias is not None)
+        self.inputs: dict[str, Tensor] = {}  # Linear: mean |x_i|
+        self.convs: dict[str, tuple[Tensor, Tensor | None]] = {}  # conv: (a_ij, bias share)
+        self.taps: dict[str, Tensor] = {}  # conv: weight entries still kept per kernel
+        for name, layer in layers.items():
+            entry = stats[input_key(name)]
+            if layer.kind == "linear":
+                self.inputs[name] = (entry["abs_input"].double() / float(entry["count"])).float().cpu()
+            else:
+                contrib, bias_share = score_fns.contributions(layer.module, layer.kind, entry, mode)
+                self.convs[name] = (contrib.cpu(), None if bias_share is None else bias_share.cpu())
+                self.taps[name] = kernel_layout(layer.module, current_mask(layer.module, "weight")).flatten(2).sum(dim=2).cpu()
+        self.total = sum(layer.module.weight.numel() + _numel(layer.module.bias) for layer in layers.values())
         modules = dict(model.named_modules())
         self.gates = {}
         for node, module_name in graph.gates.items():
@@ -63,14 +62,7 @@ class Planner:
 
     def masks(self, alpha_of: AlphaOf) -> tuple[dict[str, LayerMask], dict[str, Tensor], dict[str, Tensor]]:
         """(layer masks, shortcut gates, BatchNorm masks) of the pass."""
-        masks = {}
-        for name, layer in self.layers.items():
-            contrib, bias_share = self.contributions[name]
-            keep_weight, keep_bias = select(contrib, bias_share, alpha_of(name, layer.kind))
-            old = self.old[name]
-            masks[name] = LayerMask(
-                keep_weight & old.weight.cpu(), None if keep_bias is None else keep_bias & old.bias.cpu(), self.shifts.get(name), old.groups
-            )
+        masks = {name: self._selected(name, alpha_of(name, layer.kind)) for name, layer in self.layers.items()}
         gates = {node: gate.clone() for node, gate in self.gates.items()}
         bn_masks: dict[str, Tensor] = {}
         if self.graph.traced:
@@ -79,18 +71,54 @@ class Planner:
             bn_masks = clean(self.graph, masks, gates)
         return masks, gates, bn_masks
 
+    def current(self) -> float:
+        """kept / total weights and biases of the layers before the pass (under their old masks)."""
+        kept = sum(_kept(layer.module, "weight") + _kept(layer.module, "bias") for layer in self.layers.values())
+        return kept / self.total if self.total else 1.0
+
     def remaining(self, alpha_of: AlphaOf) -> float:
         """kept / total weights and biases of the layers under the pass's masks (as the report counts)."""
         masks, _, _ = self.masks(alpha_of)
-        kept = sum(int((self.taps[name] * mask.weight).sum()) for name, mask in masks.items())
+        kept = sum(int((self.taps[name] * mask.weight).sum()) if name in self.taps else int(mask.weight.sum())
+                   for name, mask in masks.items())  # fmt: skip
         kept += sum(int(mask.bias.sum()) for mask in masks.values() if mask.bias is not None)
         return kept / self.total if self.total else 1.0
 
+    def _selected(self, name: str, alpha: float) -> LayerMask:
+        """One layer's keep mask at ``alpha``, ANDed with its current mask (never revives)."""
+        module = self.layers[name].module
+        if name in self.convs:
+            old = _connection_mask(module)
+            keep_weight, keep_bias = select(*self.convs[name], alpha)
+            keep_bias = None if keep_bias is None else keep_bias & old.bias
+            return LayerMask(keep_weight & old.weight, keep_bias, self.shifts.get(name), old.groups)
+        weight, bias = weight_matrix(module).detach(), module.bias
+        keep_weight = torch.empty(weight.shape, dtype=torch.bool)
+        keep_bias = None if bias is None else torch.empty(weight.shape[0], dtype=torch.bool)
+        rows = max(1, _BLOCK_ENTRIES // max(1, weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            block = slice(start, start + rows)
+            contrib = score_fns.linear_contributions(weight[block].float(), self.inputs[name].to(weight.device)).cpu()
+            bias_share = None if bias is None else score_fns.bias_term(bias[block]).cpu()
+            keep_weight[block], kept_bias = select(contrib, bias_share, alpha)
+            if keep_bias is not None:
+                keep_bias[block] = kept_bias
+        if is_masked(module, "weight"):
+            keep_weight &= kernel_layout(module, current_mask(module, "weight")).cpu()
+        if keep_bias is not None and is_masked(module, "bias"):
+            keep_bias &= current_mask(module, "bias").cpu()
+        return LayerMask(keep_weight, keep_bias, self.shifts.get(name))
 
-def _kept_taps(module: nn.Module) -> Tensor:
-    """Per connection (kernel), how many of its weight entries are still kept: (J, C/g) int."""
-    weight = kernel_layout(module, current_mask(module, "weight"))
-    return weight.flatten(2).sum(dim=2).cpu() if weight.dim() > 2 else weight.long().cpu()
+
+def _numel(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel()
+
+
+def _kept(module: nn.Module, name: str) -> int:
+    """Entries of ``module.<name>`` its current mask keeps (all when unmasked, 0 when absent)."""
+    if is_masked(module, name):
+        return int(current_mask(module, name).sum())
+    return _numel(getattr(module, name, None))
 
 
 def _remove_dead(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:

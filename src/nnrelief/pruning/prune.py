@@ -22,18 +22,19 @@ from tqdm.auto import tqdm
 from ..analysis import ChannelGraph, PrunableLayer, analyse, input_key, refresh
 from ..compaction.compactor import compacted_widths
 from ..distributed import check_same_on_all_ranks
+from ..heap import release_freed_memory
 from ..inputs import ModelInput
 from ..kinds import scored_kinds
-from .apply import apply_layer_masks, apply_pass_masks, flat_masks
+from .apply import apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
-from .choices import Selector, find_alpha, spared_layers
+from .choices import Selector, UnreachableTargetError, check_choices_match, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
 from .pass_settings import DEFAULTS, SCORE_MODES, PassSettings
-from .plan import Planner, contributions
+from .plan import Planner
 from .report import PruneReport, build_report
 from .stats import Statistics, all_reduce_statistics, collect
 
-__all__ = ["SCORE_MODES", "SPARED", "apply_layer_masks", "prune"]
+__all__ = ["SCORE_MODES", "SPARED", "prune"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def prune(
     input (for token sequences, mean |x| over samples and token positions); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
-    without outgoing connections and weak residual branches/shortcuts are removed. Masks
-    are PyTorch pruning masks (``weight_orig``/``weight_mask``), so training keeps them.
+    without outgoing connections and weak residual branches/shortcuts are removed. Pruned
+    weights are zeroed in place and held at zero through training by byte masks
+    (:mod:`nnrelief.pruning.masks`).
 
     ``score="paper"`` uses the paper's conv formula (mean over samples of per-sample
     Frobenius norms); ``score="authors"`` the authors' code (norm of the mean |input|).
@@ -79,7 +81,11 @@ def prune(
     biases to reach (as ``report.remaining_fraction`` counts it): one alpha for every layer,
     found from the pass's own statistics by bisection (no second pass), is used and reported
     as ``report.settings["alpha"]``; passing it back as ``alpha_fc`` and ``alpha_conv``
-    gives the same masks.
+    gives the same masks. ``target`` is a fraction of the dense layers: one above what they
+    still keep raises :class:`~nnrelief.choices.UnreachableTargetError` (a ``ValueError``;
+    the model is left unchanged), one the pass cannot come within 10% of is logged as a
+    warning. A pattern of ``ignore``/``only``/``alphas`` that matches no prunable layer, or a
+    type the model does not contain, raises ``ValueError`` naming it.
 
     Under ``torchrun`` (a torch.distributed group of several processes) each process
     passes its own part of the pruning set: the statistics are summed over processes,
@@ -90,6 +96,10 @@ def prune(
     (checked and defaulted there).
     """
     settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas, target=target)
+    target = settings.target
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
+                        "pass a list of batches, [x] (one batch) or x.split(n) (batches of n samples)")  # fmt: skip
     check_finite_model(model)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -102,6 +112,7 @@ def prune(
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
         graph = _analyse(model, first, dynamic=not inputs.one_signature())
+        check_choices_match(model, [*graph.layers, *graph.skipped], list(settings.ignore), list(settings.only), settings.alphas)
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
@@ -111,9 +122,8 @@ def prune(
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, list(settings.ignore), list(settings.only))
-        planner = Planner(model, graph, layers, stats, contributions(layers, stats, settings.score))
-        target = settings.target
-        found = None if target is None else find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+        planner = Planner(model, graph, layers, stats, settings.score)
+        found = None if target is None else _alpha_for_target(planner, target)
         if found is None:
             masks, gates, bn_masks = planner.masks(settings.alpha_of)
         else:
@@ -127,6 +137,7 @@ def prune(
     finally:
         for module, training in modes.items():
             module.train(training)
+        release_freed_memory()
     choices = {"alphas": dict(settings.alphas)} if settings.alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
@@ -147,6 +158,21 @@ def prune(
         )  # fmt: skip
     log.info("nnrelief pass: %d / %d weights and biases remain (%.2fx)", report.kept, report.total, report.compression)
     return report
+
+
+def _alpha_for_target(planner: Planner, target: float) -> float:
+    """The one alpha whose masks come closest to ``target``; a target above what the layers
+    still hold is refused (a pass never restores weights), one this pass cannot come near
+    (cleaning keeps or removes more) is logged as a warning."""
+    now = planner.current()
+    if target > now + 1e-9:
+        raise UnreachableTargetError(target, now)
+    found = find_alpha(lambda alpha: planner.remaining(lambda _name, _kind: alpha), target)
+    reached = planner.remaining(lambda _name, _kind: found)
+    if abs(reached - target) > 0.1 * target:
+        log.warning("target=%g: the nearest this pass reaches is %.4g (alpha %.4g); structure cleaning sets the rest",
+                    target, reached, found)  # fmt: skip
+    return found
 
 
 def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:

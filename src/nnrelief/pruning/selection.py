@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +28,7 @@ def select(contrib: Tensor, bias_share: Tensor | None, alpha: float) -> tuple[Te
     """
     alpha = check_alpha(alpha)
     entries = contrib if bias_share is None else torch.cat([contrib, bias_share.unsqueeze(1)], dim=1)
-    ordered, _ = entries.float().sort(dim=1, descending=True)
+    ordered = _descending(entries.float())
     cumulative = ordered.cumsum(dim=1, dtype=torch.float64)
     total = cumulative[:, -1:]
     # Relative tolerance against round-off in the cumulative sum (matters for alpha = 1).
@@ -39,3 +40,12 @@ def select(contrib: Tensor, bias_share: Tensor | None, alpha: float) -> tuple[Te
     if bias_share is None:
         return keep, None
     return keep[:, :-1], keep[:, -1]
+
+
+def _descending(entries: Tensor) -> Tensor:
+    """Each row of ``entries`` sorted in descending order. On the CPU numpy's sort (SIMD
+    sorting networks) is several times faster than ``torch.sort``, which also computes the
+    indices this rule does not need; the values are the same."""
+    if entries.device.type != "cpu":
+        return entries.sort(dim=1, descending=True).values
+    return torch.from_numpy(np.sort(entries.numpy(), axis=1)).flip(1)

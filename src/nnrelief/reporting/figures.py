@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_path, fixable_write_error
+
 logger = logging.getLogger(__name__)
 
 _DPI = 120
@@ -32,9 +34,15 @@ def pyplot() -> Any:
 
 
 def save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    pyplot().close(fig)
+    """Write ``fig`` to ``path`` (format from its extension) through a temporary file, so
+    that an interrupted write leaves the previous figure, and close it."""
+    try:
+        with atomic_path(path) as temp:
+            fig.savefig(temp, dpi=_DPI, format=path.suffix.lstrip(".") or None)
+    except OSError as error:
+        raise fixable_write_error(error, path) or error from None
+    finally:
+        pyplot().close(fig)
     logger.info("wrote %s", path)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..analysis import analyse
 from ..experiments import runfolder as files
 from ..experiments.config import ConfigError, ExperimentConfig
-from ..experiments.experiment import load_weights
+from ..experiments.experiment import load_weights, run_data_dir
 from ..experiments.history import History
 from ..fileio import save_text
 from ..inputs import ModelInput
@@ -150,7 +150,8 @@ def _connections_for_run(
         raise ValueError("the run has no pruned iteration yet")
     if not 1 <= chosen <= last:
         raise ValueError(f"iteration {chosen} is not a pruning iteration of this run (1-{last})")
-    inputs = pruning_inputs(run.config, samples, data_dir)
+    folder = data_dir if data_dir is not None else run_data_dir(run.config.data_dir, run.path)
+    inputs = pruning_inputs(run.config, samples, folder)
     dense, _ = load_weights(run.path / files.model_file(0))
     final, _ = load_weights(run.path / files.model_file(chosen))
     graph = analyse(dense.eval(), ModelInput((inputs[:1],)))

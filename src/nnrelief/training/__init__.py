@@ -10,10 +10,9 @@ Design points:
 * The data are any iterable of ``(x, y)`` tensor batches with ``len()``. When the object
   has a ``set_epoch(epoch)`` method it is called (with the 0-based epoch index) before each
   pass over it, so shuffling can depend only on ``(seed, epoch)``.
-* Pruned models use ``torch.nn.utils.prune``-style reparametrisation
-  (``weight_orig`` parameter times ``weight_mask`` buffer, recomputed by a forward
-  pre-hook). Training ``model.parameters()`` normally keeps masked weights at exactly zero,
-  whatever the optimizer's momentum or weight decay does to ``weight_orig``.
+* Pruned models keep their pruned weights at exactly zero through any ``torch.optim``
+  optimizer (:mod:`nnrelief.pruning.masks`: gradients masked, pruned entries zeroed again
+  after every step), whatever its momentum or weight decay would do.
 * :func:`fit` selects the best epoch on a *validation* split (never the test set), can
   write an atomic checkpoint after every epoch and resume from it bit-exactly on CPU.
 * On CUDA: mixed precision with ``TrainConfig.amp`` (``"bf16"``: autocast only;

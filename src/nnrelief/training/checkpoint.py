@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..fileio import cpu_state, save_torch
+from ..pruning.masks import ORIG, restore_masks, state_with_masks
 from .config import TrainConfig
 
 _CHECKPOINT_FORMAT = 1
@@ -104,7 +105,7 @@ def save_checkpoint(path: Path, cfg: TrainConfig, session: Resumable, progress: 
             "format": _CHECKPOINT_FORMAT,
             "config": cfg.to_dict(),
             "epoch": progress.epochs_done,
-            "model": session.model.state_dict(),
+            "model": state_with_masks(session.model),
             "optimizer": session.optimizer.state_dict(),
             "scheduler": session.scheduler.state_dict(),
             "scaler": session.scaler.state_dict() if session.scaler is not None else None,
@@ -132,8 +133,9 @@ def restore_checkpoint(ckpt: dict[str, Any], path: Path, session: Resumable) -> 
     Tensors are read onto the CPU and copied to wherever the session's tensors live, so a
     checkpoint written on a GPU resumes on a CPU-only machine and the other way round.
     """
-    session.model.load_state_dict(ckpt["model"])
-    session.optimizer.load_state_dict(_with_current_kernels(ckpt["optimizer"], session.optimizer))
+    restore_masks(session.model, ckpt["model"], infer=False)
+    optimizer_state = _in_current_order(ckpt["optimizer"], ckpt["model"], session.model)
+    session.optimizer.load_state_dict(_with_current_kernels(optimizer_state, session.optimizer))
     session.scheduler.load_state_dict(ckpt["scheduler"])
     if session.scaler is not None and ckpt["scaler"] is not None:
         session.scaler.load_state_dict(ckpt["scaler"])
@@ -148,6 +150,23 @@ def restore_checkpoint(ckpt: dict[str, Any], path: Path, session: Resumable) -> 
     if progress.epochs_done != ckpt["epoch"]:
         raise ValueError(f"checkpoint {path} is inconsistent: {ckpt['epoch']} epochs but {progress.epochs_done} records")
     return progress
+
+
+def _in_current_order(saved: dict[str, Any], model_state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``saved`` optimizer state mapped onto today's parameter order. Checkpoints of earlier
+    versions (torch.nn.utils.prune masks) list a masked parameter as ``<name>_orig``, moved
+    after its module's other parameters, so their optimizer indices follow that order."""
+    if not any(key.endswith(ORIG) for key in model_state):
+        return saved
+    trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    position = {name: index for index, name in enumerate(trained)}
+    earlier = [key.removesuffix(ORIG) for key in model_state if key.removesuffix(ORIG) in position]
+    if sorted(earlier) != sorted(trained):
+        raise ValueError("the checkpoint's model does not have the parameters of the model being trained")
+    new_index = [position[name] for name in earlier]  # earlier index -> today's
+    state = {new_index[int(index)]: value for index, value in saved["state"].items()}
+    groups = [{**group, "params": sorted(new_index[int(index)] for index in group["params"])} for group in saved["param_groups"]]
+    return {**saved, "state": state, "param_groups": groups}
 
 
 def _with_current_kernels(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

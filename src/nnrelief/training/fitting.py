@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fileio import cpu_state
-from ..pruning.masks import refresh_masked
+from ..pruning.masks import hold_masks, restore_masks
 from .checkpoint import EpochRecord, Progress, restore_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_device
 from .loops import Batches, evaluate, train_epoch, uses_channels_last
@@ -183,6 +183,7 @@ def fit(
     device = resolve_device(cfg.device)
     was_training = model.training
     benchmark = torch.backends.cudnn.benchmark
+    hold_masks(model)  # masks of a copied or unpickled model hold from the first step
     session = _Session.start(model, cfg, device)
     state = Progress()
     if checkpoint_path is not None:
@@ -220,8 +221,7 @@ def fit(
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
     assert state is not None  # cfg.epochs >= 1 guarantees one epoch, or we kept the entry state
-    model.load_state_dict(state)
-    refresh_masked(model)  # the masked .weight attributes would stay stale until a forward
+    restore_masks(model, state, infer=False)
 
 
 def _train_epochs(
