@@ -28,7 +28,7 @@ import nnrelief
 import nnrelief.experiments.runfolder as files
 from nnrelief.experiments.compare import COMPARE_DIR
 from nnrelief.experiments.config import ExperimentConfig
-from nnrelief.experiments.experiment import Experiment, load_weights, pass_choices
+from nnrelief.experiments.experiment import Experiment, load_weights
 from nnrelief.experiments.methods import Targets, get_method
 from nnrelief.experiments.runfolder import RunFolder
 from nnrelief.models import input_shape
@@ -88,8 +88,8 @@ def main() -> None:
                 model, _ = load_weights(method_folder / files.model_file(k - 1), cfg.model, cfg.dataset)
                 model = model.to(experiment.device)
                 if method == "nnrelief":
-                    nnrelief.prune(model, experiment.pruning_batches(k), alpha_fc=cfg.alpha_fc, alpha_conv=cfg.alpha_conv,
-                                   score=cfg.score, progress=False, **pass_choices(cfg).arguments(k))  # fmt: skip
+                    keywords = cfg.pass_settings().at_iteration(k).keywords()
+                    nnrelief.prune(model, experiment.pruning_batches(k), progress=False, **keywords)
                 else:
                     get_method(method).step(targets)(model, k)
                 stale = experiment.accuracies(model)["test"]

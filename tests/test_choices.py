@@ -13,6 +13,7 @@ from nnrelief.experiments import iterative
 from nnrelief.models import INPUT_SHAPES, MODELS
 from nnrelief.pruning.choices import UnreachableTargetError, alpha_for, find_alpha, spared_layers
 from nnrelief.pruning.masks import current_mask, state_with_masks
+from nnrelief.pruning.pass_settings import PassSettings
 
 ZOO = ["lenet300_100", "lenet5", "vgg_like", "resnet20"]
 
@@ -158,7 +159,7 @@ def test_a_run_whose_earlier_pass_went_below_the_next_target_goes_on(monkeypatch
         return "report"
 
     monkeypatch.setattr(iterative, "prune", prune)
-    step = iterative._nnrelief_step([torch.zeros(1)], 0.9, 0.9, "paper", iterative.PassChoices(target_remaining=0.5), False)
+    step = iterative._nnrelief_step([torch.zeros(1)], PassSettings(alpha_fc=0.9, alpha_conv=0.9, target=0.5), False)
     assert step(nn.Linear(1, 1), 2) == "report" and calls == [0.25, 0.2]
 
 

@@ -219,6 +219,43 @@ def test_plain_model_with_zero_rows_and_no_example() -> None:
     _assert_same(model, compacted, torch.randn(4, 6))
 
 
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated; a
+    flatten after the concatenation (``flat``) puts a Linear head right behind it."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        self.flat = flat
+        self.squeeze = nn.Conv2d(3, 6, 1)
+        self.expand1x1, self.expand3x3 = nn.Conv2d(6, 5, 1), nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(9 * 16, 3) if flat else nn.Conv2d(9, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = torch.relu(self.squeeze(x))
+        expanded = torch.cat([torch.relu(self.expand1x1(squeezed)), torch.relu(self.expand3x3(squeezed))], 1)
+        return self.head(expanded.flatten(1)) if self.flat else self.head(expanded).mean((2, 3))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_concatenation_branch_that_died_entirely_compacts(flat: bool) -> None:
+    """expand3x3 loses every channel (no weight, a negative bias: zero after the ReLU): the
+    branch keeps one channel on both sides of the concatenation, as the report says."""
+    torch.manual_seed(0)
+    model = Fire(flat).eval()
+    with torch.no_grad():
+        model.expand3x3.weight.zero_()
+        model.expand3x3.bias.fill_(-1.0)
+    x = torch.randn(4, 3, 4, 4)
+    report = nnrelief.prune(model, [x], alpha_fc=0.99, alpha_conv=0.99, progress=False)
+    assert {layer.name: layer.channels_alive for layer in report.layers}["expand3x3"] == 0
+    compacted = compact(model, x[:2])
+    assert isinstance(compacted, Fire) and compacted.expand3x3.out_channels == 1
+    widths = {layer.name: layer.channels_compacted for layer in report.layers}
+    assert all(compacted.get_submodule(name).out_channels == widths[name] for name in ("squeeze", "expand1x1", "expand3x3"))
+    assert sum(p.numel() for p in compacted.parameters()) < sum(p.numel() for p in model.parameters())
+    _assert_same(model, compacted, torch.randn(3, 3, 4, 4))
+
+
 def test_export_torchscript_and_program(compacted_resnet: tuple[nn.Module, torch.Tensor], tmp_path: Path) -> None:
     model, x = compacted_resnet
     with torch.no_grad():

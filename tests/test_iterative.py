@@ -32,11 +32,12 @@ from nnrelief.experiments.config import (
 )
 from nnrelief.experiments.experiment import Experiment, claim_run_folder, load_weights, read_config
 from nnrelief.experiments.history import History
-from nnrelief.experiments.iterative import PassChoices, relieve, rewind
+from nnrelief.experiments.iterative import relieve, rewind
 from nnrelief.experiments.runfolder import RunFolder, RunFolderError
 from nnrelief.metrics import check_masks
 from nnrelief.models import lenet300_100
 from nnrelief.pruning.masks import current_mask, state_with_masks
+from nnrelief.pruning.pass_settings import PassSettings
 from nnrelief.reporting import load_run
 from nnrelief.training import evaluate
 
@@ -290,7 +291,7 @@ def test_relieve_with_own_train_function_and_rewind():
         sgd_steps(net, batches, steps=3)
 
     history = relieve(
-        model, prune_batches=batches, train_fn=train_fn, num_iters=2, alpha_fc=0.9,
+        model, prune_batches=batches, train_fn=train_fn, num_iters=2, settings=PassSettings(alpha_fc=0.9),
         eval_fns={"train": lambda m: evaluate(m, batches, "cpu").accuracy},
         rewind_state=init, progress=False,
     )  # fmt: skip
@@ -330,7 +331,7 @@ def test_relieve_resumes_after_a_crash_in_retraining(tmp_path):
         assert torch.equal(resumed_model.state_dict()[key], value), key
     with pytest.raises(ValueError, match="other settings"):
         relieve(lenet300_100(), prune_batches=batches, train_fn=lambda m, i: None, num_iters=3,
-                eval_fns={"val": kept_fraction}, alpha_fc=0.5, run_dir=tmp_path / "b", progress=False)  # fmt: skip
+                eval_fns={"val": kept_fraction}, settings=PassSettings(alpha_fc=0.5), run_dir=tmp_path / "b", progress=False)  # fmt: skip
 
 
 def test_early_stop_keeps_last_model_within_margin(tmp_path):
@@ -339,7 +340,7 @@ def test_early_stop_keeps_last_model_within_margin(tmp_path):
     batches = mnist_batches()
     sgd_steps(model, batches)
     history = relieve(
-        model, prune_batches=batches, train_fn=lambda m, i: None, num_iters=10, alpha_fc=0.8,
+        model, prune_batches=batches, train_fn=lambda m, i: None, num_iters=10, settings=PassSettings(alpha_fc=0.8),
         eval_fns={"val": kept_fraction}, early_stop_margin=0.85, run_dir=tmp_path, progress=False,
     )  # fmt: skip
     fractions = [r.accuracy_after["val"] for r in history.records]
@@ -350,7 +351,7 @@ def test_early_stop_keeps_last_model_within_margin(tmp_path):
     saved = json.loads((tmp_path / "history.json").read_text())
     assert saved["stopped_early"] and saved["selected_iteration"] == history.selected_iteration
     again = relieve(
-        lenet300_100(), prune_batches=batches, train_fn=lambda m, i: None, num_iters=10, alpha_fc=0.8,
+        lenet300_100(), prune_batches=batches, train_fn=lambda m, i: None, num_iters=10, settings=PassSettings(alpha_fc=0.8),
         eval_fns={"val": kept_fraction}, early_stop_margin=0.85, run_dir=tmp_path, progress=False,
     )  # fmt: skip
     assert again.to_dict() == history.to_dict()
@@ -456,12 +457,20 @@ def test_later_fields_keep_old_run_folders_valid(tmp_path):
         claim_run_folder(ExperimentConfig(alphas={"fc1": 0.5}), RunFolder(tmp_path))
 
 
-def test_pass_choices_are_stored_with_the_loop_state_only_when_made():
-    assert PassChoices().settings() == {}  # loop states written before the choices existed resume
-    choices = PassChoices(ignore=("fc3",), target_remaining=0.5)
-    assert choices.settings() == {"ignore": ["fc3"], "target_remaining": 0.5}
-    assert [choices.arguments(k)["target"] for k in (1, 2, 3)] == [0.5, 0.25, 0.125]
-    assert choices.arguments(1)["ignore"] == ["fc3"] and PassChoices().arguments(4)["target"] is None
+def test_pass_settings_are_stored_with_the_loop_state_only_when_made():
+    defaults = {"alpha_fc": 0.95, "alpha_conv": 0.9, "score": "paper"}
+    assert PassSettings().loop_settings() == defaults  # loop states written before the choices existed resume
+    settings = PassSettings(ignore="fc3", target=0.5)
+    assert settings.loop_settings() == {**defaults, "ignore": ["fc3"], "target_remaining": 0.5}
+    assert [settings.at_iteration(k).target for k in (1, 2, 3)] == [0.5, 0.25, 0.125]
+    assert settings.keywords()["ignore"] == ("fc3",) and PassSettings().at_iteration(4).target is None
+    assert ExperimentConfig(ignore=["fc3"], target_remaining=0.5).pass_settings() == settings
+    assert ExperimentConfig().pass_settings() == PassSettings()  # the defaults are declared once
+    assert PassSettings(alphas={"fc*": 0.5}).alpha_of("fc1", "linear") == 0.5 and PassSettings().alpha_of("c", "conv") == 0.9
+    with pytest.raises(ValueError, match="score must be one of"):
+        PassSettings(score="fast")
+    with pytest.raises(ValueError, match="alpha_conv must lie in"):
+        PassSettings(alpha_conv=0.0)
 
 
 def test_run_folder_with_other_settings_is_refused(tmp_path):

@@ -282,7 +282,7 @@ def test_keyword_and_positional_batches():
 
 
 def test_model_without_prunable_layers():
-    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+    with pytest.raises(ValueError, match=r"no layer that NNrelief can prune \(Linear, .*, Conv1d/2d/3d, ConvTranspose1d/2d/3d\)"):
         nnrelief.prune(nn.Sequential(nn.ReLU()), [torch.rand(2, 3)])
 
 

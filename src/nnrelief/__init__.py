@@ -1,7 +1,8 @@
 """NNrelief: neural-activity-based pruning for any PyTorch model.
 
 ``nnrelief.prune(model, batches)`` runs one pruning pass in place and returns a report;
-``nnrelief.relieve`` runs the iterative prune -> retrain procedure with your train function;
+``nnrelief.relieve`` runs the iterative prune -> retrain procedure with your train function
+(its passes' settings one ``PassSettings``, the keywords of ``prune``);
 ``compact(model, example)`` returns a physically smaller model with the same outputs;
 ``restore_masks`` loads a pruned checkpoint into a fresh model; ``make_permanent`` folds
 the masks into plain weights.
@@ -13,10 +14,11 @@ import sys
 from .compaction import compact
 from .experiments.iterative import relieve
 from .pruning.masks import make_permanent, restore_masks
+from .pruning.pass_settings import PassSettings
 from .pruning.prune import prune
 from .pruning.report import LayerReport, PruneReport
 
-__all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "PruneReport", "LayerReport"]
+__all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "PassSettings", "PruneReport", "LayerReport"]
 __version__ = "0.1.0"
 
 # Modules that moved into the pruning and compaction packages keep their old names, so

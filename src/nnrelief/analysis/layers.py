@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 from torch import Tensor
 
+from ..kinds import kind_of, unscored_reason
+
 
 @dataclass
 class LayerCall:
@@ -22,7 +24,8 @@ class LayerCall:
 
 @dataclass
 class PrunableLayer:
-    """A Linear (or transposed Conv1D) or Conv2d layer that NNrelief scores and masks.
+    """A layer of a kind of :mod:`nnrelief.kinds` that NNrelief scores and masks (``kind`` is
+    its family, ``"linear"`` or ``"conv"``).
 
     A layer called several times (a shared module) has several ``calls``; it is scored on
     the statistics of all of them pooled and cleaned only where every call agrees.
@@ -30,8 +33,8 @@ class PrunableLayer:
 
     name: str
     module: nn.Module
-    kind: str  # "linear" or "conv"
-    transposed: bool = False  # weight stored (in, out): a Hugging Face Conv1D (GPT-2)
+    kind: str  # its family: "linear" or "conv"
+    transposed: bool = False  # a Linear whose weight is stored (in, out): a Hugging Face Conv1D (GPT-2)
     calls: list[LayerCall] = field(default_factory=list)
     batchnorm: str | None = None  # an affine BatchNorm reading this layer's output alone, in every call
 
@@ -43,34 +46,19 @@ class PrunableLayer:
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """A Hugging Face ``Conv1D`` (GPT-2): a Linear layer whose weight is stored (in, out)."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, Tensor)
-        and weight.dim() == 2 and weight.shape[1] == module.nf
-    )
+    kind = kind_of(module)
+    return kind is not None and kind.family == "linear" and kind.transposed
 
 
 def kernel_layout(module: nn.Module, tensor: Tensor) -> Tensor:
-    """``tensor`` (shaped like ``module.weight``) laid out (out, in / groups, *kernel): a
-    Conv1D's transposed, a ConvTranspose2d's (in, out / groups, ...) regrouped."""
-    if is_transposed_linear(module):
-        return tensor.t()
-    if isinstance(module, nn.ConvTranspose2d):
-        groups, (inputs, per_group) = module.groups, tensor.shape[:2]
-        laid = tensor.reshape(groups, inputs // groups, per_group, *tensor.shape[2:]).transpose(1, 2)
-        return laid.reshape(groups * per_group, inputs // groups, *tensor.shape[2:])
-    return tensor
+    """``tensor`` (shaped like ``module.weight``) laid out (out, in / groups, *kernel), as its
+    kind says (:meth:`nnrelief.kinds.LayerKind.kernel`)."""
+    return kind_of(module).kernel(module, tensor)
 
 
 def module_layout(module: nn.Module, tensor: Tensor) -> Tensor:
     """The inverse of :func:`kernel_layout`: back to ``module.weight``'s own layout."""
-    if is_transposed_linear(module):
-        return tensor.t()
-    if isinstance(module, nn.ConvTranspose2d):
-        groups, (outputs, per_group) = module.groups, tensor.shape[:2]
-        laid = tensor.reshape(groups, outputs // groups, per_group, *tensor.shape[2:]).transpose(1, 2)
-        return laid.reshape(groups * per_group, outputs // groups, *tensor.shape[2:])
-    return tensor
+    return kind_of(module).stored(module, tensor)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -78,13 +66,9 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return kernel_layout(module, module.weight)
 
 
-_SCORED_CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
-_UNSCORED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d, nn.Bilinear)
-
-
 def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
-    """('linear'|'conv', None) for a scorable layer, (None, reason) for a layer with weights
-    that NNrelief cannot score, (None, None) for anything else."""
+    """(its family 'linear' | 'conv', None) for a layer of a kind of :mod:`nnrelief.kinds`,
+    (None, reason) for a layer with weights that NNrelief cannot score, (None, None) for anything else."""
     if nn.utils.parametrize.is_parametrized(module, "weight"):
         return None, (f"its weight is computed by a parametrization ({_parametrizations(module)}): left whole; "
                       "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') makes it prunable")  # fmt: skip
@@ -92,22 +76,13 @@ def prunable_kind(module: nn.Module) -> tuple[str | None, str | None]:
         return None, ("its weight is not a parameter of its own (computed by a hook, e.g. torch.nn.utils.weight_norm, "
                       "or torch.nn.utils.prune's reparametrisation: torch.nn.utils.prune.remove(module, 'weight') makes "
                       "it prunable): left whole")  # fmt: skip
-    if isinstance(module, nn.Linear) or is_transposed_linear(module):
-        return "linear", None
-    if isinstance(module, _SCORED_CONVS) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
-        return "conv", None
-    if isinstance(module, _UNSCORED):
-        return None, f"{type(module).__name__} is not scored (only Linear, Conv1d, Conv2d and ConvTranspose2d are)"
-    if isinstance(module, nn.RNNBase):
-        return None, f"{type(module).__name__} weights are not scored (recurrent layers are left whole)"
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-        return None, "in_proj_weight (packed query/key/value projection) is not scored; out_proj is"
-    return None, None
+    kind = kind_of(module)
+    return (kind.family, None) if kind is not None else (None, unscored_reason(module))
 
 
 def _weight_not_own(module: nn.Module) -> bool:
     """A Linear/conv whose ``weight`` is not its own parameter."""
-    if not isinstance(module, (nn.Linear, *_SCORED_CONVS)) or isinstance(module, nn.modules.lazy.LazyModuleMixin):
+    if kind_of(module) is None or isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return False
     return "weight" not in module._parameters
 

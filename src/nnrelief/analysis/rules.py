@@ -22,7 +22,7 @@ class Rule(Enum):
     """How a node's output channels derive from its inputs' channels."""
 
     INPUT = "input"          # model input or a constant: every channel live
-    LAYER = "layer"          # a prunable Linear/Conv2d
+    LAYER = "layer"          # a prunable layer (nnrelief.kinds)
     PASS = "pass"            # channel c depends on input channel c only
     FLATTEN = "flatten"      # the channel axis merged with neighbouring dims
     MERGE = "merge"          # elementwise combination of same-channel tensors

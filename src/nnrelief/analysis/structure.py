@@ -11,15 +11,15 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
+from ..kinds import layer_ops
 from .layers import LayerCall, PrunableLayer
 from .nodes import op_name, parameter_name, scope, scopes, shape_of
 from .rules import VIEWS, NodeRule, Rule
 
 log = logging.getLogger(__name__)
 
-# ATen op -> (index of the data input, index of the weight) of the layer calls recognised.
-LAYER_OPS = {"linear": (0, 1), "conv1d": (0, 1), "conv2d": (0, 1), "conv_transpose2d": (0, 1), "addmm": (1, 2)}
-CONV_OPS = {"conv1d", "conv2d", "conv_transpose2d"}
+# ATen op -> (index of the data input, index of the weight, layer family) of the layer calls recognised.
+LAYER_OPS = layer_ops()
 _CASTS = {"to", "_to_copy", "alias", "detach", "contiguous", "clone"}
 _WEIGHT_PATH = _CASTS | {"t", "transpose", "permute"}
 _INPUT_PATH = VIEWS | {"pad", "constant_pad_nd", "contiguous", "clone", "_to_copy", "to"}
@@ -78,14 +78,14 @@ def find_sites(graph: fx.Graph, layers: dict[str, PrunableLayer]) -> list[LayerS
 
 def _layer_op_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite | None:
     """A call of a layer op (:data:`LAYER_OPS`) on a layer's weight."""
-    indices = LAYER_OPS.get(op_name(node) or "")
-    if indices is None or len(node.args) <= indices[1] or not isinstance(node.args[indices[1]], fx.Node):
+    data, weight, family = LAYER_OPS.get(op_name(node) or "", (None, None, None))
+    if family is None or len(node.args) <= weight or not isinstance(node.args[weight], fx.Node):
         return None
-    source = _weight_source(node.args[indices[1]])
+    source = _weight_source(node.args[weight])
     layer = source.rsplit(".", 1)[0] if source else None
-    if layer not in layers or (layers[layer].kind == "conv") != (op_name(node) in CONV_OPS):
+    if layer not in layers or layers[layer].kind != family:
         return None
-    return _site(layer, node, node.args[indices[0]], [])
+    return _site(layer, node, node.args[data], [])
 
 
 def _matmul_site(node: fx.Node, layers: dict[str, PrunableLayer]) -> LayerSite | None:

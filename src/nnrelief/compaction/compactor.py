@@ -44,6 +44,7 @@ from ..analysis.capture import TensorOutputs
 from ..analysis.layers import weight_matrix
 from ..heap import release_freed_memory
 from ..inputs import ModelInput, example_input
+from ..kinds import kind_of
 from ..metrics import ArchitectureSummary, file_size, summarize
 from ..pruning.cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
 from ..pruning.diagnostics import rejected_input
@@ -290,10 +291,12 @@ def _close(actual: Tensor, expected: Tensor) -> bool:
 
 
 def _default_example(model: nn.Module) -> Tensor:
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-    if not isinstance(first, nn.Linear):
+    """A zero batch of one for a model whose first layer's kind knows its input shape (a Linear)."""
+    first = next((m for m in model.modules() if kind_of(m) is not None), None)
+    example = None if first is None else kind_of(first).example_input(first)
+    if example is None:
         raise ValueError("compact needs an example input batch for this model (its first layer is not a Linear)")
-    return torch.zeros(1, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+    return example
 
 
 def _take_gates(model: nn.Module) -> dict[str, Tensor]:

@@ -9,8 +9,9 @@ groups: the module returning it is wrapped in a :class:`ChannelMap` that places 
 source channels into the kept target channels (zeros where a target has no source). What
 has no in-place form (such a node that no module of its own returns, a group whose kept
 channels a flatten cannot produce) makes the plan decline, and the caller uses another
-route. Sliced: Linear / Conv1D / Conv2d rows and columns, depthwise groups, BatchNorm
-entries, per-channel parameters multiplied into the stream (layer scales).
+route. Sliced: the layers' rows and columns and depthwise groups (as their kind says,
+:meth:`nnrelief.kinds.LayerKind.slice`), BatchNorm entries, per-channel parameters
+multiplied into the stream (layer scales).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..analysis import ChannelGraph, Rule
 from ..analysis.capture import watch
 from ..analysis.nodes import op_name, parameter_name, scope, scopes
 from ..analysis.rules import BATCHNORMS
+from ..kinds import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,6 @@ def _device_of(model: nn.Module) -> torch.device:
 
 class Declined(Exception):
     """The forward cannot be narrowed in place without an index map; the message says why."""
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    groups = getattr(module, "groups", 1)
-    return groups > 1 and module.in_channels == groups and module.out_channels == groups
 
 
 class InPlacePlan:
@@ -187,7 +184,7 @@ class InPlacePlan:
     def _couple_layer(self, name: str, layer: str, inputs: list[str]) -> None:
         module = self.modules[layer]
         if getattr(module, "groups", 1) > 1:
-            if not _is_depthwise(module) or isinstance(module, nn.ConvTranspose2d):
+            if not kind_of(module).depthwise(module):
                 self.forced.update([name, *inputs])  # whole groups only: kept as they are
             elif inputs:
                 self.groups.union(name, inputs[0])  # channel c reads input channel c only
@@ -217,10 +214,10 @@ class InPlacePlan:
             need = torch.ones(rule.channels, dtype=torch.bool) if name in self.forced else live[name] & used[name]
             demand[root] = demand[root] | need if root in demand else need.clone()
         keep = {name: demand[self.groups.find(name)] for name, rule in self.graph.rules.items() if rule.channels is not None}
+        reshaped = {self.groups.find(name) for name, rule in self.graph.rules.items() if rule.rule in (Rule.FLATTEN, Rule.CAT)}
+        _keep_one({root: value for root, value in demand.items() if root not in reshaped})  # before the reshapes read them
         self._exact_reshapes(keep)
-        for value in keep.values():
-            if not bool(value.any()):
-                value[0] = True  # never build zero-width layers; an extra channel is exact
+        _keep_one(keep)
         return keep
 
     def _natural(self, name: str, keep: dict[str, Tensor]) -> Tensor:
@@ -297,7 +294,8 @@ class InPlacePlan:
             for layer in self.graph.layers.values():
                 call = layer.calls[0]
                 if layer.structured:  # a call the rules understand: its channels are the layer's rows/columns
-                    _slice_layer(layer.module, self.keep.get(call.node), self.keep.get(call.input_node))
+                    rows, cols = self.keep.get(call.node), self.keep.get(call.input_node)
+                    kind_of(layer.module).slice(layer.module, _index(rows), _index(cols))
             for module_name, inputs in self.norms.items():
                 _slice_batchnorm(self.modules[module_name], self.keep[inputs[0]])
             for parameter, node, axis in self.parameters:
@@ -305,37 +303,17 @@ class InPlacePlan:
         return before - sum(p.numel() for p in self.model.parameters())
 
 
-def _index(mask: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if mask is None else mask.nonzero().flatten().to(device)
+def _keep_one(keep: Mapping[str, Tensor]) -> None:
+    """Channel 0 kept where no channel is: never a zero-width layer (an extra channel is exact).
+    A layer reduced to nothing thus keeps one channel on both sides of a flatten or a
+    concatenation (the concatenation a branch of which died entirely keeps its channel)."""
+    for value in keep.values():
+        if not bool(value.any()):
+            value[0] = True
 
 
-def _slice_layer(module: nn.Module, rows: Tensor | None, cols: Tensor | None) -> None:
-    transposed = type(module).__name__ == "Conv1D" or isinstance(module, nn.ConvTranspose2d)  # weight (in, out, ...)
-    weight = module.weight.detach()
-    rows_idx, cols_idx = _index(rows, weight.device), _index(cols, weight.device)
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)
-    if rows_idx is not None:
-        weight = weight.index_select(out_dim, rows_idx)
-    depthwise = _is_depthwise(module)
-    if cols_idx is not None and not depthwise and getattr(module, "groups", 1) == 1:
-        weight = weight.index_select(in_dim, cols_idx)
-    module.weight = nn.Parameter(weight.clone(), requires_grad=module.weight.requires_grad)
-    if module.bias is not None and rows_idx is not None:
-        module.bias = nn.Parameter(module.bias.detach()[rows_idx].clone(), requires_grad=module.bias.requires_grad)
-    out_size, in_size = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = out_size, in_size
-    elif isinstance(module, nn.ConvTranspose2d):
-        module.in_channels, module.out_channels = in_size, out_size * module.groups
-    elif transposed:
-        module.nf = out_size
-        if hasattr(module, "nx"):
-            module.nx = in_size
-    else:
-        module.out_channels = out_size
-        module.in_channels = out_size if depthwise else in_size * module.groups
-        if depthwise:
-            module.groups = out_size
+def _index(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.nonzero().flatten()
 
 
 def _slice_batchnorm(module: nn.Module, keep: Tensor) -> None:

@@ -17,19 +17,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..kinds import kind_of
 from ..pruning.masks import current_mask, set_mask
 from ..pruning.report import PruneReport, build_report
 
-METHODS = ("magnitude", "global-magnitude", "random")
-
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d (groups == 1) layers by qualified name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-    }
+    """The layers of every kind the NNrelief pass prunes (:mod:`nnrelief.kinds`) by qualified name."""
+    return {name: module for name, module in model.named_modules() if kind_of(module) is not None}
 
 
 def _entries(module: nn.Module) -> tuple[Tensor, Tensor]:

@@ -3,17 +3,11 @@
 :func:`run_comparison` takes an :class:`~nnrelief.experiments.experiment.Experiment` and runs, from the
 same dense trained weights (``trained.pt``) and with the same retraining (rewind or
 fine-tune, same epochs, batches and seeds per iteration), the methods of the registry
-:data:`~nnrelief.experiments.methods.METHODS`:
+:data:`~nnrelief.experiments.methods.METHODS` (``nnrelief`` is the experiment itself,
+:meth:`Experiment.run`; an existing run in the same folder is reused and continued; every
+other method prunes at every iteration to what NNrelief reached there):
 
-* ``nnrelief`` - the experiment itself (:meth:`Experiment.run`; an existing run in the same
-  folder is reused and continued);
-* ``magnitude`` - iterative layer-wise magnitude pruning (Han et al., 2015) down to
-  NNrelief's remaining count of every layer at every iteration;
-* ``global-magnitude`` - magnitude pruning over all layers together down to NNrelief's
-  total remaining count at every iteration;
-* ``random`` - random pruning down to NNrelief's per-layer counts;
-* ``l1-filter`` - L1-norm filter pruning (Li et al., 2017) down to NNrelief's MACs at
-  every iteration (conv nets; only when asked for).
+{methods}
 
 NNrelief always runs, since its counts are the targets of the others. The baselines need
 no pruning set. Files (under ``<run folder>/compare``, all written atomically)::
@@ -45,10 +39,12 @@ from .config import ConfigError, ExperimentConfig
 from .experiment import Experiment
 from .history import History, IterationRecord
 from .iterative import relieve
-from .methods import METHODS, Targets, get_method, layer_targets
+from .methods import METHODS, Targets, get_method, layer_targets, with_method_list
 from .runfolder import RunFolder
 
 __all__ = ["BASELINES", "DEFAULT_METHODS", "Comparison", "markdown_heading", "run_baseline", "run_comparison"]
+
+__doc__ = with_method_list(__doc__)
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 from .. import data as nndata
 from ..models import MODELS
 from ..models import input_shape as model_input_shape
-from ..pruning.prune import SCORE_MODES
+from ..pruning.pass_settings import DEFAULTS, SCORE_MODES, PassSettings
 from ..settings import check_keys, check_value, document, flag_of, like, setting, spec_of, specs, suggestion
 from ..training import TrainConfig
 
@@ -130,9 +130,9 @@ class ExperimentConfig:
     lr_schedule: str = like(TrainConfig, "lr_schedule", "step",
                             help="learning-rate schedule of every phase: 'step' (decay at the milestones) or "
                             "'cosine' (annealing to 0 over the phase's epochs)")
-    alpha_fc: float = setting(0.95, help="fraction of each neuron's signal kept in fully connected layers", range="(0, 1]")
-    alpha_conv: float = setting(0.9, help="fraction of each filter's signal kept in conv layers", range="(0, 1]")
-    score: str = setting("paper", choices=SCORE_MODES,
+    alpha_fc: float = setting(DEFAULTS.alpha_fc, help="fraction of each neuron's signal kept in fully connected layers", range="(0, 1]")
+    alpha_conv: float = setting(DEFAULTS.alpha_conv, help="fraction of each filter's signal kept in conv layers", range="(0, 1]")
+    score: str = setting(DEFAULTS.score, choices=SCORE_MODES,
                          help="conv score: 'paper' (the paper's formula) or 'authors' (the authors' code)")
     ignore: list[str] = setting(factory=list, metavar="PATTERN", convert=_patterns,
                                 help="layers every pass leaves whole: name glob patterns, e.g. 'fc3' 'features.*'")
@@ -249,6 +249,12 @@ class ExperimentConfig:
     def alpha_map(self) -> dict[str, float]:
         """:attr:`alphas` as :func:`nnrelief.prune` takes them: pattern -> alpha, in order."""
         return {pattern: float(alpha) for pattern, _, alpha in (entry.rpartition("=") for entry in self.alphas)}
+
+    def pass_settings(self) -> PassSettings:
+        """The settings of every NNrelief pass of the run (``target_remaining`` is the
+        per-pass fraction, :meth:`PassSettings.at_iteration`)."""
+        return PassSettings(alpha_fc=self.alpha_fc, alpha_conv=self.alpha_conv, score=self.score, ignore=tuple(self.ignore),
+                            only=tuple(self.only), alphas=self.alpha_map, target=self.target_remaining)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of all fields."""

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shlex
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from .. import data as nndata
 from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
+from ..kinds import kind_of
 from ..models import get_model, input_shape
 from ..pruning.choices import spared_layers, unmatched_patterns
 from ..pruning.masks import StateDictMismatchError, restore_masks
@@ -43,10 +43,10 @@ from .config import (
     input_mismatch,
     reproduce_command,
 )
-from .dense import dense_folder, dense_settings
+from .dense import dense_folder, shared_dense_state
 from .history import History, IterationRecord
-from .iterative import PassChoices, relieve
-from .runfolder import DamagedFileError, RunFolder, RunFolderError, RunLockedError
+from .iterative import relieve
+from .runfolder import DamagedFileError, RunFolder, RunFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -138,58 +138,6 @@ def _rebuild_config(cfg: ExperimentConfig, folder: RunFolder, damage: DamagedFil
     folder.require_writable(f"{folder / files.CONFIG} is damaged")
     logger.warning("%s; rewritten with the settings the run records", damage.problem)
     folder.write_text(files.CONFIG, text)
-
-
-_WAIT_SECONDS = 2.0
-
-
-def _lock_shared_folder(shared: RunFolder, wait_for_weights: bool = True) -> bool:
-    """Take the shared dense folder's lock (rank 0), waiting while another run holds it;
-    True, without the lock, if its trained weights are there meanwhile (``wait_for_weights``)."""
-    told = False
-    while True:
-        try:
-            shared.open_for_writing()  # also removes what a killed write there left
-            return False
-        except RunLockedError as error:
-            if wait_for_weights and (shared.path / files.TRAINED).exists():
-                return True  # another run reading it, or trained meanwhile: reading it too is safe (writes are atomic)
-            if not told:
-                logger.warning("waiting for another run training the shared dense model %s (%s)", shared.path, error)
-                told = True
-            time.sleep(_WAIT_SECONDS)
-
-
-def _shared_weights(shared: RunFolder) -> dict[str, torch.Tensor] | None:
-    """The trained weights of a shared dense folder; None if not there or damaged (said)."""
-    if not shared.exists(files.TRAINED):
-        return None
-    try:
-        state = shared.load(files.TRAINED)
-    except DamagedFileError as damage:
-        logger.warning("%s; the dense model is trained again", damage.problem)
-        return None
-    logger.info("dense model shared with the runs trained the same way: %s", shared / files.TRAINED)
-    return state
-
-
-def _claim_dense_folder(cfg: ExperimentConfig, shared: RunFolder) -> None:
-    """Record the dense settings in a new shared dense folder; refuse one that holds others."""
-    settings = dense_settings(cfg)
-    if not shared.exists(files.DENSE_SETTINGS):
-        shared.require_writable("its dense model is not trained yet")
-        shared.write_json(files.DENSE_SETTINGS, settings)
-        return
-    try:
-        stored = shared.read_json(files.DENSE_SETTINGS)
-    except DamagedFileError as damage:  # the folder's name is the hash of these settings: they are its own
-        shared.require_writable(f"{damage.path} is damaged")
-        logger.warning("%s; rewritten from this run's settings (the folder's name is their hash)", damage.problem)
-        shared.write_json(files.DENSE_SETTINGS, settings)
-        return
-    if stored != settings:
-        raise RunConflictError(f"shared dense folder {shared.path} holds a dense model trained with other settings "
-                               f"({files.DENSE_SETTINGS}: {stored}); move or delete it")  # fmt: skip
 
 
 def run_command(folder: RunFolder) -> str | None:
@@ -317,19 +265,14 @@ def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
     return net
 
 
-def pass_choices(cfg: ExperimentConfig) -> PassChoices:
-    """The choices of every NNrelief pass of ``cfg``'s run (``--ignore``, ``--only``, ``--alphas``, ``--target-remaining``)."""
-    return PassChoices(tuple(cfg.ignore), tuple(cfg.only), cfg.alpha_map, cfg.target_remaining)
-
-
 def check_layer_patterns(cfg: ExperimentConfig) -> None:
-    """Refuse layer name patterns of ``cfg`` that match no Linear or conv layer of its model,
+    """Refuse layer name patterns of ``cfg`` that match no layer of its model the pass prunes (:mod:`nnrelief.kinds`),
     and ``ignore``/``only`` that leave nothing to prune (the model is built on the meta device)."""
     if not (cfg.ignore or cfg.only or cfg.alphas):
         return
     with torch.device("meta"):
         model = _fresh_model(cfg.model, cfg.dataset)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {name: m for name, m in model.named_modules() if kind_of(m) is not None}
     shown = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
     for name, patterns in (("ignore", cfg.ignore), ("only", cfg.only), ("alphas", list(cfg.alpha_map))):
         for pattern in unmatched_patterns(patterns, layers):
@@ -510,13 +453,14 @@ class Experiment:
             self.folder.require_writable("the dense model is not trained yet")
         model = self.initial_model()
         if trained:
-            model.load_state_dict(self._trained_weights())
+            fix = "delete it to train the dense model again, or restore it from a copy"
+            model.load_state_dict(self.folder.load_or_rebuild(files.TRAINED, files.model_file(0), fix))
             logger.info("dense model loaded from %s", self.folder / files.TRAINED)
         elif self.folder.exists(files.DENSE_CHECKPOINT):
             self._fit_dense(model, self.folder)
             self.folder.save(files.TRAINED, cpu_state(model))
         else:
-            model.load_state_dict(self._shared_dense(model))
+            model.load_state_dict(shared_dense_state(self.cfg, self.run_dir, model, self._fit_dense))
             self.folder.save(files.TRAINED, cpu_state(model))
         self.folder.remove(files.DENSE_CHECKPOINT)
         return model
@@ -526,47 +470,6 @@ class Experiment:
         folder.drop_if_damaged(files.DENSE_CHECKPOINT)
         fit(model, self.train_loader("dense"), self.val_batches, self.cfg.train_config(),
             checkpoint_path=folder / files.DENSE_CHECKPOINT, progress=self.progress, desc="dense training")  # fmt: skip
-
-    def _shared_dense(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The trained weights in the shared dense folder (read under its lock, held briefly),
-        trained there from ``model``'s initial weights if they are not there yet. While
-        another run trains it, this one waits for it."""
-        shared = RunFolder(self.dense_dir)
-        if from_main(_lock_shared_folder, shared):
-            state = _shared_weights(shared)  # trained by the run that held the lock
-            if state is not None:
-                return state
-            from_main(_lock_shared_folder, shared, wait_for_weights=False)
-        try:
-            from_main(_claim_dense_folder, self.cfg, shared)
-            state = _shared_weights(shared)
-            if state is not None:
-                shared.remove(files.DENSE_CHECKPOINT)  # a kill after trained.pt can leave it
-                return state
-            shared.require_writable("its dense model is not trained yet")
-            shared.drop_if_damaged(files.TRAINED)
-            if not shared.exists(files.INIT):
-                shared.save(files.INIT, cpu_state(model))
-            self._fit_dense(model, shared)
-            state = cpu_state(model)
-            shared.save(files.TRAINED, state)
-            shared.remove(files.DENSE_CHECKPOINT)
-            return state
-        finally:
-            shared.close()
-
-    def _trained_weights(self) -> dict[str, torch.Tensor]:
-        try:
-            return self.folder.load(files.TRAINED)
-        except DamagedFileError as damage:
-            dense_copy = files.model_file(0)
-            try:
-                state = self.folder.load(dense_copy)
-            except (DamagedFileError, FileNotFoundError):
-                raise DamagedFileError(damage.path, f"{damage.problem}, and {dense_copy} cannot rebuild it",
-                                       "delete it to train the dense model again, or restore it from a copy") from None
-            self.folder.rebuild(files.TRAINED, state, damage, source=dense_copy)
-            return state
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
         """The initial weights the surviving weights are rewound to (``None`` without rewinding)."""
@@ -583,13 +486,6 @@ class Experiment:
         fit(model, self.train_loader("retrain", iteration), self.val_batches,
             self.cfg.train_config(retrain_iteration=iteration),
             checkpoint_path=folder / files.retrain_checkpoint(iteration), progress=self.progress, desc=phase)  # fmt: skip
-
-    def _iterations_done(self) -> int:
-        """The retrained iterations the run folder's history holds (0 if none or unreadable)."""
-        try:
-            return self.folder.read_history().records[-1].iteration if self.folder.exists(files.HISTORY_JSON) else 0
-        except DamagedFileError:
-            return 0
 
     def _history_extra(self, done: int) -> dict[str, object]:
         """What ``history.json`` records beside the iterations: these settings, with the
@@ -609,31 +505,7 @@ class Experiment:
     def finished(self) -> History | None:
         """The run's history if it is already finished (``num_iters`` iterations retrained, or
         stopped early), without changing anything; else None."""
-        if not self.folder.exists(files.STATE) or not self.folder.exists(files.HISTORY_JSON):
-            return None
-        try:  # the loop state, not history.json (written before it), says what is done
-            state = self.folder.load(files.STATE)
-            history = History.from_dict(state["history"])
-            done = history.records[-1].iteration
-            self.folder.read_history()
-        except (DamagedFileError, KeyError, TypeError, ValueError, IndexError):
-            return None  # the run rebuilds or names what is damaged
-        stopped = state.get("phase") == "stopped"
-        if not (stopped or done >= self.cfg.num_iters):
-            return None
-        kept = history.selected_iteration if stopped else done
-        needed = (files.CONFIG, files.INIT, files.TRAINED, files.HISTORY_CSV, files.model_file(0), files.model_file(kept))
-        return history if all(self._intact(name) for name in needed) else None
-
-    def _intact(self, name: str) -> bool:
-        """Whether ``name`` is there and matches its checksum (a run rebuilds it otherwise)."""
-        if not self.folder.exists(name):
-            return False
-        try:
-            self.folder.read_bytes(name)
-        except DamagedFileError:
-            return False
-        return True
+        return self.folder.finished_history(self.cfg.num_iters)
 
     def run(self) -> History:
         """Dense training (if not done yet) and the iterative procedure; the history."""
@@ -652,16 +524,13 @@ class Experiment:
             train_fn=self.retrain,
             eval_fns=self.eval_fns(),
             num_iters=self.cfg.num_iters,
-            alpha_fc=self.cfg.alpha_fc,
-            alpha_conv=self.cfg.alpha_conv,
-            score=self.cfg.score,
-            choices=pass_choices(self.cfg),
+            settings=self.cfg.pass_settings(),
             rewind_state=self.initial_state(),
             run_dir=self.run_dir,
             early_stop_margin=self.cfg.early_stop_margin,
             progress=self.progress,
             on_iteration_end=finished,
-            history_extra=self._history_extra(self._iterations_done()),
+            history_extra=self._history_extra(self.folder.iterations_done()),
         )
         self.folder.remove(files.RETRAIN_CHECKPOINTS)
         return history

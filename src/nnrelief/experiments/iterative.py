@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..fileio import cpu_state
-from ..pruning.choices import Selector, UnreachableTargetError, iteration_target
+from ..pruning.choices import UnreachableTargetError
 from ..pruning.masks import GATE, hold_masks, is_masked, make_permanent, restore_masks, split_masks
-from ..pruning.prune import SCORE_MODES, prune
+from ..pruning.pass_settings import DEFAULTS, PassSettings
+from ..pruning.prune import prune
 from ..pruning.report import PruneReport
 from . import runfolder as files
 from .history import History, IterationRecord, measure
@@ -91,35 +91,6 @@ PruneStep = Callable[[nn.Module, int], PruneReport]
 """Prunes a model in place for an iteration (1, 2, ...) and returns the pass's report."""
 
 
-@dataclass(frozen=True)
-class PassChoices:
-    """Choices of every NNrelief pass of a run (see :func:`nnrelief.prune`).
-
-    Attributes:
-        ignore: layer name patterns (or module types) every pass leaves whole.
-        only: prune only the layers matching these.
-        alphas: pattern -> alpha of the matching layers, first match wins.
-        target_remaining: each pass keeps this fraction of what the previous one left
-            (:func:`~nnrelief.pruning.choices.iteration_target`), with one alpha for every layer.
-    """
-
-    ignore: tuple[Selector, ...] = ()
-    only: tuple[Selector, ...] = ()
-    alphas: Mapping[str, float] = field(default_factory=dict)
-    target_remaining: float | None = None
-
-    def arguments(self, iteration: int) -> dict[str, Any]:
-        """The keyword arguments of :func:`nnrelief.prune` in iteration ``iteration``."""
-        target = None if self.target_remaining is None else iteration_target(self.target_remaining, iteration)
-        return {"ignore": list(self.ignore), "only": list(self.only), "alphas": dict(self.alphas), "target": target}
-
-    def settings(self) -> dict[str, Any]:
-        """The choices made (none: ``{}``, as in loop states written before they existed)."""
-        chosen = {"ignore": [str(s) for s in self.ignore], "only": [str(s) for s in self.only], "alphas": dict(self.alphas),
-                  "target_remaining": self.target_remaining}  # fmt: skip
-        return {name: value for name, value in chosen.items() if value not in ([], {}, None)}
-
-
 def relieve(
     model: nn.Module,
     *,
@@ -127,10 +98,7 @@ def relieve(
     train_fn: Callable[[nn.Module, int], object],
     eval_fns: Mapping[str, Callable[[nn.Module], float]],
     num_iters: int,
-    alpha_fc: float = 0.95,
-    alpha_conv: float = 0.9,
-    score: str = "paper",
-    choices: PassChoices | None = None,
+    settings: PassSettings = DEFAULTS,
     prune_step: PruneStep | None = None,
     step_settings: Mapping[str, Any] | None = None,
     rewind_state: Mapping[str, Tensor] | None = None,
@@ -160,11 +128,9 @@ def relieve(
         eval_fns: named accuracy functions (fraction in [0, 1]), e.g. ``{"val": ...,
             "test": ...}``.
         num_iters: number of pruning iterations.
-        alpha_fc: kept signal fraction of Linear layers.
-        alpha_conv: kept signal fraction of Conv2d layers.
-        score: ``"paper"`` or ``"authors"`` (see :func:`nnrelief.prune`).
-        choices: layers spared or pruned alone, per-layer alphas, a remaining fraction
-            per pass (:class:`PassChoices`).
+        settings: the settings of every pass (:class:`~nnrelief.pruning.pass_settings.PassSettings`:
+            alphas, score, layers spared or pruned alone, per-layer alphas, a remaining
+            fraction per pass).
         prune_step: another pruning rule instead of NNrelief's pass, e.g. a baseline
             (:mod:`nnrelief.experiments.baselines`); ``prune_batches`` and the alphas are
             then unused and ``input_shape`` is required.
@@ -191,23 +157,22 @@ def relieve(
     Returns:
         The :class:`History`; ``model`` holds the weights of ``history.selected_iteration``.
     """
-    _check_arguments(num_iters, eval_fns, score, early_stop_margin, early_stop_metric)
+    _check_arguments(num_iters, eval_fns, early_stop_margin, early_stop_metric)
     if prune_step is None:
         if prune_batches is None:
             raise ValueError("give prune_batches (the pruning set) or a prune_step")
-        choices = choices or PassChoices()
-        prune_step = _nnrelief_step(prune_batches, alpha_fc, alpha_conv, score, choices, progress)
+        prune_step = _nnrelief_step(prune_batches, settings, progress)
         shape = tuple(input_shape) if input_shape is not None else _input_shape(_batches_for(prune_batches, 1))
-        settings: dict[str, Any] = {"alpha_fc": alpha_fc, "alpha_conv": alpha_conv, "score": score, **choices.settings()}
+        stored = settings.loop_settings()
     else:
         if input_shape is None:
             raise ValueError("give input_shape with a prune_step (the shape of one input, for counting MACs)")
-        shape, settings = tuple(input_shape), {"prune_step": dict(step_settings or {})}
-    settings.update(rewind=rewind_state is not None, early_stop_margin=early_stop_margin,
-                    early_stop_metric=early_stop_metric, eval=sorted(eval_fns))  # fmt: skip
+        shape, stored = tuple(input_shape), {"prune_step": dict(step_settings or {})}
+    stored.update(rewind=rewind_state is not None, early_stop_margin=early_stop_margin,
+                  early_stop_metric=early_stop_metric, eval=sorted(eval_fns))  # fmt: skip
     folder = RunFolder(run_dir).open_for_writing() if run_dir is not None else None
     try:
-        loop = _Loop(model, prune_step, train_fn, eval_fns, shape, settings, rewind_state, folder, history_extra)
+        loop = _Loop(model, prune_step, train_fn, eval_fns, shape, stored, rewind_state, folder, history_extra)
         loop.start(num_iters)
         bar = {"desc": f"{progress_label} iterations", "disable": None if progress else True}
         return loop.run(num_iters, early_stop_margin, early_stop_metric, bar, on_iteration_end)
@@ -216,13 +181,11 @@ def relieve(
             folder.close()
 
 
-def _check_arguments(num_iters: int, eval_fns: Mapping[str, Any], score: str, margin: float | None, metric: str) -> None:
+def _check_arguments(num_iters: int, eval_fns: Mapping[str, Any], margin: float | None, metric: str) -> None:
     if num_iters < 0:
         raise ValueError(f"num_iters must be >= 0, got {num_iters}")
     if not eval_fns:
         raise ValueError("eval_fns must name at least one evaluation, e.g. {'val': ...}")
-    if score not in SCORE_MODES:
-        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
     if margin is not None:
         if margin < 0:
             raise ValueError(f"early_stop_margin must be >= 0, got {margin}")
@@ -234,17 +197,14 @@ def _batches_for(prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], 
     return prune_batches(iteration) if callable(prune_batches) else prune_batches
 
 
-def _nnrelief_step(
-    prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], alpha_fc: float, alpha_conv: float, score: str,
-    choices: PassChoices, progress: bool,
-) -> PruneStep:  # fmt: skip
+def _nnrelief_step(prune_batches: Iterable[Any] | Callable[[int], Iterable[Any]], settings: PassSettings, progress: bool) -> PruneStep:
     def step(model: nn.Module, iteration: int) -> PruneReport:
         # prune() shows its bar whenever asked, even when stderr is not a terminal
-        arguments = choices.arguments(iteration)
+        keywords = settings.at_iteration(iteration).keywords()
 
         def run(**changed: Any) -> PruneReport:
-            return prune(model, _batches_for(prune_batches, iteration), alpha_fc=alpha_fc, alpha_conv=alpha_conv,
-                         score=score, progress=progress and sys.stderr.isatty(), **{**arguments, **changed})  # fmt: skip
+            return prune(model, _batches_for(prune_batches, iteration), progress=progress and sys.stderr.isatty(),
+                         **{**keywords, **changed})  # fmt: skip
 
         try:
             return run()

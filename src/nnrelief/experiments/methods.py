@@ -2,16 +2,13 @@
 
 Each :class:`Method` turns what NNrelief reached after each of its pruning passes
 (:class:`Targets`) into the :data:`~nnrelief.experiments.iterative.PruneStep` of a baseline
-run, whose iteration k prunes to NNrelief's iteration k:
+run, whose iteration k prunes to NNrelief's iteration k (``nnrelief``, the reference, is
+run by :meth:`~nnrelief.experiments.experiment.Experiment.run` in the run folder itself).
+The methods of :data:`METHODS` and what each prunes to:
 
-* ``nnrelief`` - the reference, NNrelief's own pass (run by
-  :meth:`~nnrelief.experiments.experiment.Experiment.run` in the run folder itself);
-* ``magnitude`` - layer-wise magnitude pruning to NNrelief's count of every layer;
-* ``global-magnitude`` - magnitude pruning over all layers to NNrelief's total count;
-* ``random`` - random pruning to NNrelief's per-layer counts;
-* ``l1-filter`` - L1-norm filter pruning to NNrelief's MACs (:mod:`.l1_filter`; conv nets).
+{methods}
 
-A new method is one more entry of :data:`METHODS`.
+A new method is one more entry of :data:`METHODS` (this list is made from it).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from .history import History, IterationRecord
 from .iterative import PruneStep
 from .l1_filter import filter_layers, l1_filter_prune
 
-__all__ = ["METHODS", "Method", "Targets", "get_method", "layer_targets"]
+__all__ = ["METHODS", "Method", "Targets", "get_method", "layer_targets", "with_method_list"]
 
 
 def layer_targets(record: IterationRecord) -> dict[str, int]:
@@ -132,6 +129,16 @@ METHODS: dict[str, Method] = {
     )
 }
 """Every method by name; ``nnrelief`` first."""
+
+
+def with_method_list(doc: str | None) -> str | None:
+    """``doc`` (a docstring; None under ``python -OO``) with ``{methods}`` replaced by the
+    methods of :data:`METHODS` as a reST list: name, what it prunes to, whether it runs only when named."""
+    listed = "\n".join(f"* ``{m.name}`` - {m.matches}" + ("" if m.default else " (only when named)") for m in METHODS.values())
+    return None if doc is None else doc.format(methods=listed)
+
+
+__doc__ = with_method_list(__doc__)
 
 
 def get_method(name: str) -> Method:

@@ -302,7 +302,57 @@ class RunFolder:
             return error
         return None
 
+    def intact(self, name: str) -> bool:
+        """Whether ``name`` is there and matches its checksum (a run rebuilds it otherwise)."""
+        if not self.exists(name):
+            return False
+        try:
+            self.read_bytes(name)
+        except DamagedFileError:
+            return False
+        return True
+
+    def iterations_done(self) -> int:
+        """The retrained iterations ``history.json`` holds (0 if none or unreadable)."""
+        try:
+            return self.read_history().records[-1].iteration if self.exists(HISTORY_JSON) else 0
+        except DamagedFileError:
+            return 0
+
+    def finished_history(self, num_iters: int) -> History | None:
+        """The run's history if it is finished (``num_iters`` iterations retrained, or stopped
+        early) and every file it needs is intact, read without changing anything; else None."""
+        if not self.exists(STATE) or not self.exists(HISTORY_JSON):
+            return None
+        try:  # the loop state, not history.json (written before it), says what is done
+            state = self.load(STATE)
+            history = History.from_dict(state["history"])
+            done = history.records[-1].iteration
+            self.read_history()
+        except (DamagedFileError, KeyError, TypeError, ValueError, IndexError):
+            return None  # the run rebuilds or names what is damaged
+        stopped = state.get("phase") == "stopped"
+        if not (stopped or done >= num_iters):
+            return None
+        kept = history.selected_iteration if stopped else done
+        needed = (CONFIG, INIT, TRAINED, HISTORY_CSV, model_file(0), model_file(kept))
+        return history if all(self.intact(name) for name in needed) else None
+
     # ------------------------------------------------------------------ writing
+
+    def load_or_rebuild(self, name: str, source: str, fix: str = "restore it from a copy") -> Any:
+        """:meth:`load` ``name``; if it is damaged, rebuilt from the file ``source`` holding
+        the same tensors (``trained.pt`` from ``model-iter0.pt``); ``fix`` says what to do
+        when ``source`` cannot rebuild it either."""
+        try:
+            return self.load(name)
+        except DamagedFileError as damage:
+            try:
+                state = self.load(source)
+            except (DamagedFileError, FileNotFoundError):
+                raise DamagedFileError(damage.path, f"{damage.problem}, and {source} cannot rebuild it", fix) from None
+            self.rebuild(name, state, damage, source=source)
+            return state
 
     def rebuild(self, name: str, obj: Any, damage: DamagedFileError, *, source: str, exact: bool = True) -> None:
         """Replace the damaged file ``name`` by ``obj`` (made from ``source``). ``exact``:

@@ -73,8 +73,7 @@ class Planner:
 
     def current(self) -> float:
         """kept / total weights and biases of the layers before the pass (under their old masks)."""
-        kept = sum(int((self.taps[name] * old.weight.to(self.taps[name].device)).sum()) for name, old in self.old.items())
-        kept += sum(int(old.bias.sum()) for old in self.old.values() if old.bias is not None)
+        kept = sum(_kept(layer.module, "weight") + _kept(layer.module, "bias") for layer in self.layers.values())
         return kept / self.total if self.total else 1.0
 
     def remaining(self, alpha_of: AlphaOf) -> float:
@@ -113,6 +112,13 @@ class Planner:
 
 def _numel(tensor: Tensor | None) -> int:
     return 0 if tensor is None else tensor.numel()
+
+
+def _kept(module: nn.Module, name: str) -> int:
+    """Entries of ``module.<name>`` its current mask keeps (all when unmasked, 0 when absent)."""
+    if is_masked(module, name):
+        return int(current_mask(module, name).sum())
+    return _numel(getattr(module, name, None))
 
 
 def _remove_dead(graph: ChannelGraph, stats: Statistics, masks: dict[str, LayerMask]) -> None:

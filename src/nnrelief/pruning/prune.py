@@ -24,30 +24,20 @@ from ..compaction.compactor import compacted_widths
 from ..distributed import check_same_on_all_ranks
 from ..heap import release_freed_memory
 from ..inputs import ModelInput
+from ..kinds import scored_kinds
 from .apply import apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
-from .choices import (
-    Selector,
-    UnreachableTargetError,
-    alpha_for,
-    check_alphas,
-    check_choices_match,
-    check_selectors,
-    check_target,
-    find_alpha,
-    spared_layers,
-)
+from .choices import Selector, UnreachableTargetError, check_choices_match, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
+from .pass_settings import DEFAULTS, SCORE_MODES, PassSettings
 from .plan import Planner
 from .report import PruneReport, build_report
-from .selection import check_alpha
 from .stats import Statistics, all_reduce_statistics, collect
 
 __all__ = ["SCORE_MODES", "SPARED", "prune"]
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES = ("paper", "authors")
 SPARED = "spared by ignore=/only=: every weight kept"  # report.skipped's reason for a spared layer
 
 
@@ -55,9 +45,9 @@ def prune(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    alpha_fc: float = 0.95,
-    alpha_conv: float = 0.9,
-    score: str = "paper",
+    alpha_fc: float = DEFAULTS.alpha_fc,
+    alpha_conv: float = DEFAULTS.alpha_conv,
+    score: str = DEFAULTS.score,
     progress: bool = True,
     ignore: Iterable[Selector] | Selector | None = None,
     only: Iterable[Selector] | Selector | None = None,
@@ -69,7 +59,8 @@ def prune(
     ``batches`` is any iterable of input tensors, dicts of keyword inputs (called as
     ``model(**batch)``, e.g. Hugging Face batches) or (inputs, target) pairs whose inputs are a
     tensor, a tuple of positional inputs or a dict (a DataLoader works): the pruning set,
-    streamed once. Every Linear (and GPT-2 ``Conv1D``) and Conv2d layer is scored on its own
+    streamed once. Every layer of a kind of :mod:`nnrelief.kinds` (Linear, GPT-2 ``Conv1D``,
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d) is scored on its own
     input (for token sequences, mean |x| over samples and token positions); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
@@ -100,13 +91,12 @@ def prune(
     passes its own part of the pruning set: the statistics are summed over processes,
     and the masks are compared (by hash) before they are applied; ranks that disagree
     raise :class:`nnrelief.distributed.DistributedError`.
+
+    The keywords but ``progress`` are the fields of :class:`~nnrelief.pruning.pass_settings.PassSettings`
+    (checked and defaulted there).
     """
-    alpha_fc = check_alpha(alpha_fc, "alpha_fc")
-    alpha_conv = check_alpha(alpha_conv, "alpha_conv")
-    ignore, only = check_selectors(ignore, "ignore"), check_selectors(only, "only")
-    alphas, target = check_alphas(alphas), check_target(target)
-    if score not in SCORE_MODES:
-        raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
+    settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas, target=target)
+    target = settings.target
     if isinstance(batches, torch.Tensor):
         raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
                         "pass a list of batches, [x] (one batch) or x.split(n) (batches of n samples)")  # fmt: skip
@@ -122,20 +112,20 @@ def prune(
         if first is None:
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
         graph = _analyse(model, first, dynamic=not inputs.one_signature())
-        check_choices_match(model, [*graph.layers, *graph.skipped], ignore, only, alphas)
+        check_choices_match(model, [*graph.layers, *graph.skipped], list(settings.ignore), list(settings.only), settings.alphas)
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
-        stats = _run(model, graph, feed, score)
+        stats = _run(model, graph, feed, settings.score)
         inputs.check_finite()
         all_reduce_statistics(stats)
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
-        layers = _unspared(model, layers, skipped, ignore, only)
-        planner = Planner(model, graph, layers, stats, score)
+        layers = _unspared(model, layers, skipped, list(settings.ignore), list(settings.only))
+        planner = Planner(model, graph, layers, stats, settings.score)
         found = None if target is None else _alpha_for_target(planner, target)
         if found is None:
-            masks, gates, bn_masks = planner.masks(lambda name, kind: alpha_for(name, kind, alphas, alpha_fc, alpha_conv))
+            masks, gates, bn_masks = planner.masks(settings.alpha_of)
         else:
             masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
         check_same_on_all_ranks(flat_masks(masks, gates, bn_masks), "pruning masks")  # torchrun
@@ -148,14 +138,14 @@ def prune(
         for module, training in modes.items():
             module.train(training)
         release_freed_memory()
-    choices = {"alphas": dict(alphas)} if alphas else {}
+    choices = {"alphas": dict(settings.alphas)} if settings.alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
     report = build_report(
         ((name, layer.module) for name, layer in layers.items()), widths,
-        alpha_fc=alpha_fc,
-        alpha_conv=alpha_conv,
-        score=score,
+        alpha_fc=settings.alpha_fc,
+        alpha_conv=settings.alpha_conv,
+        score=settings.score,
         samples=samples,
         **choices,
     )
@@ -191,7 +181,7 @@ def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph
     if rejected is not None:
         raise rejected
     if not graph.layers:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer that NNrelief can prune")
+        raise ValueError(f"{type(model).__name__} has no layer that NNrelief can prune ({scored_kinds()})")
     return graph
 
 
@@ -221,7 +211,7 @@ def _unspared(
 def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Statistics) -> int:
     """Samples the first layer saw; refuses a pass over no samples (the model is untouched)."""
     if not layers:
-        raise ValueError(f"no Linear or Conv2d layer of {type(model).__name__} ran on the pruning batches")
+        raise ValueError(f"no layer of {type(model).__name__} that NNrelief prunes ({scored_kinds()}) ran on the pruning batches")
     samples = int(stats[input_key(next(iter(layers)))]["count"])
     if samples == 0:
         raise ValueError("the pruning batches hold no samples (every batch is empty); the model was left unchanged")

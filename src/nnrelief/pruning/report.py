@@ -7,7 +7,8 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
-from ..analysis.layers import is_transposed_linear, kernel_layout
+from ..analysis.layers import kernel_layout
+from ..kinds import kind_of
 from .masks import current_mask
 
 
@@ -109,18 +110,16 @@ class PruneReport:
 
 
 def layer_report(name: str, module: nn.Module) -> LayerReport:
-    """Counts read off the masks of one Linear/Conv2d module."""
+    """Counts read off the masks of one layer (of a kind of :mod:`nnrelief.kinds`)."""
     weight = current_mask(module, "weight")
-    transposed = is_transposed_linear(module)
     weight = kernel_layout(module, weight)
     bias = current_mask(module, "bias")
     rows = weight.flatten(1).any(dim=1)
     if bias is not None:
         rows = rows | bias
-    kind = "linear" if isinstance(module, nn.Linear) or transposed else "conv"
     return LayerReport(
         name=name,
-        kind=kind,
+        kind=kind_of(module).family,
         weights_kept=int(weight.sum()),
         weights_total=weight.numel(),
         bias_kept=int(bias.sum()) if bias is not None else 0,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kinds import ConvGeometry, kind_of
+
 # On the CPU, batches are processed in chunks whose unfolded patches stay around this many
 # floats (a couple of MB: cache-friendly, and memory does not grow with the batch size).
 _PATCH_ELEMENTS = 1 << 19
@@ -61,63 +63,9 @@ def linear_contributions(weight: Tensor, mean_abs_input: Tensor) -> Tensor:
     return weight.detach().abs() * mean_abs_input.to(weight.dtype).unsqueeze(0)
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A 2-d convolution's geometry: what the conv scores need of a conv layer.
-
-    A Conv1d is the 2-d conv of (C, 1, L) maps with (1, k) kernels. A ConvTranspose2d is, on
-    its input with ``stride - 1`` zeros inserted between neighbours and padded by
-    ``dilation * (k - 1) - padding`` (``output_padding`` more at the end), the stride-1
-    2-d conv with its kernels flipped and laid out (out, in / groups): :func:`conv_input`
-    and :func:`conv_kernel` make those, this class holds the direct conv they feed.
-    """
-
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # F.pad order: left, right, top, bottom
-    padding_mode: str = "zeros"
-    groups: int = 1
-
-
 def as_geometry(conv: torch.nn.Module | ConvGeometry) -> ConvGeometry:
-    """The :class:`ConvGeometry` of a Conv1d, Conv2d or ConvTranspose2d (or one given)."""
-    if isinstance(conv, ConvGeometry):
-        return conv
-    if isinstance(conv, torch.nn.ConvTranspose2d):
-        return ConvGeometry(tuple(conv.kernel_size), dilation=tuple(conv.dilation), groups=conv.groups)
-    pad = tuple(conv._reversed_padding_repeated_twice)
-    if isinstance(conv, torch.nn.Conv1d):
-        return ConvGeometry((1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0]), (*pad, 0, 0), conv.padding_mode, conv.groups)
-    return ConvGeometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pad, conv.padding_mode, conv.groups)
-
-
-def conv_input(conv: torch.nn.Module, x: Tensor) -> Tensor:
-    """A conv layer's input as the (B, C, H, W) input of its :func:`as_geometry` conv."""
-    if isinstance(conv, torch.nn.Conv1d):
-        return x.unsqueeze(2)
-    if not isinstance(conv, torch.nn.ConvTranspose2d):
-        return x
-    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
-    batch, channels, height, width = x.shape
-    spread = x.new_zeros(batch, channels, (height - 1) * sh + 1, (width - 1) * sw + 1)
-    spread[:, :, ::sh, ::sw] = x
-    ph, pw = dh * (kh - 1) - conv.padding[0], dw * (kw - 1) - conv.padding[1]
-    return F.pad(spread, (pw, pw + conv.output_padding[1], ph, ph + conv.output_padding[0]))
-
-
-def conv_kernel(conv: torch.nn.Module, weight: Tensor | None = None) -> Tensor:
-    """A conv layer's weight (or ``weight``, laid out like it) as the (J, C/g, kh, kw) kernel
-    of its :func:`as_geometry` conv."""
-    weight = conv.weight if weight is None else weight
-    if isinstance(conv, torch.nn.Conv1d):
-        return weight.unsqueeze(2)
-    if not isinstance(conv, torch.nn.ConvTranspose2d):
-        return weight
-    inputs, per_group = weight.shape[:2]
-    groups = conv.groups
-    laid = weight.reshape(groups, inputs // groups, per_group, *weight.shape[2:]).transpose(1, 2)
-    return laid.reshape(groups * per_group, inputs // groups, *weight.shape[2:]).flip(-1, -2)
+    """The :class:`ConvGeometry` of a conv layer of any kind (:mod:`nnrelief.kinds`), or the one given."""
+    return conv if isinstance(conv, ConvGeometry) else kind_of(conv).geometry(conv)
 
 
 def _pad_for_conv(x: Tensor, conv: ConvGeometry) -> Tensor:
@@ -130,31 +78,30 @@ def _pad_for_conv(x: Tensor, conv: ConvGeometry) -> Tensor:
 
 
 def conv_patches(x: Tensor, conv: torch.nn.Module | ConvGeometry) -> Tensor:
-    """The shifted copies of every input channel: (B, C, kh*kw, L) for L output positions."""
+    """The shifted copies of every input channel: (B, C, taps, L) for a (B, C, *spatial)
+    input, ``taps`` kernel entries and L output positions (1, 2 or 3 spatial dims)."""
     conv = as_geometry(conv)
     padded = _pad_for_conv(x, conv).contiguous()
-    batch, channels, height, width = padded.shape
-    kh, kw = conv.kernel_size
-    (dh, dw), (sh, sw) = conv.dilation, conv.stride
-    rows = (height - dh * (kh - 1) - 1) // sh + 1
-    cols = (width - dw * (kw - 1) - 1) // sw + 1
-    s = padded.stride()
-    view = padded.as_strided(
-        (batch, channels, kh, kw, rows, cols), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3])
-    )
-    return view.reshape(batch, channels, kh * kw, rows * cols)
+    batch, channels, *spatial = padded.shape
+    strides = padded.stride()
+    counts = [(size - dil * (k - 1) - 1) // step + 1
+              for size, k, dil, step in zip(spatial, conv.kernel_size, conv.dilation, conv.stride)]  # fmt: skip
+    taps_strides = [dil * s for dil, s in zip(conv.dilation, strides[2:])]
+    position_strides = [step * s for step, s in zip(conv.stride, strides[2:])]
+    view = padded.as_strided((batch, channels, *conv.kernel_size, *counts), (*strides[:2], *taps_strides, *position_strides))
+    return view.reshape(batch, channels, math.prod(conv.kernel_size), math.prod(counts))
 
 
 def kernel_products(abs_weight: Tensor, groups: int = 1) -> Tensor:
-    """For a (J, C/g, kh, kw) |kernel| of a conv with ``groups`` = g, the products
+    """For a (J, C/g, *kernel) |kernel| of a conv with ``groups`` = g, the products
     ``|K|_t |K|_t'`` of every pair of taps t <= t' (off-diagonal pairs doubled), laid out
-    (C, T, J/g) with T = k2 (k2 + 1) / 2: input channel c pairs with the J/g filters of its
-    group (c // (C/g)).
+    (C, T, J/g) with T = k2 (k2 + 1) / 2 for k2 taps: input channel c pairs with the J/g
+    filters of its group (c // (C/g)).
 
     Depends on the weights only: compute it once per pass and reuse it for every batch.
     """
     filters, group_channels = abs_weight.shape[:2]
-    taps = abs_weight.shape[2] * abs_weight.shape[3]
+    taps = math.prod(abs_weight.shape[2:])
     w = abs_weight.reshape(groups, filters // groups, group_channels, taps)
     w = w.permute(0, 2, 3, 1).reshape(groups * group_channels, taps, filters // groups)  # (C, k2, J/g)
     iu, ju = torch.triu_indices(taps, taps, device=w.device)
@@ -172,7 +119,7 @@ def conv_norm_sum(
     """Sum over samples of ``|| |K_ji| * |x_ni| ||_F`` for every (filter j, input channel i
     of j's group).
 
-    ``abs_x`` is (B, C, H, W) = |layer input|, ``abs_weight`` (J, C/g, kh, kw) = |kernel|
+    ``abs_x`` is (B, C, *spatial) = |layer input|, ``abs_weight`` (J, C/g, *kernel) = |kernel|
     (g = ``conv.groups``; filter j reads the C/g input channels of its group);
     ``*`` is the layer's own convolution (stride, padding, dilation) of one input channel
     map with one kernel slice. The squared norm is the quadratic form
@@ -187,7 +134,7 @@ def conv_norm_sum(
     batch, channels = abs_x.shape[:2]
     groups = conv.groups
     filters, group_channels = abs_weight.shape[:2]
-    taps = abs_weight.shape[2] * abs_weight.shape[3]
+    taps = math.prod(abs_weight.shape[2:])
     if products is None:
         products = kernel_products(abs_weight.to(abs_x.dtype), groups)
     iu, ju = torch.triu_indices(taps, taps, device=abs_x.device)
@@ -197,7 +144,7 @@ def conv_norm_sum(
     step = max(1, min(budget.patch_elements // max(channels * taps * positions, 1), budget.product_elements // max(channels * per_group, 1)))
     total = torch.zeros(channels, per_group, dtype=torch.float64, device=abs_x.device)
     for start in range(0, batch, step):
-        patches = conv_patches(abs_x[start : start + step], conv)  # (b, C, k2, L)
+        patches = conv_patches(abs_x[start : start + step], conv)  # (b, C, taps, L)
         gram = patches @ patches.transpose(-1, -2)  # (b, C, k2, k2)
         upper = gram[:, :, iu, ju].transpose(0, 1)  # (C, b, T)
         squared = torch.bmm(upper, products)  # (C, b, J/g)
@@ -206,25 +153,26 @@ def conv_norm_sum(
 
 
 def conv_mean_map_norms(mean_abs_x: Tensor, abs_weight: Tensor, conv: torch.nn.Module | ConvGeometry) -> Tensor:
-    """Authors' variant: ``|| |K_ji| * mean_n |x_ni| ||_F`` from the (C, H, W) mean map."""
+    """Authors' variant: ``|| |K_ji| * mean_n |x_ni| ||_F`` from the (C, *spatial) mean map."""
     return conv_norm_sum(mean_abs_x.unsqueeze(0), abs_weight, conv, budget=chunk_budget(mean_abs_x.device, mean_abs_x.element_size()))
 
 
 def _output_positions(x: Tensor, conv: torch.nn.Module | ConvGeometry) -> int:
-    """Number of output positions h1 * h2 of ``conv`` applied to ``x``."""
+    """Number of output positions (h1 * h2 for a 2-d conv) of ``conv`` applied to ``x``."""
     conv = as_geometry(conv)
     pad = conv.padding
-    sizes = []
-    for dim in range(2):
-        extent = x.shape[2 + dim] + pad[2 * (1 - dim)] + pad[2 * (1 - dim) + 1]
+    positions = 1
+    for dim in range(conv.dims):
+        before = 2 * (conv.dims - 1 - dim)  # F.pad lists the last dim first
+        extent = x.shape[2 + dim] + pad[before] + pad[before + 1]
         reach = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
-        sizes.append((extent - reach) // conv.stride[dim] + 1)
-    return max(sizes[0], 0) * max(sizes[1], 0)
+        positions *= max((extent - reach) // conv.stride[dim] + 1, 0)
+    return positions
 
 
-def conv_output_positions(input_hw: tuple[int, int], conv: torch.nn.Module | ConvGeometry) -> int:
-    """h1 * h2 for an input of spatial size ``input_hw``."""
-    return _output_positions(torch.empty(0, 0, *input_hw), conv)
+def conv_output_positions(input_size: tuple[int, ...], conv: torch.nn.Module | ConvGeometry) -> int:
+    """Output positions (h1 * h2 for a 2-d conv) for an input of spatial size ``input_size``."""
+    return _output_positions(torch.empty(0, 0, *input_size), conv)
 
 
 def bias_term(bias: Tensor | None, positions: int = 1) -> Tensor | None:
@@ -237,10 +185,10 @@ def bias_term(bias: Tensor | None, positions: int = 1) -> Tensor | None:
 def contributions(
     module: torch.nn.Module, kind: str, entry: Mapping[str, Tensor], mode: str, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """(a_ij, bias share) of one Linear (``kind="linear"``) or conv layer (Conv1d, Conv2d,
-    ConvTranspose2d) from the sums of its input statistics (``entry``: ``count`` and
+    """(a_ij, bias share) of one layer of family ``kind`` (``"linear"`` or ``"conv"``, see
+    :mod:`nnrelief.kinds`) from the sums of its input statistics (``entry``: ``count`` and
     ``abs_input``, or ``positions`` and ``norms`` (``mode="paper"``) / ``abs_map``
-    (``mode="authors"``, a map of :func:`conv_input`), see :mod:`nnrelief.pruning.stats`).
+    (``mode="authors"``, a map of its direct conv's input), see :mod:`nnrelief.pruning.stats`).
     ``weight`` is a Linear layer's weight laid out (out, in) when ``module.weight`` is
     stored otherwise (GPT-2's transposed ``Conv1D``). Conv contributions are (J, C/g)."""
     count = float(entry["count"])
@@ -253,7 +201,9 @@ def contributions(
         contrib = (entry["norms"].double() / count).float()
     else:
         mean_map = (entry["abs_map"].double() / count).float()
-        contrib = conv_mean_map_norms(mean_map, conv_kernel(module).detach().float().abs(), module)
+        layer_kind = kind_of(module)
+        kernel = layer_kind.direct_kernel(module).detach().float().abs()
+        contrib = conv_mean_map_norms(mean_map, kernel, layer_kind.geometry(module))
     return contrib, bias_term(module.bias, positions)
 
 

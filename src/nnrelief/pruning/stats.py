@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..analysis import ChannelGraph, PrunableLayer, activity_key, graph_for, input_key, map_key, observing
 from ..inputs import ModelInput
+from ..kinds import kind_of
 from . import scores
 
 log = logging.getLogger(__name__)
@@ -88,21 +89,23 @@ class LinearInputObserver(Observer):
 
 
 class ConvInputObserver(Observer):
-    """Conv input statistics: per-sample norms (paper) or the |x| map (authors)."""
+    """Conv input statistics: per-sample norms (paper) or the |x| map (authors), taken on the
+    input of the layer's direct conv (its kind's :meth:`~nnrelief.kinds.ConvKind.direct_input`)."""
 
     def __init__(self, conv: nn.Module, mode: str) -> None:
         super().__init__()
         self.conv = [conv]  # a list keeps the conv out of this module's children
-        self.geometry = scores.as_geometry(conv)  # Conv1d and ConvTranspose2d as 2-d direct convs
+        self.kind = kind_of(conv)
+        self.geometry = self.kind.geometry(conv)
         self.mode = mode
         self.products: Tensor | None = None
         self.budget = scores.chunk_budget(conv.weight.device, conv.weight.element_size()) if mode == "paper" else None
 
     def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
         conv = self.conv[0]
-        abs_x = scores.conv_input(conv, abs_of(x, memo))
+        abs_x = self.kind.direct_input(conv, abs_of(x, memo))
         if self.mode == "paper":
-            abs_weight = scores.conv_kernel(conv).detach().abs().to(abs_x.dtype)
+            abs_weight = self.kind.direct_kernel(conv).detach().abs().to(abs_x.dtype)
             if self.products is None:  # the weights are fixed during a pass
                 self.products = scores.kernel_products(abs_weight, conv.groups)
             self.accumulate("norms", scores.conv_norm_sum(abs_x, abs_weight, self.geometry, self.products, self.budget))
@@ -111,7 +114,7 @@ class ConvInputObserver(Observer):
         count = float(x.shape[0])
         self.add_count("count", count, x)
         # Stored times the count so that shards still add up; divided by the count when read.
-        positions = scores.conv_output_positions((abs_x.shape[2], abs_x.shape[3]), self.geometry)
+        positions = scores.conv_output_positions(tuple(abs_x.shape[2:]), self.geometry)
         self.add_count("positions", count * positions, x)
 
 
@@ -137,8 +140,12 @@ class MapObserver(Observer):
         self.add_count("count", float(x.shape[0]), x)
 
 
+_INPUT_OBSERVERS = {"linear": lambda module, mode: LinearInputObserver(), "conv": ConvInputObserver}
+"""A layer family (:mod:`nnrelief.kinds`) -> the observer of a layer's input statistics."""
+
+
 def _input_observer(layer: PrunableLayer, mode: str) -> Observer:
-    return LinearInputObserver() if layer.kind == "linear" else ConvInputObserver(layer.module, mode)
+    return _INPUT_OBSERVERS[layer.kind](layer.module, mode)
 
 
 def _observers(graph: ChannelGraph, mode: str) -> dict[str, Observer]:

@@ -29,7 +29,7 @@ REMOVED_COLOR = "#b0b0b0"  # connections pruning removed
 
 @dataclass
 class ConnectionScores:
-    """NNrelief importance of every connection of one Linear/Conv2d layer.
+    """NNrelief importance of every connection of one layer (of a kind of :mod:`nnrelief.kinds`).
 
     Attributes:
         name: the layer's qualified name.
@@ -62,7 +62,7 @@ def pruning_inputs(cfg: ExperimentConfig, samples: int, data_dir: str | None = N
 
 @torch.no_grad()
 def connection_scores(model: nn.Module, inputs: Tensor, score: str = "paper") -> list[ConnectionScores]:
-    """The relative scores of every prunable Linear/Conv2d layer on ``inputs`` (one batch).
+    """The relative scores of every prunable layer on ``inputs`` (one batch).
 
     The statistics and contributions are those of a pruning pass (:func:`nnrelief.pruning.stats.collect`,
     :func:`nnrelief.pruning.scores.contributions`); ``score="authors"`` uses the authors' conv variant.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kinds import kind_of
 from .config import amp_mode, resolve_device
 from .lmmetrics import bits_per_token, perplexity
 from .parallel import all_reduce_sums
@@ -76,8 +77,11 @@ def _autocast(device: torch.device, amp: str) -> Any:
 
 
 def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """channels_last pays off for conv nets on CUDA (tensor-core convolutions)."""
-    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    """channels_last pays off for conv nets on CUDA (tensor-core convolutions): a layer whose
+    kind says so (:meth:`nnrelief.kinds.LayerKind.uses_channels_last`, 2-d convs)."""
+    if device.type != "cuda":
+        return False
+    return any(kind is not None and kind.uses_channels_last(m) for m in model.modules() for kind in [kind_of(m)])
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
