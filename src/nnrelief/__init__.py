@@ -4,7 +4,8 @@
 ``nnrelief.relieve`` runs the iterative prune -> retrain procedure with your train function;
 ``compact(model, example)`` returns a physically smaller model with the same outputs;
 ``restore_masks`` loads a pruned checkpoint into a fresh model; ``make_permanent`` folds
-the masks into plain weights.
+the masks into plain weights; ``state_dict``/``load_state_dict`` save a compacted (or masked)
+model and load it back into a fresh instance of its own class.
 """
 
 import importlib
@@ -15,8 +16,9 @@ from .experiments.iterative import relieve
 from .pruning.masks import make_permanent, restore_masks
 from .pruning.prune import prune
 from .pruning.report import LayerReport, PruneReport
+from .roundtrip import load_state_dict, state_dict
 
-__all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "PruneReport", "LayerReport"]
+__all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "state_dict", "load_state_dict", "PruneReport", "LayerReport"]
 __version__ = "0.1.0"
 
 # Modules that moved into the pruning and compaction packages keep their old names, so
