@@ -35,6 +35,18 @@ SHAPE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels"
                     "normalized_shape", "nf", "nx", "num_embeddings", "embedding_dim")  # fmt: skip
 
 
+_REMEDY = "give a fresh instance of the model the state was saved from"
+
+
+class StateMismatchError(ValueError):
+    """A state that does not fit the model given: :attr:`problem` says what, the message adds
+    that the model is unchanged and the remedy."""
+
+    def __init__(self, problem: str, remedy: str = _REMEDY) -> None:
+        self.problem = problem
+        super().__init__(f"{problem} (model left unchanged): {remedy}")
+
+
 def class_name(model: nn.Module) -> str:
     """``module.qualname`` of ``model``'s class, as recorded in a state."""
     return f"{type(model).__module__}.{type(model).__qualname__}"
@@ -112,8 +124,7 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
     """
     check_state(state)
     if state["class"] != class_name(model):
-        raise ValueError(f"the state is of class {state['class']}, the model given is {class_name(model)} (model left "
-                         "unchanged): give a fresh instance of the class the state was saved from")  # fmt: skip
+        raise StateMismatchError(f"the state is of class {state['class']}, the model given is {class_name(model)}")
     undo: list[Callable[[], None]] = []
     try:
         _wrap_maps(model, state["channel_maps"], undo)
@@ -133,7 +144,7 @@ def _wrap_maps(model: nn.Module, maps: list[Any], undo: list[Callable[[], None]]
     for entry in maps:
         path = entry.get("path") if isinstance(entry, Mapping) else None
         if not isinstance(path, str) or not path or not isinstance(entry.get("index"), Tensor):
-            raise ValueError(f"the state has a damaged channel map entry ({entry!r:.80}) (model left unchanged)")
+            raise StateMismatchError(f"the state has a damaged channel map entry ({entry!r:.80})", "save it again with nnrelief.state_dict(model)")
         parent_name, _, attribute = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)
@@ -141,8 +152,7 @@ def _wrap_maps(model: nn.Module, maps: list[Any], undo: list[Callable[[], None]]
         except AttributeError:
             inner = None
         if not isinstance(inner, nn.Module):
-            raise ValueError(f"the state wraps module {path} in a channel map, but {type(model).__name__} has no "
-                             "module there (model left unchanged): give the class the state was saved from")  # fmt: skip
+            raise StateMismatchError(f"the state wraps module {path} in a channel map, but {type(model).__name__} has no module there")
         device = next((t.device for t in _tensors(inner)), torch.device("cpu"))
         setattr(parent, attribute, ChannelMap(inner, entry["index"].to(device), int(entry["axis"]), bool(entry["zero_fill"])))
         undo.append(lambda parent=parent, attribute=attribute, inner=inner: setattr(parent, attribute, inner))
@@ -160,8 +170,7 @@ def _set_attributes(model: nn.Module, modules: Mapping[str, Any], undo: list[Cal
         kind = record.get("type") if isinstance(record, Mapping) else None
         if module is None or type(module).__name__ != kind:
             found = "no module" if module is None else f"a {type(module).__name__}"
-            raise ValueError(f"the state has a {kind} at {path or '<root>'}, {type(model).__name__} has {found} there "
-                             "(model left unchanged): give a fresh instance of the model the state was saved from")  # fmt: skip
+            raise StateMismatchError(f"the state has a {kind} at {path or '<root>'}, {type(model).__name__} has {found} there")
         for name, value in record.get("attributes", {}).items():
             if name in SHAPE_ATTRIBUTES and hasattr(module, name) and getattr(module, name) != value:
                 old = getattr(module, name)
@@ -181,8 +190,7 @@ def _reshape(model: nn.Module, entries: Mapping[str, Tensor], undo: list[Callabl
     missing = [key for key in own if key not in plain]
     unexpected = [key for key in plain if key not in own and key not in gates]
     if wider or missing or unexpected:
-        raise StateDictMismatchError(f"the state does not fit {type(model).__name__}", wider, missing, unexpected,
-                                     "give a fresh instance of the model the state was saved from")  # fmt: skip
+        raise StateDictMismatchError(f"the state does not fit {type(model).__name__}", wider, missing, unexpected, _REMEDY)
     slots, done = _slots(model), set()
     for key, value in plain.items():
         old = own.get(key)
