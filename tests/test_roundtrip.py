@@ -171,3 +171,6 @@ def test_a_wider_tensor_or_a_plain_state_dict_is_refused() -> None:
         nnrelief.load_state_dict(narrow, wide.state_dict())
     with pytest.raises(ValueError, match="damaged: its entry '0.bias' is not a tensor"):
         nnrelief.load_state_dict(narrow, {**state, "state": {**state["state"], "0.bias": "x"}})
+    with pytest.raises(ValueError, match="damaged: a channel map entry is {'path': '0'}"):
+        nnrelief.load_state_dict(narrow, {**state, "channel_maps": [{"path": "0"}]})
+    assert _unchanged(narrow, before)

@@ -110,6 +110,15 @@ def check_state(state: Any, where: str = "the state") -> None:
     bad = next((key for key, value in state["state"].items() if not isinstance(value, Tensor)), None)
     if bad is not None:
         raise ValueError(f"{where} is damaged: its entry {bad!r} is not a tensor; save it again with nnrelief.state_dict(model)")
+    entry = next((entry for entry in state["channel_maps"] if not _is_map_entry(entry)), None)
+    if entry is not None:
+        raise ValueError(f"{where} is damaged: a channel map entry is {entry!r:.80}; save it again with nnrelief.state_dict(model)")
+
+
+def _is_map_entry(entry: Any) -> bool:
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        return False
+    return isinstance(entry.get("index"), Tensor) and isinstance(entry.get("axis"), int) and isinstance(entry.get("zero_fill"), bool)
 
 
 def load_state_dict(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
@@ -142,9 +151,7 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
 def _wrap_maps(model: nn.Module, maps: list[Any], undo: list[Callable[[], None]]) -> None:
     """Wrap each recorded module in its ChannelMap (outer ones first, as recorded)."""
     for entry in maps:
-        path = entry.get("path") if isinstance(entry, Mapping) else None
-        if not isinstance(path, str) or not path or not isinstance(entry.get("index"), Tensor):
-            raise StateMismatchError(f"the state has a damaged channel map entry ({entry!r:.80})", "save it again with nnrelief.state_dict(model)")
+        path = entry["path"]
         parent_name, _, attribute = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)
@@ -154,7 +161,7 @@ def _wrap_maps(model: nn.Module, maps: list[Any], undo: list[Callable[[], None]]
         if not isinstance(inner, nn.Module):
             raise StateMismatchError(f"the state wraps module {path} in a channel map, but {type(model).__name__} has no module there")
         device = next((t.device for t in _tensors(inner)), torch.device("cpu"))
-        setattr(parent, attribute, ChannelMap(inner, entry["index"].to(device), int(entry["axis"]), bool(entry["zero_fill"])))
+        setattr(parent, attribute, ChannelMap(inner, entry["index"].to(device), entry["axis"], entry["zero_fill"]))
         undo.append(lambda parent=parent, attribute=attribute, inner=inner: setattr(parent, attribute, inner))
 
 
