@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+import nnrelief
 from nnrelief import fileio
 from nnrelief.cli import main
 from nnrelief.compaction import compact
@@ -260,10 +261,62 @@ def test_what_compact_writes_into_a_run_folder_is_evaluated_or_named_there(run, 
     assert main(["eval", str(run / "small.sparse"), "-q"]) == 1
     line = error_line(capsys)
     assert "sparse file" in line and "TorchScript (.pt) or .pt2" in line and "damaged" not in line
-    for name, kind in (("small.pt", "TorchScript"), ("small.pt2", "ExportedProgram"), ("small.sparse", "sparse")):
+    torch.save(nnrelief.state_dict(smaller), run / "small.state.pt")
+    for name, kind in (("small.pt", "TorchScript"), ("small.pt2", "ExportedProgram"), ("small.sparse", "sparse"),
+                       ("small.state.pt", "nnrelief.state_dict")):  # fmt: skip
         assert main(["compact", str(run / name), "-o", str(run / "again.pt"), "-q"]) == 1
         line = error_line(capsys)
         assert kind in line and "compact takes a pruned state dict" in line and "damaged" not in line
+
+
+def _accuracy(capsys) -> str:
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("accuracy"))
+
+
+def test_compact_state_dict_is_rebuilt_in_the_runs_class_by_eval_and_report(run, tmp_path, capsys):
+    state_file = run / "small.state.pt"
+    argv = ["compact", str(run / "model-iter2.pt"), "-o", str(run / "small.pt"), "--state-dict", str(state_file), "-q"]
+    assert main(argv) == 0 and f"wrote {state_file}" in capsys.readouterr().out
+    state = torch.load(state_file, weights_only=True)
+    loaded = nnrelief.load_state_dict(get_model("lenet300_100", 10), state).eval()
+    smaller = compacted(run)
+    assert torch.equal(loaded(EXAMPLE), smaller(EXAMPLE)) and loaded.fc1.out_features == smaller.fc1.out_features < 300
+    assert main(["eval", str(run / "small.pt"), "-q"]) == 0
+    expected = _accuracy(capsys)
+    assert main(["eval", str(state_file), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "(nnrelief.state_dict)" in out and f"{smaller.fc1.out_features}" in out
+    assert next(line for line in out.splitlines() if line.startswith("accuracy")) == expected
+    assert main(["report", str(state_file), "-o", str(tmp_path / "report"), "-q"]) == 0
+    assert expected.split()[1] in (tmp_path / "report" / "report.md").read_text()
+    outside = tmp_path / "small.state.pt"
+    shutil.copy(state_file, outside)
+    assert main(["eval", str(outside), "--dataset", "mnist-sample", "-q"]) == 1
+    assert "nnrelief.state_dict of a LeNet300100, outside a run folder: give its architecture" in error_line(capsys)
+    assert main(["eval", str(outside), "--model", "lenet5", "--dataset", "mnist-sample", "-q"]) == 1
+    assert "does not fit model lenet5: the state is of class" in error_line(capsys)
+    assert main(["eval", str(outside), "--model", "lenet300_100", "--dataset", "mnist-sample", "-q"]) == 0
+    assert _accuracy(capsys) == expected
+
+
+def test_compact_state_dict_of_an_index_map_graph_is_refused_before_any_write(run, tmp_path, capsys, monkeypatch):
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    monkeypatch.setattr("nnrelief.cli.compact", lambda model, example: traced)
+    outputs = [tmp_path / "small.pt", tmp_path / "small.state.pt"]
+    argv = ["compact", str(run / "model-iter2.pt"), "-o", str(outputs[0]), "--state-dict", str(outputs[1]), "-q"]
+    assert main(argv) == 1
+    assert "GraphModule, not your model's class" in error_line(capsys)
+    assert not any(path.exists() for path in outputs)
+
+
+def test_eval_names_the_onnx_file_compact_writes_and_what_to_use(run, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    path = tmp_path / "small.onnx"
+    assert main(["compact", str(run / "model-iter2.pt"), "-o", str(path), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path), "--dataset", "mnist-sample", "-q"]) == 1
+    line = error_line(capsys)
+    assert "is an ONNX model, which nnrelief does not run" in line and "--state-dict" in line and "onnxruntime" in line
 
 
 # ----------------------------------------------------------------------------- the shared dense folder

@@ -5,20 +5,25 @@
 (its passes' settings one ``PassSettings``, the keywords of ``prune``);
 ``compact(model, example)`` returns a physically smaller model with the same outputs;
 ``restore_masks`` loads a pruned checkpoint into a fresh model; ``make_permanent`` folds
-the masks into plain weights.
+the masks into plain weights; ``state_dict``/``load_state_dict`` save a compacted (or masked)
+model and load it back into a fresh instance of its own class.
 """
 
 import importlib
 import sys
 
 from .compaction import compact
+from .compaction.statedict import load_state_dict, state_dict
 from .experiments.iterative import relieve
 from .pruning.masks import make_permanent, restore_masks
 from .pruning.pass_settings import PassSettings
 from .pruning.prune import prune
 from .pruning.report import LayerReport, PruneReport
 
-__all__ = ["prune", "relieve", "compact", "restore_masks", "make_permanent", "PassSettings", "PruneReport", "LayerReport"]
+__all__ = [
+    "prune", "relieve", "compact", "restore_masks", "make_permanent", "state_dict", "load_state_dict", "PassSettings", "PruneReport",
+    "LayerReport",
+]  # fmt: skip
 __version__ = "0.1.0"
 
 # Modules that moved into the pruning and compaction packages keep their old names, so

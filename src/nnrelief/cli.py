@@ -42,12 +42,13 @@ from . import __version__, distributed
 from . import data as nndata
 from .compaction import compact, compaction_summary, format_summary
 from .compaction.export import export_onnx, export_program, export_torchscript, save_sparse
+from .compaction.statedict import state_dict
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, load_weights
 from .experiments.runfolder import refuse_overwrite
-from .fileio import save_text
+from .fileio import save_text, save_torch
 from .metrics import file_size
 from .modelfile import evaluate_model_file, require_state_dict
 from .reporting.results import (
@@ -261,7 +262,8 @@ def _add_eval(commands: Any) -> None:
     evaluate_cmd = commands.add_parser(
         "eval", help="accuracy, parameters, MACs and architecture of a checkpoint",
         description="Evaluate a model file: a state_dict (e.g. runs/<run>/model-iter3.pt), a TorchScript "
-        "or .pt2 file (nnrelief compact) or a torch.save'd module (with --trust-file), told apart by content. "
+        "or .pt2 file or an nnrelief.state_dict (nnrelief compact -o / --state-dict; ONNX and sparse files are "
+        "refused, naming what to use) or a torch.save'd module (with --trust-file), told apart by content. "
         "Inside a run folder the model, dataset and data folder come from its config.json.",
     )  # fmt: skip
     evaluate_cmd.add_argument("checkpoint", type=Path, help="the model file")
@@ -295,7 +297,8 @@ def _add_report(commands: Any) -> None:
         "report.md with the figures and the per-iteration tables.",
     )  # fmt: skip
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run folder(s), or model files (a state dict, TorchScript, .pt2 or torch.save'd module)")
+                        help="run folder(s), or model files (a state dict, TorchScript, .pt2, nnrelief.state_dict "
+                        "or torch.save'd module)")
     report.add_argument("--model", help="architecture of a state dict outside a run folder")
     report.add_argument("--dataset", help="dataset of a model file outside a run folder (accuracy on its test split)")
     report.add_argument("-o", "--out-dir", type=Path, metavar="OUT_DIR",
@@ -359,7 +362,8 @@ def _add_compact(commands: Any) -> None:
         "compact", help="physically remove pruned neurons/channels and export the smaller model",
         description="Build a dense model without the removed neurons and channels (same "
         "outputs as the masked model), save it as TorchScript (.pt) or a torch.export "
-        "ExportedProgram (.pt2), optionally also as ONNX and in the sparse format, and print "
+        "ExportedProgram (.pt2), optionally also as ONNX, in the sparse format and as an "
+        "nnrelief.state_dict (loads into the model's own class), and print "
         "parameters, MACs, architecture and file sizes before and after.",
     )  # fmt: skip
     compact_cmd.add_argument("checkpoint", type=Path, help="a pruned state_dict, e.g. runs/<run>/model-iter5.pt")
@@ -368,6 +372,9 @@ def _add_compact(commands: Any) -> None:
     compact_cmd.add_argument("--onnx", type=Path, metavar="FILE", help="also export ONNX (needs nnrelief[export])")
     compact_cmd.add_argument("--sparse", type=Path, metavar="FILE",
                              help="also save in the sparse format (size grows with the remaining weights)")
+    compact_cmd.add_argument("--state-dict", type=Path, metavar="FILE",
+                             help="also save nnrelief.state_dict (tensors and the compacted shapes): loads into the "
+                             "model's own class with nnrelief.load_state_dict; nnrelief eval reads it")
     compact_cmd.add_argument("--model", help="architecture (default: the run's)")
     compact_cmd.add_argument("--dataset", help="dataset, for the number of classes and input shape (default: the run's)")
     _add_common(compact_cmd, top_level=False)
@@ -549,8 +556,8 @@ def _comparison_figures(comparison: Comparison) -> list[str]:
 def _cmd_compact(args: argparse.Namespace) -> int:
     if args.output.suffix.lower() not in _EXPORTERS:
         raise ConfigError(f"-o {args.output}: unknown extension {args.output.suffix!r}; use {_FORMAT_HELP}")
-    outputs = [(option, path) for option, path in (("-o", args.output), ("--onnx", args.onnx), ("--sparse", args.sparse))
-               if path is not None]  # fmt: skip
+    given = (("-o", args.output), ("--onnx", args.onnx), ("--sparse", args.sparse), ("--state-dict", args.state_dict))
+    outputs = [(option, path) for option, path in given if path is not None]
     for index, (option, path) in enumerate(outputs):
         refuse_overwrite(path, [args.checkpoint], option)
         same = [other for other, earlier in outputs[:index] if earlier.resolve() == path.resolve()]
@@ -561,11 +568,15 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     shape = nndata.get_spec(args.dataset or cfg.dataset).image_shape
     example = torch.zeros(2, *shape)
     smaller = compact(model, example)
+    state = None if args.state_dict is None else state_dict(smaller)  # refused (an index-map graph) before any write
     written = [_EXPORTERS[args.output.suffix.lower()](smaller, example, args.output)]
     if args.onnx is not None:
         written.append(export_onnx(smaller, example, args.onnx))
     if args.sparse is not None:
         written.append(save_sparse(smaller, args.sparse))
+    if state is not None:
+        save_torch(state, args.state_dict)
+        written.append(args.state_dict)
     print(format_summary(compaction_summary(model, smaller, tuple(shape))))
     for path in written:
         print(f"wrote {path} ({file_size(path):,} bytes)")

@@ -9,6 +9,9 @@ A file is told apart by its content, not its extension (``.pt`` is used for all 
 * a **state dict** (the ``model-iter<k>.pt`` of a run folder): a ``torch.save`` zip whose
   ``data.pkl`` loads with ``weights_only=True`` to a mapping of tensors; it is loaded into a
   fresh model by :func:`~nnrelief.experiments.experiment.load_weights`;
+* an **nnrelief.state_dict** (``nnrelief compact --state-dict``, :func:`nnrelief.state_dict`):
+  tensors and the compacted shapes, loaded with ``weights_only=True`` into a fresh model of
+  the run's (or ``--model``'s) class by :func:`nnrelief.load_state_dict`;
 * a **whole module** (``torch.save(model)``) or an nnrelief sparse file of format 1: a
   ``torch.save`` zip that only loads with ``weights_only=False``;
 * an nnrelief **sparse file** (``nnrelief compact --sparse``, format 2): tensors without the
@@ -42,18 +45,20 @@ from torch import nn
 from . import data as nndata
 from .compaction.export import SPARSE_FORMAT, check_sparse, sparse_model
 from .compaction.opmetrics import op_summary
+from .compaction.statedict import StateMismatchError, check_state, is_state, load_state_dict
 from .experiments.config import ConfigError, ExperimentConfig
-from .experiments.experiment import device_of, load_weights, run_data_dir, stored_config
+from .experiments.experiment import device_of, fresh_model, load_weights, run_data_dir, stored_config
 from .experiments.runfolder import CONFIG, RunFolder, holds_run_file
 from .metrics import ArchitectureSummary, summarize
+from .pruning.masks import StateDictMismatchError
 from .training import EvalResult, evaluate
 
 logger = logging.getLogger(__name__)
 
 STATE_DICT, TORCHSCRIPT, PROGRAM, MODULE, SPARSE = "state dict", "TorchScript", "ExportedProgram", "whole module", "sparse file"
-ONNX = "ONNX"
+ONNX, SHAPED = "ONNX", "nnrelief.state_dict"
 _ACCEPTED = "a state dict, a TorchScript file, a torch.export .pt2 file or a torch.save'd module"
-_COMPACTED = "the TorchScript (.pt) or .pt2 file `nnrelief compact -o` writes"
+_COMPACTED = "the TorchScript (.pt) or .pt2 file of `nnrelief compact -o`, or its --state-dict file"
 
 
 def file_format(path: Path) -> str:
@@ -136,7 +141,10 @@ def load_model_file(
     if kind == ONNX:
         raise ValueError(f"{path} is an ONNX model, which nnrelief does not run: evaluate {_COMPACTED}, "
                          "or run it with onnxruntime")  # fmt: skip
-    if kind == "pickle" and _is_tensor_pickle(path, trust):
+    loaded = _tensor_pickle(path, trust) if kind == "pickle" else None
+    if is_state(loaded):
+        return _shaped_file(path, loaded, model, dataset)
+    if loaded is not None:
         return _state_dict_file(path, model, dataset)
     cfg = stored_config(folder) if folder.exists(CONFIG) else None
     if model is not None:
@@ -148,6 +156,26 @@ def load_model_file(
 def _state_dict_file(path: Path, model: str | None, dataset: str | None) -> ModelFile:
     net, cfg = load_weights(path, model, dataset)
     return ModelFile(path, net, STATE_DICT, f"{type(net).__name__} ({model or cfg.model})", dataset or cfg.dataset, cfg)
+
+
+def _shaped_file(path: Path, state: Mapping[str, Any], model: str | None, dataset: str | None) -> ModelFile:
+    """An :func:`nnrelief.state_dict` file loaded into a fresh model of the run's (or the given) architecture."""
+    check_state(state, str(path))
+    folder = RunFolder(path.parent)
+    cfg = stored_config(folder) if folder.exists(CONFIG) else None
+    model_name, dataset_name = model or (cfg.model if cfg else None), dataset or (cfg.dataset if cfg else None)
+    if model_name is None or dataset_name is None:
+        raise ConfigError(f"{path} is an nnrelief.state_dict of a {state['class'].rpartition('.')[2]}, outside a run "
+                          "folder: give its architecture and dataset (--model, --dataset)")  # fmt: skip
+    net = fresh_model(model_name, dataset_name)
+    remedy = "give --model/--dataset of the run it was compacted from"
+    try:
+        load_state_dict(net, state)
+    except StateDictMismatchError as error:
+        raise error.within(f"{path} does not fit model {model_name}", remedy) from None
+    except StateMismatchError as error:
+        raise ConfigError(f"{path} does not fit model {model_name}: {error.problem}; {remedy}") from None
+    return ModelFile(path, net.eval(), SHAPED, f"{type(net).__name__} ({model_name})", dataset_name, cfg)
 
 
 class _PickledObjects(ValueError):
@@ -171,14 +199,15 @@ def _safe_load(path: Path) -> Any:
                          f"a model; give {_ACCEPTED}") from None  # fmt: skip
 
 
-def _is_tensor_pickle(path: Path, trust: bool) -> bool:
-    """Whether ``torch.load(weights_only=True)`` reads ``path`` to a state dict; ``False``
-    for a file of other pickled objects if ``trust`` (else refused, naming ``--trust-file``)."""
+def _tensor_pickle(path: Path, trust: bool) -> Mapping[str, Any] | None:
+    """What ``torch.load(weights_only=True)`` reads from ``path``: a state dict or an
+    :func:`nnrelief.state_dict`; ``None`` for a file of other pickled objects if ``trust``
+    (else refused, naming ``--trust-file``)."""
     try:
         obj = _safe_load(path)
     except _PickledObjects as objects:
         if trust:
-            return False
+            return None
         raise ValueError(f"{objects}, and loading them can run code stored in the file: give --trust-file "
                          "(trust=True) only if you trust the file, or save the model as a state dict, TorchScript "
                          "or .pt2") from None  # fmt: skip
@@ -188,7 +217,7 @@ def _is_tensor_pickle(path: Path, trust: bool) -> bool:
                          f"{_COMPACTED}, or load it in Python with nnrelief.compaction.export.load_sparse(path, model)")  # fmt: skip
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a model: give {_ACCEPTED}")
-    return True
+    return obj
 
 
 def require_state_dict(path: str | os.PathLike[str]) -> None:
@@ -207,6 +236,8 @@ def require_state_dict(path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{objects} (a whole module?), not a state dict: {wanted}") from None
     if isinstance(obj, Mapping) and obj.get("format") == SPARSE_FORMAT:
         raise ValueError(f"{path} is an nnrelief sparse file, a model already compacted: {wanted}")
+    if is_state(obj):
+        raise ValueError(f"{path} is an nnrelief.state_dict, a model already compacted: {wanted}")
 
 
 def _first_line(error: BaseException) -> str:

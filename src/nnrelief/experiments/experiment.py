@@ -217,7 +217,7 @@ def load_weights(
     dataset_name = dataset or (cfg.dataset if cfg else None)
     if model_name is None or dataset_name is None:
         raise ConfigError(f"{path} is not in a run folder: give the model and the dataset")
-    net = _fresh_model(model_name, dataset_name)
+    net = fresh_model(model_name, dataset_name)
     state = run.load(path.name)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]  # a training checkpoint (*.ckpt) or a loop state
@@ -249,7 +249,7 @@ def _selected_model(run_dir: Path) -> str:
         return "model-iter<k>.pt"
 
 
-def _fresh_model(model_name: str, dataset_name: str) -> nn.Module:
+def fresh_model(model_name: str, dataset_name: str) -> nn.Module:
     """An untrained ``model_name`` for ``dataset_name``'s classes; refused if the dataset's
     images do not fit the model."""
     if dataset_name not in nndata.DATASETS:
@@ -271,7 +271,7 @@ def check_layer_patterns(cfg: ExperimentConfig) -> None:
     if not (cfg.ignore or cfg.only or cfg.alphas):
         return
     with torch.device("meta"):
-        model = _fresh_model(cfg.model, cfg.dataset)
+        model = fresh_model(cfg.model, cfg.dataset)
     layers = {name: m for name, m in model.named_modules() if kind_of(m) is not None}
     shown = ", ".join(list(layers)[:12]) + (", ..." if len(layers) > 12 else "")
     for name, patterns in (("ignore", cfg.ignore), ("only", cfg.only), ("alphas", list(cfg.alpha_map))):
