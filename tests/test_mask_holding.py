@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,21 @@ def test_bf16_weights_stay_masked_under_adam():
     for x, y in batches:
         _step(model, optimizer, x, y)
     assert model[0].weight.dtype == torch.bfloat16 and _pruned_zero(model)
+
+
+def test_autocast_with_a_grad_scaler_keeps_the_masks():
+    model = _net()
+    nnrelief.prune(model, [x for x, _ in _batches()], alpha_fc=0.7, progress=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    for x, y in _batches():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert _pruned_zero(model)
 
 
 def test_a_compiled_training_step_keeps_the_masks():
@@ -226,3 +242,14 @@ def test_masks_hold_under_ddp():
     mp.spawn(_ddp_worker, args=(2, 29400 + os.getpid() % 500, result), nprocs=2, join=True)
     assert result[0][0] and result[1][0]
     assert torch.equal(result[0][1], result[1][1])  # ranks agree
+
+
+def test_a_run_folder_of_the_earlier_format_evaluates_as_it_recorded(shared_data_dir, capsys):
+    from nnrelief.cli import main
+    from nnrelief.experiments.experiment import load_weights
+
+    run = Path(__file__).resolve().parents[1] / "docs" / "results" / "in-progress" / "lenet5-mnist-paper"
+    model, _ = load_weights(run / "model-iter10.pt")  # torch.nn.utils.prune's weight_orig / float weight_mask
+    assert sum(int(current_mask(m, name).sum()) for m in model.modules() for name in ("weight", "bias") if is_masked(m, name)) == 4161
+    assert main(["eval", str(run / "model-iter10.pt"), "--data-dir", str(shared_data_dir), "-q"]) == 0
+    assert "accuracy: 99.02%" in capsys.readouterr().out  # history.json: iteration 10, test 0.9902
