@@ -159,9 +159,10 @@ def _signature(example: ModelInput, dynamic: bool) -> tuple:
 
 
 def refresh(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> ChannelGraph:
-    """The graph of ``model`` after a pass added masks or gates to it (``graph`` is its graph
-    before): the capture follows them in place where it can (no new export), else the
-    model is captured again. Either way the next :func:`analyse` finds it."""
+    """The graph of ``model`` after a pass (``graph`` is its graph before): masks change no
+    module, so the capture stays; new shortcut gates are followed in place where they can be
+    (no new export), else the model is captured again. Either way the next :func:`analyse`
+    finds it."""
     stored = _CACHE.get(model)
     fingerprint = _fingerprint(model)
     if stored is not None and stored[0] == fingerprint:
@@ -172,7 +173,7 @@ def refresh(model: nn.Module, example: ModelInput, graph: ChannelGraph) -> Chann
         try:
             followed = follow_masks(captured, model, graph.modules, gate_nodes)
         except Exception as error:  # noqa: BLE001 - a capture half followed is dropped: captured again
-            log.debug("could not follow the new masks in the capture (%s: %s); capturing again", type(error).__name__, error)
+            log.debug("could not follow the new gates in the capture (%s: %s); capturing again", type(error).__name__, error)
             followed = False
         if followed:
             layers, skipped = find_layers(model)
