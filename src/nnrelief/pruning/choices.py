@@ -97,6 +97,14 @@ def check_target(target: Any) -> float | None:
     return value
 
 
+def parse_nm(text: str) -> tuple[int, int]:
+    """``"N:M"`` (e.g. ``"2:4"``) as the pair (n, m) of ``nm=``; a ValueError saying the form otherwise."""
+    n, sep, m = str(text).partition(":")
+    if sep and n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise ValueError(f"nm is written N:M with whole numbers 0 < N < M (N of every M consecutive inputs kept), e.g. 2:4; got {text!r}")
+
+
 class UnreachableTargetError(ValueError):
     """``target=`` above the fraction the pruned layers still hold (``remaining``): a pass
     never restores weights."""

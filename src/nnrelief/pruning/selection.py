@@ -49,3 +49,28 @@ def _descending(entries: Tensor) -> Tensor:
     if entries.device.type != "cpu":
         return entries.sort(dim=1, descending=True).values
     return torch.from_numpy(np.sort(entries.numpy(), axis=1)).flip(1)
+
+
+def check_nm(nm: object, name: str = "nm") -> tuple[int, int]:
+    """``nm`` as a pair of ints (n, m) with 0 < n < m, else a ValueError saying so."""
+    if not (isinstance(nm, (tuple, list)) and len(nm) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in nm)):
+        raise ValueError(f"{name} is a pair of ints (n, m): keep n of every m consecutive inputs, e.g. (2, 4); got {nm!r}")
+    n, m = nm
+    if not 0 < n < m:
+        raise ValueError(f"{name}=({n}, {m}) must have 0 < n < m (n of every m inputs kept), e.g. (2, 4)")
+    return n, m
+
+
+def select_nm(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M keep mask of a (J, K) score matrix: in every row, each group of ``m`` consecutive
+    columns keeps its ``n`` highest-scoring entries (of equal scores the lowest column
+    first); entries with score 0 are never kept, so a group may keep fewer than ``n``.
+    ``K`` must be divisible by ``m``. Returns a boolean (J, K) mask on ``scores``' device."""
+    n, m = check_nm((n, m))
+    rows, columns = scores.shape
+    if columns % m:
+        raise ValueError(f"select_nm: {columns} columns do not split into groups of m={m}; pass a width divisible by {m}")
+    groups = scores.reshape(rows, columns // m, m)
+    order = groups.sort(dim=2, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order[:, :, :n], True)
+    return keep.reshape(rows, columns) & (scores > 0)
