@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import Selector, alpha_for, check_alphas, check_selectors, check_target, iteration_target
-from .selection import check_alpha
+from .selection import check_alpha, check_nm
 
 SCORE_MODES = ("paper", "authors")
 
@@ -32,6 +32,10 @@ class PassSettings:
             every layer. In :func:`nnrelief.relieve` (and ``target_remaining`` of an
             experiment) each pass keeps this fraction of what the previous one left:
             iteration k's pass reaches ``target ** k`` (:meth:`at_iteration`).
+        nm: (n, m) for N:M sparsity instead of the alpha rule: per output neuron, each group
+            of m consecutive inputs keeps its n connections of highest score (convs: n of m
+            consecutive input channels' kernels). Not combined with ``target``, ``alphas``
+            or other alphas than the defaults (the residual rule uses ``alpha_conv``).
     """
 
     alpha_fc: float = 0.95
@@ -41,15 +45,18 @@ class PassSettings:
     only: Iterable[Selector] | Selector | None = ()
     alphas: Mapping[str, float] | None = field(default_factory=dict)
     target: float | None = None
+    nm: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         checked = {
             "alpha_fc": check_alpha(self.alpha_fc, "alpha_fc"), "alpha_conv": check_alpha(self.alpha_conv, "alpha_conv"),
             "ignore": tuple(check_selectors(self.ignore, "ignore")), "only": tuple(check_selectors(self.only, "only")),
             "alphas": check_alphas(self.alphas), "target": check_target(self.target),
+            "nm": None if self.nm is None else check_nm(self.nm),
         }  # fmt: skip
         if self.score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+        _check_nm_alone(checked)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -70,9 +77,20 @@ class PassSettings:
         """As stored with a run's loop state: the alphas and the score, and the choices made
         only (loop states written before the choices existed resume)."""
         chosen = {"ignore": [str(s) for s in self.ignore], "only": [str(s) for s in self.only], "alphas": dict(self.alphas),
-                  "target_remaining": self.target}  # fmt: skip
+                  "target_remaining": self.target, "nm": None if self.nm is None else list(self.nm)}  # fmt: skip
         made = {name: value for name, value in chosen.items() if value not in ([], {}, None)}
         return {"alpha_fc": self.alpha_fc, "alpha_conv": self.alpha_conv, "score": self.score, **made}
+
+
+def _check_nm_alone(checked: dict[str, Any]) -> None:
+    """Refuse ``nm`` together with a setting of the alpha rule it replaces."""
+    if checked["nm"] is None:
+        return
+    alpha_rule = {"target": None, "alphas": {}, "alpha_fc": PassSettings.alpha_fc, "alpha_conv": PassSettings.alpha_conv}
+    given = [f"{name}={checked[name]!r}" for name, default in alpha_rule.items() if checked[name] != default]
+    if given:
+        raise ValueError(f"nm={checked['nm']} replaces the alpha rule (each group of m inputs keeps its n best connections): "
+                         f"leave out {', '.join(given)}")  # fmt: skip
 
 
 DEFAULTS = PassSettings()

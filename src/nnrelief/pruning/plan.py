@@ -14,6 +14,7 @@ from ..analysis.layers import kernel_layout
 from . import scores as score_fns
 from .cleaning import LayerMask, batchnorm_constant, clean, residual_decisions
 from .masks import current_mask, gate_of, is_masked
+from .nm import nm_conv_mask, nm_linear_mask
 from .selection import select
 from .stats import Statistics
 
@@ -36,11 +37,15 @@ class Planner:
     Memory stays within one layer's worth beyond the masks: a Linear's contributions
     ``|w_ij| * mean |x_i|`` are recomputed from its weight, block of rows by block of rows,
     whenever masks are selected (a target size selects a few dozen times); a conv's, (J, C/g)
-    per kernel and costly, are computed once and kept. Selection runs on the CPU.
+    per kernel and costly, are computed once and kept. Selection runs on the CPU. With ``nm``
+    = (n, m) the layers' masks are N:M (:mod:`.nm`) instead of the alpha rule's.
     """
 
-    def __init__(self, model: nn.Module, graph: ChannelGraph, layers: dict[str, PrunableLayer], stats: Statistics, mode: str) -> None:
-        self.model, self.graph, self.layers, self.stats = model, graph, layers, stats
+    def __init__(
+        self, model: nn.Module, graph: ChannelGraph, layers: dict[str, PrunableLayer], stats: Statistics, mode: str,
+        nm: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        self.model, self.graph, self.layers, self.stats, self.nm = model, graph, layers, stats, nm
         self.shifts = {name: batchnorm_constant(model.get_submodule(layer.batchnorm)) for name, layer in layers.items() if layer.batchnorm}
         self.inputs: dict[str, Tensor] = {}  # Linear: mean |x_i|
         self.convs: dict[str, tuple[Tensor, Tensor | None]] = {}  # conv: (a_ij, bias share)
@@ -62,7 +67,7 @@ class Planner:
 
     def masks(self, alpha_of: AlphaOf) -> tuple[dict[str, LayerMask], dict[str, Tensor], dict[str, Tensor]]:
         """(layer masks, shortcut gates, BatchNorm masks) of the pass."""
-        masks = {name: self._selected(name, alpha_of(name, layer.kind)) for name, layer in self.layers.items()}
+        masks = {name: self._layer_mask(name, alpha_of(name, layer.kind)) for name, layer in self.layers.items()}
         gates = {node: gate.clone() for node, gate in self.gates.items()}
         bn_masks: dict[str, Tensor] = {}
         if self.graph.traced:
@@ -83,6 +88,14 @@ class Planner:
                    for name, mask in masks.items())  # fmt: skip
         kept += sum(int(mask.bias.sum()) for mask in masks.values() if mask.bias is not None)
         return kept / self.total if self.total else 1.0
+
+    def _layer_mask(self, name: str, alpha: float) -> LayerMask:
+        """One layer's keep mask: the alpha rule's (:meth:`_selected`), or the N:M one."""
+        if self.nm is None:
+            return self._selected(name, alpha)
+        if name in self.convs:
+            return nm_conv_mask(self.convs[name][0], _connection_mask(self.layers[name].module), self.nm, self.shifts.get(name))
+        return nm_linear_mask(self.layers[name].module, self.inputs[name], self.nm, self.shifts.get(name), _BLOCK_ENTRIES)
 
     def _selected(self, name: str, alpha: float) -> LayerMask:
         """One layer's keep mask at ``alpha``, ANDed with its current mask (never revives)."""

@@ -29,6 +29,7 @@ from .apply import apply_pass_masks, flat_masks
 from .batches import PruningBatches, check_finite_model
 from .choices import Selector, UnreachableTargetError, check_choices_match, find_alpha, spared_layers
 from .diagnostics import FeedError, explain_run_failure, rejected_input, shape_text
+from .nm import misfits_text, nm_misfits
 from .pass_settings import DEFAULTS, SCORE_MODES, PassSettings
 from .plan import Planner
 from .report import PruneReport, build_report
@@ -53,6 +54,7 @@ def prune(
     only: Iterable[Selector] | Selector | None = None,
     alphas: Mapping[str, float] | None = None,
     target: float | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> PruneReport:
     """Run one NNrelief pruning pass on ``model`` in place.
 
@@ -87,6 +89,13 @@ def prune(
     warning. A pattern of ``ignore``/``only``/``alphas`` that matches no prunable layer, or a
     type the model does not contain, raises ``ValueError`` naming it.
 
+    ``nm=(n, m)`` (e.g. ``(2, 4)``) replaces the alpha rule by N:M sparsity: per neuron, each
+    group of m consecutive inputs keeps its n connections of highest score (per filter, n of
+    every m consecutive input channels' kernels); structure cleaning still follows and only
+    removes more. A pruned layer whose inputs (conv: input channels per group) do not split
+    into groups of m raises ``ValueError`` naming it before anything changes (spare it with
+    ``ignore``); ``nm`` with ``target``, ``alphas`` or other alphas raises ``ValueError``.
+
     Under ``torchrun`` (a torch.distributed group of several processes) each process
     passes its own part of the pruning set: the statistics are summed over processes,
     and the masks are compared (by hash) before they are applied; ranks that disagree
@@ -95,7 +104,8 @@ def prune(
     The keywords but ``progress`` are the fields of :class:`~nnrelief.pruning.pass_settings.PassSettings`
     (checked and defaulted there).
     """
-    settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas, target=target)
+    settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas,
+                            target=target, nm=nm)  # fmt: skip
     target = settings.target
     if isinstance(batches, torch.Tensor):
         raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
@@ -113,6 +123,8 @@ def prune(
             raise ValueError("no pruning batches: pass a non-empty iterable of inputs (e.g. 1,000 training samples)")
         graph = _analyse(model, first, dynamic=not inputs.one_signature())
         check_choices_match(model, [*graph.layers, *graph.skipped], list(settings.ignore), list(settings.only), settings.alphas)
+        if settings.nm is not None:
+            _check_nm_widths(graph, settings)
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
@@ -122,7 +134,7 @@ def prune(
         layers, skipped = _layers_that_ran(graph, stats)
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, list(settings.ignore), list(settings.only))
-        planner = Planner(model, graph, layers, stats, settings.score)
+        planner = Planner(model, graph, layers, stats, settings.score, settings.nm)
         found = None if target is None else _alpha_for_target(planner, target)
         if found is None:
             masks, gates, bn_masks = planner.masks(settings.alpha_of)
@@ -141,6 +153,8 @@ def prune(
     choices = {"alphas": dict(settings.alphas)} if settings.alphas else {}
     if target is not None:
         choices.update(target=target, alpha=found)
+    if settings.nm is not None:
+        choices.update(nm=settings.nm)
     report = build_report(
         ((name, layer.module) for name, layer in layers.items()), widths,
         alpha_fc=settings.alpha_fc,
@@ -173,6 +187,17 @@ def _alpha_for_target(planner: Planner, target: float) -> float:
         log.warning("target=%g: the nearest this pass reaches is %.4g (alpha %.4g); structure cleaning sets the rest",
                     target, reached, found)  # fmt: skip
     return found
+
+
+def _check_nm_widths(graph: ChannelGraph, settings: PassSettings) -> None:
+    """Under ``nm``, refuse the layers the pass would prune whose inputs do not split into groups of m."""
+    modules = {name: layer.module for name, layer in graph.layers.items()}
+    spared = spared_layers(modules, list(settings.ignore), list(settings.only))
+    misfits = nm_misfits({name: module for name, module in modules.items() if name not in spared}, settings.nm[1])
+    if misfits:
+        raise ValueError(f"nm={settings.nm} groups the inputs of every pruned layer (conv: input channels per group) by "
+                         f"{settings.nm[1]}; {misfits_text(misfits)} do not split so: spare them with "
+                         f"ignore={[*settings.ignore, *misfits]!r}")  # fmt: skip
 
 
 def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:
