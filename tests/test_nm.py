@@ -1,6 +1,6 @@
 """N:M sparsity (``nnrelief.prune(..., nm=(n, m))``): the pattern after the pass (structure
-cleaning included) on an MLP, a GPT-2 and a CNN, the scores it keeps by, the refusals and
-the 2:4 GPU format (``-m cuda``)."""
+cleaning included) on an MLP, a GPT-2 and a CNN, the scores it keeps by, the refusals, the
+setting in experiments and on the command line, and the 2:4 GPU format (``-m cuda``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 import nnrelief
+from nnrelief.experiments.config import LATER_FIELDS, ConfigError, ExperimentConfig
+from nnrelief.experiments.experiment import check_layer_patterns
 from nnrelief.pruning.masks import current_mask, state_with_masks
 from nnrelief.pruning.pass_settings import PassSettings
 from nnrelief.pruning.selection import select_nm
@@ -127,6 +129,31 @@ def test_nm_alone_and_well_formed(keywords, message):
     with pytest.raises(ValueError, match=message):
         nnrelief.prune(model, [torch.randn(4, 16)], progress=False, **{"nm": (2, 4), **keywords})
     assert not any(key.endswith("_mask") for key in state_with_masks(model))
+
+
+def test_experiment_setting_hash_and_loop_state():
+    assert LATER_FIELDS["nm"] is None  # old run folders keep their names
+    cfg = ExperimentConfig(nm="2:4")
+    assert cfg.pass_settings() == PassSettings(nm=(2, 4)) and ExperimentConfig(nm=[2, 4]).nm == "2:4"
+    assert cfg.config_hash() != ExperimentConfig().config_hash()
+    assert PassSettings(nm=(2, 4)).loop_settings()["nm"] == [2, 4] and "nm" not in PassSettings().loop_settings()
+    with pytest.raises(ConfigError, match="setting nm is written N:M .* got '2/4' \\(flag --nm\\)"):
+        ExperimentConfig(nm="2/4")
+    with pytest.raises(ConfigError, match="leave out alpha_fc=0.99 .*give --alpha-fc 0.95 --alpha-conv 0.9"):
+        ExperimentConfig(nm="2:4", alpha_fc=0.99)
+    with pytest.raises(ConfigError, match="conv1 \\(1 inputs\\) of lenet5 .* --ignore conv1 \\(flag --nm\\)"):
+        check_layer_patterns(ExperimentConfig(model="lenet5", nm="2:4"))
+    check_layer_patterns(ExperimentConfig(model="lenet5", nm="2:4", ignore=["conv1"]))
+
+
+def test_command_line_flag(tmp_path, capsys):
+    from nnrelief.cli import build_parser, main
+
+    args = build_parser().parse_args(["prune", "--nm", "2:4"])
+    assert args.nm == "2:4"
+    assert main(["prune", "--dataset", "mnist-sample", "--nm", "2:x", "--runs-root", str(tmp_path)]) == 1
+    assert "error: setting nm is written N:M with whole numbers 0 < N < M" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.cuda

@@ -24,7 +24,9 @@ from typing import Any
 from .. import data as nndata
 from ..models import MODELS
 from ..models import input_shape as model_input_shape
+from ..pruning.choices import parse_nm
 from ..pruning.pass_settings import DEFAULTS, SCORE_MODES, PassSettings
+from ..pruning.selection import check_nm
 from ..settings import check_keys, check_value, document, flag_of, like, setting, spec_of, specs, suggestion
 from ..training import TrainConfig
 
@@ -48,7 +50,7 @@ FREE_FIELDS = frozenset({"data_dir", "device", "num_iters", "world_size"})
 # defaults, and assumed to have them in run folders written before they existed.
 LATER_FIELDS: dict[str, Any] = {
     "lr_schedule": "step", "amp": "off", "compile": False, "ignore": [], "only": [], "alphas": [], "target_remaining": None,
-    "steps_per_epoch": None,
+    "steps_per_epoch": None, "nm": None,
 }  # fmt: skip
 
 
@@ -79,6 +81,18 @@ def _alpha_entries(name: str, value: Any) -> Any:
             raise ValueError(f"{name} gives pattern {pattern.strip()!r} twice (the first match wins): keep one")
         entries[pattern.strip()] = alpha
     return [f"{pattern}={alpha!r}" for pattern, alpha in entries.items()]
+
+
+def _nm_text(name: str, value: Any) -> Any:
+    """N:M sparsity as ``"N:M"`` (given so, or as a pair [N, M]), with 0 < N < M."""
+    if value is None:
+        return None
+    try:
+        n, m = parse_nm(value) if isinstance(value, str) else check_nm(value)
+    except ValueError:
+        raise ValueError(f"{name} is written N:M with whole numbers 0 < N < M (N of every M consecutive inputs kept), "
+                         f"e.g. 2:4; got {value!r}") from None  # fmt: skip
+    return f"{n}:{m}"
 
 
 def _number(text: str) -> float:
@@ -145,6 +159,10 @@ class ExperimentConfig:
         None, range="(0, 1)", help="each pass keeps this fraction of what the previous one left (iteration k prunes to "
         "target_remaining**k of the scored weights) with one alpha for every layer, found by bisection ('none': the alphas)",
     )  # fmt: skip
+    nm: str | None = setting(
+        None, metavar="N:M", convert=_nm_text, help="N:M sparsity instead of the alpha rule: per neuron, each group of M "
+        "consecutive inputs (conv: input channels' kernels) keeps its N best connections, e.g. 2:4 ('none': the alpha rule)",
+    )  # fmt: skip
     num_iters: int = setting(10, help="pruning iterations (may be raised to extend a finished run)", range="[0, inf)")
     prune_samples: int = setting(1000, range="[1, inf)",
                                  help="training samples in the pruning set, drawn anew each iteration (seeded by seed and the iteration)")
@@ -178,6 +196,7 @@ class ExperimentConfig:
         if self.target_remaining is not None and self.alphas:
             raise ConfigError("setting alphas has no effect with target_remaining (one alpha for every layer is searched): "
                               "give one of --alphas and --target-remaining")  # fmt: skip
+        self._check_nm()
         for retrain_iteration, names in ((None, {}), (1, _RETRAIN_NAMES)):
             try:
                 self.train_config(retrain_iteration)
@@ -185,6 +204,16 @@ class ExperimentConfig:
                 name, _, rest = str(error).partition(" ")
                 name = "retrain_lr" if name == "lr" and retrain_iteration and self.retrain_lr is not None else names.get(name, name)
                 raise _setting_error(name, rest) from None
+
+    def _check_nm(self) -> None:
+        """``nm`` alone: not with the settings of the alpha rule it replaces."""
+        if self.nm is None:
+            return
+        try:
+            self.pass_settings()
+        except ValueError as error:
+            raise ConfigError(f"setting {error} (flags --alpha-fc, --alpha-conv, --alphas, --target-remaining; a preset's "
+                              f"alphas too: give --alpha-fc {DEFAULTS.alpha_fc} --alpha-conv {DEFAULTS.alpha_conv})") from None
 
     def _check_processes(self) -> None:
         """The batch and the pruning set large enough to split over the processes."""
@@ -254,7 +283,8 @@ class ExperimentConfig:
         """The settings of every NNrelief pass of the run (``target_remaining`` is the
         per-pass fraction, :meth:`PassSettings.at_iteration`)."""
         return PassSettings(alpha_fc=self.alpha_fc, alpha_conv=self.alpha_conv, score=self.score, ignore=tuple(self.ignore),
-                            only=tuple(self.only), alphas=self.alpha_map, target=self.target_remaining)  # fmt: skip
+                            only=tuple(self.only), alphas=self.alpha_map, target=self.target_remaining,
+                            nm=None if self.nm is None else parse_nm(self.nm))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of all fields."""

@@ -26,8 +26,9 @@ from ..distributed import from_main, init_from_env, is_main, rank, world_size
 from ..fileio import cpu_state
 from ..kinds import kind_of
 from ..models import get_model, input_shape
-from ..pruning.choices import spared_layers, unmatched_patterns
+from ..pruning.choices import parse_nm, spared_layers, unmatched_patterns
 from ..pruning.masks import StateDictMismatchError, restore_masks
+from ..pruning.nm import misfits_text, nm_misfits
 from ..settings import flag_of
 from ..training import EvalResult, evaluate, fit, resolve_device
 from . import checksums
@@ -267,8 +268,9 @@ def fresh_model(model_name: str, dataset_name: str) -> nn.Module:
 
 def check_layer_patterns(cfg: ExperimentConfig) -> None:
     """Refuse layer name patterns of ``cfg`` that match no layer of its model the pass prunes (:mod:`nnrelief.kinds`),
-    and ``ignore``/``only`` that leave nothing to prune (the model is built on the meta device)."""
-    if not (cfg.ignore or cfg.only or cfg.alphas):
+    ``ignore``/``only`` that leave nothing to prune, and under ``nm`` pruned layers whose inputs do not
+    split into its groups (the model is built on the meta device)."""
+    if not (cfg.ignore or cfg.only or cfg.alphas or cfg.nm):
         return
     with torch.device("meta"):
         model = fresh_model(cfg.model, cfg.dataset)
@@ -277,8 +279,20 @@ def check_layer_patterns(cfg: ExperimentConfig) -> None:
     for name, patterns in (("ignore", cfg.ignore), ("only", cfg.only), ("alphas", list(cfg.alpha_map))):
         for pattern in unmatched_patterns(patterns, layers):
             raise ConfigError(f"setting {name}: pattern {pattern!r} matches no layer of {cfg.model} ({shown}) (flag {flag_of(name)})")
-    if not set(layers) - spared_layers(layers, list(cfg.ignore), list(cfg.only)):
+    spared = spared_layers(layers, list(cfg.ignore), list(cfg.only))
+    if not set(layers) - spared:
         raise ConfigError(f"settings ignore/only spare every layer of {cfg.model}: nothing to prune (flags --ignore, --only)")
+    if cfg.nm:
+        _check_nm_widths(cfg, {name: module for name, module in layers.items() if name not in spared})
+
+
+def _check_nm_widths(cfg: ExperimentConfig, pruned: Mapping[str, nn.Module]) -> None:
+    """Refuse pruned layers whose inputs do not split into the groups of ``cfg.nm``."""
+    m = parse_nm(cfg.nm)[1]
+    misfits = nm_misfits(pruned, m)
+    if misfits:
+        raise ConfigError(f"setting nm {cfg.nm}: {misfits_text(misfits)} of {cfg.model} do not split into groups of {m} "
+                          f"inputs: spare them with --ignore {' '.join([*cfg.ignore, *misfits])} (flag --nm)")  # fmt: skip
 
 
 class Experiment:
