@@ -159,7 +159,11 @@ def test_command_line_flag(tmp_path, capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                     reason="needs a CUDA GPU of compute capability 8.0 or higher (2:4 sparse tensor cores)")  # fmt: skip
-def test_a_2_4_pruned_linear_runs_as_a_semi_structured_sparse_tensor():
+def test_a_2_4_pruned_linear_runs_as_a_semi_structured_sparse_tensor(monkeypatch):
+    """README's recipe: the weight of a Linear pruned 2:4 converts to PyTorch's semi-structured
+    format (cuSPARSELt, or CUTLASS where this build lacks it) and gives the dense masked outputs."""
+    cutlass = not torch.backends.cusparselt.is_available()
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", cutlass)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128)).half().cuda()
     layer, x = model[0], torch.randn(64, 256, dtype=torch.float16, device="cuda")
@@ -168,4 +172,4 @@ def test_a_2_4_pruned_linear_runs_as_a_semi_structured_sparse_tensor():
     dense = layer(x)
     sparse = torch.sparse.to_sparse_semi_structured(layer.weight.detach())
     out = torch.nn.functional.linear(x, sparse, layer.bias)
-    torch.testing.assert_close(out, dense, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, dense, rtol=1e-2, atol=2e-2)
