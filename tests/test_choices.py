@@ -117,7 +117,7 @@ def test_readme_choice_examples_run() -> None:
     for line in lines:  # each on a fresh model: they are alternatives
         torch.manual_seed(0)
         namespace = {"nnrelief": nnrelief, "nn": nn, "model": _Toy(), "batches": [torch.rand(16, 3, 8, 8)]}
-        exec(line.replace(")", ", progress=False)", 1) if line.endswith(")") else line, namespace)
+        exec(line[:-1] + ", progress=False)" if line.endswith(")") else line, namespace)
 
 
 @pytest.mark.parametrize(
