@@ -14,6 +14,7 @@ import nnrelief
 from nnrelief.experiments.config import LATER_FIELDS, ConfigError, ExperimentConfig
 from nnrelief.experiments.experiment import check_layer_patterns
 from nnrelief.pruning.masks import current_mask, state_with_masks
+from nnrelief.pruning.nm import nm_linear_mask
 from nnrelief.pruning.pass_settings import PassSettings
 from nnrelief.pruning.selection import select_nm
 
@@ -61,6 +62,15 @@ def test_a_linear_keeps_its_n_highest_scores_and_nothing_revives():
     nnrelief.prune(model, [x], nm=(2, 4), progress=False)
     assert torch.equal(current_mask(layer), select_nm(scores * before, 2, 4))  # pruned weights score 0: never kept
     assert not (current_mask(layer) & ~before).any()
+
+
+def test_linear_mask_is_the_same_row_block_by_row_block():
+    torch.manual_seed(3)
+    layer, mean_abs_input = nn.Linear(12, 7), torch.rand(12)
+    whole = nm_linear_mask(layer, mean_abs_input, (1, 4), None, block_entries=1 << 20)
+    by_row = nm_linear_mask(layer, mean_abs_input, (1, 4), None, block_entries=12)
+    assert torch.equal(whole.weight, select_nm(layer.weight.detach().abs() * mean_abs_input, 1, 4))
+    assert torch.equal(by_row.weight, whole.weight) and whole.bias.all()
 
 
 def test_gpt2_conv1d_groups_run_along_its_stored_input_axis():

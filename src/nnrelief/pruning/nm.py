@@ -36,11 +36,12 @@ def nm_linear_mask(module: nn.Module, mean_abs_input: Tensor, nm: tuple[int, int
     """A Linear (or GPT-2 ``Conv1D``) layer's N:M keep mask from ``a_ij = |w_ij| mean |x_i|``,
     selected ``block_entries`` connections at a time on the weight's device."""
     weight = weight_matrix(module).detach()
+    mean_abs_input = mean_abs_input.to(weight.device)
     keep = torch.empty(weight.shape, dtype=torch.bool)
     rows = max(1, block_entries // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], rows):
         block = slice(start, start + rows)
-        contrib = score_fns.linear_contributions(weight[block].float(), mean_abs_input.to(weight.device))
+        contrib = score_fns.linear_contributions(weight[block].float(), mean_abs_input)
         keep[block] = select_nm(contrib, *nm).cpu()
     keep &= kernel_layout(module, current_mask(module, "weight")).cpu()
     return LayerMask(keep, _current_bias(module), shift)
