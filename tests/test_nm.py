@@ -5,6 +5,7 @@ setting in experiments and on the command line, and the 2:4 GPU format (``-m cud
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -164,6 +165,19 @@ def test_command_line_flag(tmp_path, capsys):
     assert main(["prune", "--dataset", "mnist-sample", "--nm", "2:x", "--runs-root", str(tmp_path)]) == 1
     assert "error: setting nm is written N:M with whole numbers 0 < N < M" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_command_line_run_keeps_the_pattern_through_retraining(tmp_path):
+    from nnrelief.cli import main
+
+    small = ["--dataset", "mnist-sample", "--model", "lenet300_100", "--epochs", "1", "--retrain-epochs", "1", "--milestones",
+             "--retrain-milestones", "--train-subset", "600", "--val-size", "300", "--prune-samples", "200", "--num-iters", "2",
+             "--device", "cpu", "--no-progress", "--threads", "1", "-q"]  # fmt: skip
+    assert main(["prune", *small, "--nm", "2:4", "--run-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["nm"] == "2:4"
+    state = torch.load(tmp_path / "run" / "model-iter2.pt", weights_only=True)
+    for name in ("fc1", "fc2", "fc3"):
+        assert int(_groups_along_inputs(state[f"{name}.weight"], 4).max()) == 2
 
 
 @pytest.mark.cuda
