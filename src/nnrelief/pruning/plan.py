@@ -38,7 +38,8 @@ class Planner:
     ``|w_ij| * mean |x_i|`` are recomputed from its weight, block of rows by block of rows,
     whenever masks are selected (a target size selects a few dozen times); a conv's, (J, C/g)
     per kernel and costly, are computed once and kept. Selection runs on the CPU. With ``nm``
-    = (n, m) the layers' masks are N:M (:mod:`.nm`) instead of the alpha rule's.
+    = (n, m) the layers' masks are N:M (:mod:`.nm`; a Linear's selected on its weight's
+    device) instead of the alpha rule's.
     """
 
     def __init__(
