@@ -213,7 +213,7 @@ class ExperimentConfig:
             self.pass_settings()
         except ValueError as error:
             raise ConfigError(f"setting {error} (flags --alpha-fc, --alpha-conv, --alphas, --target-remaining; a preset's "
-                              f"alphas too: give --alpha-fc {DEFAULTS.alpha_fc} --alpha-conv {DEFAULTS.alpha_conv})") from None
+                              f"alphas too: give --alpha-fc {DEFAULTS.alpha_fc} --alpha-conv {DEFAULTS.alpha_conv})") from None  # fmt: skip
 
     def _check_processes(self) -> None:
         """The batch and the pruning set large enough to split over the processes."""
