@@ -49,3 +49,15 @@ def _descending(entries: Tensor) -> Tensor:
     if entries.device.type != "cpu":
         return entries.sort(dim=1, descending=True).values
     return torch.from_numpy(np.sort(entries.numpy(), axis=1)).flip(1)
+
+
+def select_nm(scores: Tensor, n: int, m: int) -> Tensor:
+    """(J, K) keep mask: in every row, each group of ``m`` consecutive columns keeps its ``n``
+    highest scores (ties: lowest index first; a score of 0 is never kept). K must be a multiple of m."""
+    rows, width = scores.shape
+    if width % m:
+        raise ValueError(f"{width} columns do not split into groups of {m}")
+    groups = scores.reshape(rows, width // m, m).float()
+    order = groups.sort(dim=2, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
+    return (keep & (groups > 0)).reshape(rows, width)
