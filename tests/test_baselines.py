@@ -61,9 +61,9 @@ def test_registry_steps_follow_the_targets():
         get_method("prune-all")
     targets = Targets(kept=[{"0": 3, "2": 2}, {"0": 2, "2": 1}], macs=[5, 3], seed=0, input_shape=(3,))
     with pytest.raises(ValueError, match="reference"):
-        get_method("nnrelief").step(targets)
+        get_method("nnrelief").step(targets, lambda _k: [])
     model = two_layers()
-    step = get_method("magnitude").step(targets)
+    step = get_method("magnitude").step(targets, lambda _k: [])
     assert [layer.kept for layer in step(model, 1).layers] == [3, 2]
     assert [layer.kept for layer in step(model, 2).layers] == [2, 1]
-    assert get_method("global-magnitude").step(targets)(two_layers(), 2).kept == 3
+    assert get_method("global-magnitude").step(targets, lambda _k: [])(two_layers(), 2).kept == 3

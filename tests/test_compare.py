@@ -148,7 +148,7 @@ def test_resume_extends_every_method(compared, tmp_path):
 
 
 def test_unknown_method():
-    known = "nnrelief, magnitude, global-magnitude, random, l1-filter"
+    known = "nnrelief, magnitude, global-magnitude, random, l1-filter, row-magnitude, wanda, wanda-mean"
     with pytest.raises(ConfigError, match=f"unknown method 'pruneall'; known: {known}$"):
         run_comparison(None, ["nnrelief", "pruneall"])  # type: ignore[arg-type]
 

@@ -45,6 +45,7 @@ from .compaction.export import export_onnx, export_program, export_torchscript, 
 from .compaction.statedict import state_dict
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
+from .experiments.oneshot import DEFAULT_ONE_SHOT, ONE_SHOT_METHODS, check_one_shot, run_one_shot
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, load_weights
 from .experiments.runfolder import refuse_overwrite
@@ -353,8 +354,22 @@ def _add_compare(commands: Any, shown: str | None) -> None:
         "compare.png (accuracy vs remaining weights) and compare-macs.png (accuracy vs MACs); resumes when run again.",
     )  # fmt: skip
     defaults = [name for name in DEFAULT_METHODS if name in BASELINES]
-    compare.add_argument("--methods", nargs="+", choices=BASELINES, default=defaults, metavar="METHOD",
-                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)})")
+    known = list(dict.fromkeys([*BASELINES, *ONE_SHOT_METHODS]))
+    compare.add_argument("--methods", nargs="+", choices=known, metavar="METHOD",
+                         help=f"baselines to run besides NNrelief: {', '.join(BASELINES)} (default: {' '.join(defaults)}); "
+                         f"with --one-shot, the methods to run: {', '.join(ONE_SHOT_METHODS)} (default: "
+                         f"{' '.join(DEFAULT_ONE_SHOT)})")  # fmt: skip
+    shot = compare.add_argument_group("one shot (no retraining)")
+    shot.add_argument("--one-shot", action="store_true",
+                      help="prune the dense model once per method, sparsity and calibration draw, no retraining, and "
+                      "evaluate on the test split (a language model too: bits per byte); writes <run folder>/one-shot/"
+                      "(one-shot.md, .csv, rows.json, one-shot.png); resumes when run again")  # fmt: skip
+    shot.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8], metavar="S",
+                      help="fractions of the scored weights and biases to remove (default: 0.5 0.6 0.7 0.8)")
+    shot.add_argument("--draws", type=int, default=3, help="calibration draws (prune_samples samples each; default 3)")
+    shot.add_argument("--recompute-bn", action="store_true",
+                      help="recompute BatchNorm statistics on the calibration samples after pruning (CNNs); "
+                      "files in <run folder>/one-shot-bn/")  # fmt: skip
 
 
 def _add_compact(commands: Any) -> None:
@@ -527,11 +542,36 @@ def _read_text(path: Path) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    if args.one_shot:
+        return _one_shot(args)
+    methods = args.methods or [name for name in DEFAULT_METHODS if name in BASELINES]
+    if [name for name in methods if name not in BASELINES]:
+        raise ConfigError(f"--methods {' '.join(name for name in methods if name not in BASELINES)}: only with --one-shot; "
+                          f"the baselines of an iterative comparison are {', '.join(BASELINES)}")  # fmt: skip
     with _experiment(args) as experiment:
-        comparison = run_comparison(experiment, ["nnrelief", *args.methods], progress=_progress(args))
+        comparison = run_comparison(experiment, ["nnrelief", *methods], progress=_progress(args))
     figures = _comparison_figures(comparison)
     print(comparison.markdown())
     print(f"comparison files: {comparison.folder} (compare.csv, compare.json, compare.md{''.join(', ' + f for f in figures)})")
+    return 0
+
+
+def _one_shot(args: argparse.Namespace) -> int:
+    methods = args.methods or list(DEFAULT_ONE_SHOT)
+    check_one_shot(methods, args.sparsities, args.draws)
+    with _experiment(args) as experiment:
+        result = run_one_shot(experiment, methods, args.sparsities, draws=args.draws, recompute_bn=args.recompute_bn,
+                              progress=_progress(args))  # fmt: skip
+    from .reporting import MissingPlotDependencyError, plot_one_shot
+
+    figure = ""
+    try:
+        plot_one_shot(result.summary(), result.folder / "one-shot.png", metric=result.metric, title=result.title)
+        figure = ", one-shot.png"
+    except MissingPlotDependencyError as error:
+        logger.warning("no one-shot figure: %s", error)
+    print(result.markdown())
+    print(f"one-shot files: {result.folder} (one-shot.md, one-shot.csv, rows.json{figure})")
     return 0
 
 

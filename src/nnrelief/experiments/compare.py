@@ -69,7 +69,7 @@ def run_baseline(
     """
     cfg = experiment.cfg
     shape = tuple(experiment.train_set.image_shape)
-    step = get_method(method).step(Targets.of(reference, cfg.seed, shape))
+    step = get_method(method).step(Targets.of(reference, cfg.seed, shape), experiment.pruning_batches)
     method_folder = RunFolder(folder)
 
     def finished(record: IterationRecord) -> None:

@@ -13,8 +13,9 @@ A new method is one more entry of :data:`METHODS` (this list is made from it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .config import ConfigError, derive_seed
 from .history import History, IterationRecord
 from .iterative import PruneStep
 from .l1_filter import filter_layers, l1_filter_prune
+from .rowwise import row_magnitude_prune, wanda_prune
 
 __all__ = ["METHODS", "Method", "Targets", "get_method", "layer_targets", "with_method_list"]
 
@@ -56,6 +58,13 @@ class Targets:
     spared: frozenset[str] = frozenset()
 
     @classmethod
+    def uniform(cls, totals: dict[str, int], remaining: float, seed: int, input_shape: tuple[int, ...]) -> Targets:
+        """One step that keeps the fraction ``remaining`` of every layer (``totals``: all
+        weights + biases per layer): the target of a one-shot comparison at sparsity 1 - remaining."""
+        kept = {name: round(remaining * total) for name, total in totals.items()}
+        return cls([kept], [0], seed, tuple(input_shape))
+
+    @classmethod
     def of(cls, reference: History, seed: int, input_shape: tuple[int, ...]) -> Targets:
         """The targets of NNrelief's history ``reference`` (iteration 0, the dense model, has none)."""
         records = reference.records[1:]
@@ -65,8 +74,9 @@ class Targets:
         return cls([layer_targets(r) for r in records], [r.macs_sparse for r in records], seed, tuple(input_shape), spared)
 
 
-Prune = Callable[[nn.Module, Targets, int], PruneReport]
-"""Prunes a model in place for an iteration k to ``targets`` entry k - 1."""
+Prune = Callable[[nn.Module, Targets, int, Iterable[Any]], PruneReport]
+"""Prunes a model in place for an iteration k to ``targets`` entry k - 1; the last argument is
+iteration k's pruning batches (the calibration data of a data-driven method; empty for the others)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class Method:
         prune: the pruning rule of a baseline; ``None`` for ``nnrelief``, the reference.
         default: run when no methods are named.
         equal: what it keeps equal to NNrelief's: ``"weights"`` (counts) or ``"MACs"``.
+        data: whether it reads the pruning batches (a data-driven method: Wanda).
         check: raises ``ValueError`` when the method cannot prune a model (given the
             model and one input's shape), before anything runs.
     """
@@ -89,31 +100,44 @@ class Method:
     default: bool = True
     check: Callable[[nn.Module, tuple[int, ...]], object] | None = None
     equal: str = "weights"
+    data: bool = False
 
-    def step(self, targets: Targets) -> PruneStep:
-        """The baseline's prune step along ``targets``."""
+    def step(self, targets: Targets, batches: Callable[[int], Iterable[Any]]) -> PruneStep:
+        """The baseline's prune step along ``targets``; ``batches(k)`` gives iteration k's
+        pruning batches (called only by a data-driven method)."""
         if self.prune is None:
             raise ValueError(f"{self.name} is the reference: it has no targets to follow")
-        prune = self.prune
-        return lambda model, iteration: prune(model, targets, iteration)
+        prune, data = self.prune, self.data
+        return lambda model, iteration: prune(model, targets, iteration, batches(iteration) if data else ())
 
 
-def _magnitude(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+def _magnitude(model: nn.Module, targets: Targets, iteration: int, _batches: Iterable[Any]) -> PruneReport:
     return magnitude_prune(model, targets.kept[iteration - 1])
 
 
-def _global_magnitude(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+def _global_magnitude(model: nn.Module, targets: Targets, iteration: int, _batches: Iterable[Any]) -> PruneReport:
     kept = targets.kept[iteration - 1]
     return global_magnitude_prune(model, sum(kept.values()), list(kept))
 
 
-def _random(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+def _random(model: nn.Module, targets: Targets, iteration: int, _batches: Iterable[Any]) -> PruneReport:
     generator = torch.Generator().manual_seed(derive_seed(targets.seed, "random-prune", iteration))
     return random_prune(model, targets.kept[iteration - 1], generator)
 
 
-def _l1_filter(model: nn.Module, targets: Targets, iteration: int) -> PruneReport:
+def _l1_filter(model: nn.Module, targets: Targets, iteration: int, _batches: Iterable[Any]) -> PruneReport:
     return l1_filter_prune(model, targets.macs[iteration - 1], targets.input_shape, targets.spared)
+
+
+def _row_magnitude(model: nn.Module, targets: Targets, iteration: int, _batches: Iterable[Any]) -> PruneReport:
+    return row_magnitude_prune(model, targets.kept[iteration - 1])
+
+
+def _wanda(norm: str) -> Prune:
+    def prune(model: nn.Module, targets: Targets, iteration: int, batches: Iterable[Any]) -> PruneReport:
+        return wanda_prune(model, batches, targets.kept[iteration - 1], norm=norm)
+
+    return prune
 
 
 METHODS: dict[str, Method] = {
@@ -125,7 +149,14 @@ METHODS: dict[str, Method] = {
         Method("random", "every layer to NNrelief's remaining count of that layer, at random", _random),
         Method("l1-filter", "NNrelief's MACs, by removing one uniform fraction of the filters of the smallest L1 "
                "norm per conv layer (Li et al. 2017; not the stem nor residual-stream convs)",
-               _l1_filter, default=False, check=filter_layers, equal="MACs"),  # fmt: skip
+               _l1_filter, default=False, check=filter_layers, equal="MACs"),
+        Method("row-magnitude", "every layer to NNrelief's remaining count of that layer, the same count of the "
+               "largest |w| in every output row", _row_magnitude, default=False),
+        Method("wanda", "every layer to NNrelief's remaining count of that layer, the same count in every output "
+               "row, largest |w_ij| * ||x_j||_2 on the pruning batches (Sun et al. 2023)", _wanda("l2"),
+               default=False, data=True),
+        Method("wanda-mean", "as wanda, with mean |x_j| (NNrelief's statistic) for ||x_j||_2", _wanda("mean"),
+               default=False, data=True),  # fmt: skip
     )
 }
 """Every method by name; ``nnrelief`` first."""

@@ -15,6 +15,7 @@ from .choices import Selector, alpha_for, check_alphas, check_selectors, check_t
 from .selection import check_alpha, check_nm
 
 SCORE_MODES = ("paper", "authors")
+TARGET_SCOPES = ("model", "layer")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class PassSettings:
             every layer. In :func:`nnrelief.relieve` (and ``target_remaining`` of an
             experiment) each pass keeps this fraction of what the previous one left:
             iteration k's pass reaches ``target ** k`` (:meth:`at_iteration`).
+        target_scope: ``"model"`` (one alpha for every layer, the scored layers together
+            reach ``target``) or ``"layer"`` (each layer its own alpha, found so that every
+            layer reaches ``target`` alone, as Wanda prunes every layer alike).
         nm: (n, m) for N:M sparsity instead of the alpha rule: per output neuron, each group
             of m consecutive inputs keeps its n connections of highest score (convs: n of m
             consecutive input channels' kernels). Not combined with ``target``, ``alphas``
@@ -45,6 +49,7 @@ class PassSettings:
     only: Iterable[Selector] | Selector | None = ()
     alphas: Mapping[str, float] | None = field(default_factory=dict)
     target: float | None = None
+    target_scope: str = "model"
     nm: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -56,6 +61,10 @@ class PassSettings:
         }  # fmt: skip
         if self.score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+        if self.target_scope not in TARGET_SCOPES:
+            raise ValueError(f"target_scope must be one of {TARGET_SCOPES}, got {self.target_scope!r}")
+        if self.target_scope != "model" and self.target is None:
+            raise ValueError(f"target_scope={self.target_scope!r} needs a target (the remaining fraction each layer reaches)")
         _check_nm_alone(checked)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -77,7 +86,8 @@ class PassSettings:
         """As stored with a run's loop state: the alphas and the score, and the choices made
         only (loop states written before the choices existed resume)."""
         chosen = {"ignore": [str(s) for s in self.ignore], "only": [str(s) for s in self.only], "alphas": dict(self.alphas),
-                  "target_remaining": self.target, "nm": None if self.nm is None else list(self.nm)}  # fmt: skip
+                  "target_remaining": self.target, "target_scope": None if self.target_scope == "model" else self.target_scope,
+                  "nm": None if self.nm is None else list(self.nm)}  # fmt: skip
         made = {name: value for name, value in chosen.items() if value not in ([], {}, None)}
         return {"alpha_fc": self.alpha_fc, "alpha_conv": self.alpha_conv, "score": self.score, **made}
 

@@ -85,10 +85,27 @@ class Planner:
     def remaining(self, alpha_of: AlphaOf) -> float:
         """kept / total weights and biases of the layers under the pass's masks (as the report counts)."""
         masks, _, _ = self.masks(alpha_of)
-        kept = sum(int((self.taps[name] * mask.weight).sum()) if name in self.taps else int(mask.weight.sum())
-                   for name, mask in masks.items())  # fmt: skip
-        kept += sum(int(mask.bias.sum()) for mask in masks.values() if mask.bias is not None)
-        return kept / self.total if self.total else 1.0
+        return sum(self.kept_counts(masks).values()) / self.total if self.total else 1.0
+
+    def kept_counts(self, masks: dict[str, LayerMask]) -> dict[str, int]:
+        """Per layer, the weights and biases ``masks`` keep."""
+        return {name: (int((self.taps[name] * mask.weight).sum()) if name in self.taps else int(mask.weight.sum()))
+                      + (0 if mask.bias is None else int(mask.bias.sum())) for name, mask in masks.items()}  # fmt: skip
+
+    def layer_total(self, name: str) -> int:
+        """All weights and biases of layer ``name``."""
+        module = self.layers[name].module
+        return module.weight.numel() + _numel(module.bias)
+
+    def layer_current(self, name: str) -> float:
+        """kept / total weights and biases of layer ``name`` before the pass."""
+        module = self.layers[name].module
+        return (_kept(module, "weight") + _kept(module, "bias")) / self.layer_total(name)
+
+    def layer_remaining(self, name: str, alpha: float) -> float:
+        """kept / total weights and biases of layer ``name`` under its own selection at
+        ``alpha`` (before structure cleaning, which couples the layers)."""
+        return self.kept_counts({name: self._selected(name, alpha)})[name] / self.layer_total(name)
 
     def _layer_mask(self, name: str, alpha: float) -> LayerMask:
         """One layer's keep mask: the alpha rule's (:meth:`_selected`), or the N:M one."""

@@ -55,6 +55,7 @@ def prune(
     alphas: Mapping[str, float] | None = None,
     target: float | None = None,
     nm: tuple[int, int] | None = None,
+    target_scope: str = DEFAULTS.target_scope,
 ) -> PruneReport:
     """Run one NNrelief pruning pass on ``model`` in place.
 
@@ -83,7 +84,10 @@ def prune(
     biases to reach (as ``report.remaining_fraction`` counts it): one alpha for every layer,
     found from the pass's own statistics by bisection (no second pass), is used and reported
     as ``report.settings["alpha"]``; passing it back as ``alpha_fc`` and ``alpha_conv``
-    gives the same masks. ``target`` is a fraction of the dense layers: one above what they
+    gives the same masks. With ``target_scope="layer"`` every layer gets its own alpha,
+    found so that its own selection reaches ``target`` (the per-neuron alpha rule inside a
+    layer budget, as Wanda gives every layer the same sparsity; ``report.settings["alphas_found"]``);
+    structure cleaning may then remove a little more. ``target`` is a fraction of the dense layers: one above what they
     still keep raises :class:`~nnrelief.choices.UnreachableTargetError` (a ``ValueError``;
     the model is left unchanged), one the pass cannot come within 10% of is logged as a
     warning. A pattern of ``ignore``/``only``/``alphas`` that matches no prunable layer, or a
@@ -105,7 +109,7 @@ def prune(
     (checked and defaulted there).
     """
     settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas,
-                            target=target, nm=nm)  # fmt: skip
+                            target=target, target_scope=target_scope, nm=nm)  # fmt: skip
     target = settings.target
     if isinstance(batches, torch.Tensor):
         raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
@@ -135,10 +139,14 @@ def prune(
         samples = _sample_count(model, layers, stats)
         layers = _unspared(model, layers, skipped, list(settings.ignore), list(settings.only))
         planner = Planner(model, graph, layers, stats, settings.score, settings.nm)
-        found = None if target is None else _alpha_for_target(planner, target)
-        if found is None:
+        found: float | dict[str, float] | None = None
+        if target is None:
             masks, gates, bn_masks = planner.masks(settings.alpha_of)
+        elif settings.target_scope == "layer":
+            found = _alphas_per_layer(planner, target)
+            masks, gates, bn_masks = planner.masks(lambda name, _kind: found.get(name, 1.0))
         else:
+            found = _alpha_for_target(planner, target)
             masks, gates, bn_masks = planner.masks(lambda _name, _kind: found)
         check_same_on_all_ranks(flat_masks(masks, gates, bn_masks), "pruning masks")  # torchrun
         apply_pass_masks(model, graph, masks, gates, bn_masks)
@@ -151,7 +159,9 @@ def prune(
             module.train(training)
         release_freed_memory()
     choices = {"alphas": dict(settings.alphas)} if settings.alphas else {}
-    if target is not None:
+    if isinstance(found, dict):
+        choices.update(target=target, target_scope="layer", alphas_found=found)
+    elif target is not None:
         choices.update(target=target, alpha=found)
     if settings.nm is not None:
         choices.update(nm=settings.nm)
@@ -198,6 +208,25 @@ def _check_nm_widths(graph: ChannelGraph, settings: PassSettings) -> None:
         raise ValueError(f"nm={settings.nm} groups the inputs of every pruned layer (conv: input channels per group) by "
                          f"{settings.nm[1]}; {misfits_text(misfits)} do not split so: spare them with "
                          f"ignore={[*settings.ignore, *misfits]!r}")  # fmt: skip
+
+
+def _alphas_per_layer(planner: Planner, target: float, rounds: int = 4) -> dict[str, float]:
+    """Per layer the alpha that brings it, after structure cleaning, closest to ``target``.
+    Cleaning removes what other layers no longer use, so each layer's own selection aims a
+    little higher, by the ratio it fell short, for a few rounds. A layer already at or
+    below ``target`` keeps what it has (alpha 1)."""
+    aims = {name: target for name in planner.layers if planner.layer_current(name) > target + 1e-9}
+    found = dict.fromkeys(planner.layers, 1.0)
+    for _ in range(rounds):
+        for name, aim in aims.items():
+            found[name] = find_alpha(lambda alpha, name=name: planner.layer_remaining(name, alpha), aim)
+        masks, _, _ = planner.masks(lambda name, _kind: found[name])
+        reached = {name: count / planner.layer_total(name) for name, count in planner.kept_counts(masks).items()}
+        short = {name: aim for name, aim in aims.items() if abs(reached[name] - target) > 0.005 * target and aim < 1.0}
+        if not short:
+            break
+        aims.update({name: min(1.0, aim * target / max(reached[name], 1e-12)) for name, aim in short.items()})
+    return found
 
 
 def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:

@@ -12,7 +12,7 @@ matplotlib (the ``plots`` extra) is imported only when a figure is drawn, with t
 backend, so the rest of the package does not need it.
 """
 
-from .accuracy import plot_accuracy, plot_comparison
+from .accuracy import plot_accuracy, plot_comparison, plot_one_shot
 from .architecture import plot_architecture
 from .connections import ConnectionScores, connection_scores, plot_connections, pruning_inputs
 from .figures import MissingPlotDependencyError
@@ -30,6 +30,7 @@ __all__ = [
     "plot_architecture",
     "plot_comparison",
     "plot_connections",
+    "plot_one_shot",
     "pruning_inputs",
     "write_report",
 ]

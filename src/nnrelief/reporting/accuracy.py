@@ -108,3 +108,34 @@ def plot_comparison(
     if title:
         fig.suptitle(title, fontsize=11)
     save(fig, Path(path))
+
+
+def plot_one_shot(
+    summary: Mapping[str, Mapping[float, tuple[float, float, float, int]]],
+    path: str | os.PathLike[str],
+    *,
+    metric: str,
+    title: str = "",
+) -> None:
+    """A one-shot comparison's metric against sparsity, one line per method with the
+    spread over calibration draws as error bars (``summary``: :meth:`OneShot.summary`,
+    method -> sparsity -> (mean, standard deviation, remaining fraction, draws)); the
+    dense model's value (method ``"dense"``) as a horizontal line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    markers = "osD^v<>p*hX"
+    for k, (method, by) in enumerate((m, b) for m, b in summary.items() if m != "dense"):
+        points = sorted(by.items())
+        ax.errorbar([100 * s for s, _ in points], [v[0] for _, v in points], yerr=[v[1] for _, v in points],
+                    marker=markers[k % len(markers)], markersize=5, capsize=3, label=method,
+                    linewidth=2.2 if method.startswith("nnrelief") else 1.3)  # fmt: skip
+    dense = summary.get("dense", {}).get(0.0)
+    if dense is not None:
+        ax.axhline(dense[0], color="grey", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("sparsity of the scored layers (% of weights and biases removed)")
+    ax.set_ylabel(f"test {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    save(fig, Path(path))
