@@ -92,7 +92,8 @@ def one_shot(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()
     args = ["compare", "--one-shot", *SMALL, "--runs-root", str(root), "--sparsities", "0.5", "0.8", "--draws", "2",
-            "--methods", "nnrelief", "nnrelief-layer", "magnitude", "global-magnitude", "wanda"]  # fmt: skip
+            "--methods", "nnrelief", "nnrelief-layer", "magnitude", "global-magnitude", "wanda", "nnrelief-2:4",
+            "row-magnitude-2:4"]  # fmt: skip
     assert main(args) == 0
     torch.set_num_threads(threads)
     (run,) = [p for p in root.iterdir() if p.name != "dense"]
@@ -106,9 +107,13 @@ def test_one_shot_rows_reach_every_sparsity(one_shot: Path) -> None:
     for sparsity in (0.5, 0.8):
         expected += [(m, sparsity, d) for m in ("nnrelief", "nnrelief-layer", "wanda") for d in (0, 1)]
         expected += [(m, sparsity, 0) for m in ("magnitude", "global-magnitude")]
+    expected += [("nnrelief-2:4", 0.5, 0), ("nnrelief-2:4", 0.5, 1), ("row-magnitude-2:4", 0.5, 0)]
     assert cases == sorted(expected)
     for row in rows:
-        assert row["remaining"] == pytest.approx(1.0 - row["sparsity"], abs=0.02), row
+        if row["method"] == "nnrelief-2:4":  # 2 of 4 at most, cleaning removes more
+            assert 0.3 < row["remaining"] <= 0.5 + 1e-9, row
+        else:
+            assert row["remaining"] == pytest.approx(1.0 - row["sparsity"], abs=0.02), row
         assert 0.0 <= row["metric"] <= 100.0
     dense = next(r["metric"] for r in rows if r["method"] == "dense")
     assert dense > 50.0  # the demo MLP after one epoch on 1,000 samples
@@ -145,3 +150,18 @@ def test_bad_one_shot_settings_are_refused_before_a_run_folder_exists(tmp_path: 
 def test_one_shot_methods_are_refused_in_an_iterative_comparison(tmp_path: Path, capsys) -> None:
     assert main(["compare", *SMALL, "--runs-root", str(tmp_path), "--methods", "nnrelief-layer"]) != 0
     assert "only with --one-shot" in capsys.readouterr().err
+
+
+def test_two_four_methods_keep_the_pattern_and_spare_layers_that_do_not_split() -> None:
+    from nnrelief.experiments.oneshot import ONE_SHOT_METHODS
+
+    class Stub:  # what the runners read of an experiment
+        cfg = type("Cfg", (), {"ignore": (), "only": (), "score": "paper"})()
+
+    for name in ("nnrelief-2:4", "wanda-2:4", "row-magnitude-2:4"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))  # 6 inputs: not in groups of 4
+        ONE_SHOT_METHODS[name].run(model, 0.5, [torch.randn(32, 6)], Stub())  # type: ignore[arg-type]
+        assert "weight_mask" not in dict(model[0].named_buffers()), name
+        groups = current_mask(model[2], "weight").view(8, 4, 4).sum(dim=2)
+        assert int(groups.max()) <= 2 and (name == "nnrelief-2:4" or bool((groups == 2).all())), name

@@ -11,7 +11,10 @@ method removes it:
 * ``nnrelief-layer`` - one pass with ``target_scope="layer"`` (every layer to the sparsity,
   NNrelief's per-neuron alpha rule inside each layer's budget);
 * every registry method that prunes to counts (:data:`~nnrelief.experiments.methods.METHODS`
-  with ``equal="weights"``) at every layer's share of the sparsity (global magnitude at the total).
+  with ``equal="weights"``) at every layer's share of the sparsity (global magnitude at the total);
+* ``nnrelief-2:4``, ``wanda-2:4``, ``row-magnitude-2:4`` - 2 of every 4 consecutive inputs per
+  row (``nnrelief.prune(nm=(2, 4))``, Wanda's and magnitude's 2:4), at 50% alone; layers whose
+  inputs do not split into groups of 4 (a 1- or 3-channel stem) stay dense for all three.
 
 The calibration batches of draw d are ``prune_samples`` samples (sequences for a language
 model) drawn with seed ``(seed, "one-shot", d)``; methods that read no batches run once
@@ -41,6 +44,7 @@ from .. import data as nndata
 from ..fileio import cpu_state
 from ..pruning.choices import spared_layers
 from ..pruning.masks import current_mask
+from ..pruning.nm import nm_misfits
 from ..pruning.prune import prune
 from ..training.batchnorm import recompute_batchnorm
 from ..training.loops import evaluate
@@ -48,6 +52,7 @@ from .baselines import prunable_layers
 from .config import ConfigError, derive_seed
 from .experiment import Experiment
 from .methods import METHODS, Targets
+from .rowwise import row_magnitude_prune, wanda_prune
 from .runfolder import RunFolder
 
 __all__ = ["ONE_SHOT_METHODS", "OneShot", "run_one_shot"]
@@ -75,12 +80,41 @@ def _registry(name: str) -> Runner:
     return run
 
 
+NM = (2, 4)
+
+
+def _nm_layers(model: nn.Module, experiment: Experiment) -> list[str]:
+    """The scored layers whose inputs split into groups of m (the others stay dense under n:m)."""
+    layers = prunable_layers(model)
+    totals = scored_totals(model, experiment)
+    misfits = nm_misfits({name: layers[name] for name in totals}, NM[1])
+    if misfits:
+        logger.info("%d:%d leaves %s dense (inputs not in groups of %d)", *NM, ", ".join(misfits), NM[1])
+    return [name for name in totals if name not in misfits]
+
+
+def _nnrelief_nm(model: nn.Module, _sparsity: float, batches: Iterable[Any], experiment: Experiment) -> object:
+    cfg, kept = experiment.cfg, set(_nm_layers(model, experiment))
+    dense = [name for name in prunable_layers(model) if name not in kept]
+    return prune(model, batches, nm=NM, score=cfg.score, ignore=[*cfg.ignore, *dense], only=cfg.only, progress=False)
+
+
+def _wanda_nm(model: nn.Module, _sparsity: float, batches: Iterable[Any], experiment: Experiment) -> object:
+    return wanda_prune(model, batches, dict.fromkeys(_nm_layers(model, experiment), 0), nm=NM)
+
+
+def _magnitude_nm(model: nn.Module, _sparsity: float, _batches: Iterable[Any], experiment: Experiment) -> object:
+    return row_magnitude_prune(model, dict.fromkeys(_nm_layers(model, experiment), 0), nm=NM)
+
+
 @dataclass(frozen=True)
 class OneShotMethod:
-    """A method of the one-shot comparison: how it prunes, and whether it reads the calibration batches."""
+    """A method of the one-shot comparison: how it prunes, whether it reads the calibration
+    batches, and the one sparsity it prunes to (n:m), if so."""
 
     run: Runner
     data: bool
+    sparsity: float | None = None
 
 
 ONE_SHOT_METHODS: dict[str, OneShotMethod] = {
@@ -88,9 +122,13 @@ ONE_SHOT_METHODS: dict[str, OneShotMethod] = {
     "nnrelief-layer": OneShotMethod(_nnrelief("layer"), True),
     **{name: OneShotMethod(_registry(name), method.data or name == "random")
        for name, method in METHODS.items() if method.prune is not None and method.equal == "weights"},
+    "nnrelief-2:4": OneShotMethod(_nnrelief_nm, True, 1 - NM[0] / NM[1]),
+    "wanda-2:4": OneShotMethod(_wanda_nm, True, 1 - NM[0] / NM[1]),
+    "row-magnitude-2:4": OneShotMethod(_magnitude_nm, False, 1 - NM[0] / NM[1]),
 }  # fmt: skip
 """Every method of the one-shot comparison by name."""
-DEFAULT_ONE_SHOT = ("nnrelief", "nnrelief-layer", "magnitude", "global-magnitude", "row-magnitude", "wanda", "wanda-mean")
+DEFAULT_ONE_SHOT = ("nnrelief", "nnrelief-layer", "magnitude", "global-magnitude", "row-magnitude", "wanda", "wanda-mean",
+                    "nnrelief-2:4", "wanda-2:4", "row-magnitude-2:4")  # fmt: skip
 
 
 def scored_totals(model: nn.Module, experiment: Experiment) -> dict[str, int]:
@@ -216,8 +254,12 @@ def run_one_shot(
         ", BatchNorm statistics recomputed on them" if recompute_bn else "")  # fmt: skip
     result = OneShot(folder, metric, _done_rows(folder), title)
     done = {(r["method"], r["sparsity"], r["draw"]) for r in result.rows}
-    cases = [("dense", 0.0, 0)] + [(m, s, d) for s in sparsities for m in methods
-                                   for d in (range(draws) if ONE_SHOT_METHODS[m].data or recompute_bn else [0])]  # fmt: skip
+    cases = [("dense", 0.0, 0)]
+    for name in methods:
+        method = ONE_SHOT_METHODS[name]
+        for sparsity in sparsities if method.sparsity is None else [method.sparsity]:
+            cases += [(name, sparsity, d) for d in (range(draws) if method.data or recompute_bn else [0])]
+    cases.sort(key=lambda case: case[1])  # every method at one sparsity before the next
     todo = [case for case in cases if case not in done]
     batches: dict[int, list[Any]] = {}
     for method, sparsity, draw in tqdm(todo, desc="one-shot", unit="case", disable=None if progress else True):

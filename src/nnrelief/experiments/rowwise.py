@@ -30,6 +30,7 @@ from ..analysis.layers import kernel_layout, module_layout
 from ..inputs import batch_input
 from ..kinds import kind_of
 from ..pruning.masks import current_mask, set_mask
+from ..pruning.nm import misfits_text, nm_misfits
 from ..pruning.report import PruneReport, build_report
 from ..pruning.selection import select_nm
 from .baselines import prunable_layers
@@ -158,9 +159,9 @@ def _names(layers: Mapping[str, nn.Module], kept: Mapping[str, int] | None, nm: 
         raise ValueError(f"no prunable layer called {', '.join(unknown)}; the prunable layers are {', '.join(layers)}")
     if nm is None:
         return names
-    odd = [name for name in names if kernel_layout(layers[name], layers[name].weight).shape[1] % nm[1]]
-    if odd:
-        raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs input widths divisible by {nm[1]}; not so in {', '.join(odd)}: "
+    misfits = nm_misfits({name: layers[name] for name in names}, nm[1])
+    if misfits:
+        raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs input widths divisible by {nm[1]}; not so in {misfits_text(misfits)}: "
                          "leave them out of the layers to prune")  # fmt: skip
     return names
 
