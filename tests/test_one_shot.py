@@ -131,6 +131,9 @@ def test_one_shot_table_figure_and_resuming(one_shot: Path, capsys) -> None:
             "--methods", "nnrelief", "magnitude"]  # fmt: skip
     assert main(args) == 0  # every case is there: nothing runs again
     assert (folder / "rows.json").read_text() == before
+    assert main([*args, "--test-samples", "100"]) != 0  # cases of another test set are not mixed in
+    assert "test_samples=None, not 100" in capsys.readouterr().err
+    assert (folder / "rows.json").read_text() == before
 
 
 @pytest.mark.parametrize(
@@ -139,6 +142,7 @@ def test_one_shot_table_figure_and_resuming(one_shot: Path, capsys) -> None:
         (["--sparsities", "1.2"], "sparsities are fractions"),
         (["--methods", "l1-filter"], "unknown one-shot method l1-filter"),
         (["--draws", "0"], "draws must be at least 1"),
+        (["--test-samples", "0"], "test_samples must be at least 1"),
     ],
 )
 def test_bad_one_shot_settings_are_refused_before_a_run_folder_exists(tmp_path: Path, extra: list[str], message: str, capsys) -> None:
@@ -165,3 +169,13 @@ def test_two_four_methods_keep_the_pattern_and_spare_layers_that_do_not_split() 
         assert "weight_mask" not in dict(model[0].named_buffers()), name
         groups = current_mask(model[2], "weight").view(8, 4, 4).sum(dim=2)
         assert int(groups.max()) <= 2 and (name == "nnrelief-2:4" or bool((groups == 2).all())), name
+
+
+def test_first_test_samples_evaluate_a_fixed_subset(tmp_path: Path) -> None:
+    args = ["compare", "--one-shot", *SMALL, "--runs-root", str(tmp_path), "--sparsities", "0.5", "--draws", "1",
+            "--methods", "magnitude", "--test-samples", "40"]  # fmt: skip
+    assert main(args) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.name != "dense"]
+    saved = json.loads((run / "one-shot" / "rows.json").read_text())
+    assert saved["test_samples"] == 40 and "first 40 test samples" in saved["title"]
+    assert all(round(row["metric"] * 40 / 100, 6).is_integer() for row in saved["rows"])  # accuracies of 40 samples

@@ -367,6 +367,9 @@ def _add_compare(commands: Any, shown: str | None) -> None:
     shot.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8], metavar="S",
                       help="fractions of the scored weights and biases to remove (default: 0.5 0.6 0.7 0.8)")
     shot.add_argument("--draws", type=int, default=3, help="calibration draws (prune_samples samples each; default 3)")
+    shot.add_argument("--test-samples", type=int, metavar="N",
+                      help="evaluate on the first N test samples (a language model: windows of its context) instead "
+                      "of the whole test split")  # fmt: skip
     shot.add_argument("--recompute-bn", action="store_true",
                       help="recompute BatchNorm statistics on the calibration samples after pruning (CNNs); "
                       "files in <run folder>/one-shot-bn/")  # fmt: skip
@@ -558,10 +561,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _one_shot(args: argparse.Namespace) -> int:
     methods = args.methods or list(DEFAULT_ONE_SHOT)
-    check_one_shot(methods, args.sparsities, args.draws)
+    check_one_shot(methods, args.sparsities, args.draws, args.test_samples)
     with _experiment(args) as experiment:
         result = run_one_shot(experiment, methods, args.sparsities, draws=args.draws, recompute_bn=args.recompute_bn,
-                              progress=_progress(args))  # fmt: skip
+                              test_samples=args.test_samples, progress=_progress(args))  # fmt: skip
     from .reporting import MissingPlotDependencyError, plot_one_shot
 
     figure = ""

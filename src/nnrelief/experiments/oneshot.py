@@ -19,7 +19,8 @@ method removes it:
 The calibration batches of draw d are ``prune_samples`` samples (sequences for a language
 model) drawn with seed ``(seed, "one-shot", d)``; methods that read no batches run once
 per sparsity (their spread is 0) unless BatchNorm statistics are recomputed on the
-calibration batches (``recompute_bn``). Files, under ``<run folder>/one-shot`` (``one-shot-bn``
+calibration batches (``recompute_bn``). ``test_samples`` evaluates on the first N test samples
+(a language model: the first N windows of its context) where the whole split costs too much. Files, under ``<run folder>/one-shot`` (``one-shot-bn``
 with BatchNorm recomputed), written atomically after every case, so a run continues where it
 stopped: ``rows.json`` (every case), ``one-shot.md`` (mean and spread per method and sparsity)
 and ``one-shot.csv``.
@@ -28,6 +29,7 @@ and ``one-shot.csv``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import statistics
@@ -169,6 +171,7 @@ class OneShot:
     metric: str
     rows: list[dict[str, Any]]
     title: str
+    test_samples: int | None = None
 
     def summary(self) -> dict[str, dict[float, tuple[float, float, float, int]]]:
         """Per method and sparsity: (mean metric, its standard deviation over draws, mean
@@ -206,7 +209,7 @@ class OneShot:
     def write(self) -> None:
         """Write ``rows.json``, ``one-shot.csv`` and ``one-shot.md``."""
         out = RunFolder(self.folder)
-        out.write_json("rows.json", {"metric": self.metric, "title": self.title, "rows": self.rows})
+        out.write_json("rows.json", {"metric": self.metric, "title": self.title, "test_samples": self.test_samples, "rows": self.rows})
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["method", "sparsity", "draw", "remaining", "metric"], lineterminator="\n")
         writer.writeheader()
@@ -222,8 +225,10 @@ def _cell(entry: tuple[float, float, float, int] | None) -> str:
     return f"{mean:.4g} ± {spread:.2g} ({count})" if count > 1 else f"{mean:.4g}"
 
 
-def check_one_shot(methods: Sequence[str], sparsities: Sequence[float], draws: int) -> None:
-    """Refuse unknown methods, sparsities outside (0, 1) and fewer than one draw, before anything runs."""
+def check_one_shot(methods: Sequence[str], sparsities: Sequence[float], draws: int, test_samples: int | None = None) -> None:
+    """Refuse unknown methods, sparsities outside (0, 1), fewer than one draw or test sample, before anything runs."""
+    if test_samples is not None and test_samples < 1:
+        raise ConfigError(f"test_samples must be at least 1 (or none: the whole test split), got {test_samples}")
     unknown = [name for name in methods if name not in ONE_SHOT_METHODS]
     if unknown:
         raise ConfigError(f"unknown one-shot method {', '.join(unknown)}; known: {', '.join(ONE_SHOT_METHODS)}")
@@ -241,18 +246,22 @@ def run_one_shot(
     *,
     draws: int = 3,
     recompute_bn: bool = False,
+    test_samples: int | None = None,
     progress: bool = True,
 ) -> OneShot:
     """Prune the dense model with every method at every sparsity (and calibration draw) and
     evaluate it; cases already in ``rows.json`` are kept (see the module docstring)."""
-    check_one_shot(methods, sparsities, draws)
+    check_one_shot(methods, sparsities, draws, test_samples)
     cfg = experiment.cfg
     dense_state = cpu_state(experiment.train_dense())
     metric = "bits per byte" if cfg.is_language_model else "accuracy (%)"
     folder = experiment.run_dir / ("one-shot-bn" if recompute_bn else "one-shot")
     title = f"{cfg.model} on {cfg.dataset}, seed {cfg.seed}, {cfg.prune_samples} calibration samples" + (
         ", BatchNorm statistics recomputed on them" if recompute_bn else "")  # fmt: skip
-    result = OneShot(folder, metric, _done_rows(folder), title)
+    if test_samples is not None:
+        title += f"; the first {test_samples} test {'windows' if cfg.is_language_model else 'samples'}"
+    result = OneShot(folder, metric, _done_rows(folder, test_samples), title, test_samples)
+    test_batches = _test_batches(experiment, test_samples)
     done = {(r["method"], r["sparsity"], r["draw"]) for r in result.rows}
     cases = [("dense", 0.0, 0)]
     for name in methods:
@@ -270,21 +279,40 @@ def run_one_shot(
             ONE_SHOT_METHODS[method].run(model, sparsity, calibration, experiment)
             if recompute_bn:
                 recompute_batchnorm(model, calibration)
-        result.rows.append(_evaluated(experiment, model, method, sparsity, draw))
+        result.rows.append(_evaluated(experiment, model, test_batches, method, sparsity, draw))
         result.write()
         logger.info("one shot %s at %g (draw %d): %s %.4f", method, sparsity, draw, metric, result.rows[-1]["metric"])
     result.write()
     return result
 
 
-def _evaluated(experiment: Experiment, model: nn.Module, method: str, sparsity: float, draw: int) -> dict[str, Any]:
-    scores = evaluate(model, experiment.test_batches, experiment.device)
+def _test_batches(experiment: Experiment, samples: int | None) -> Iterable[Any]:
+    """The test batches: all of them, or those of the first ``samples`` samples (windows)."""
+    if samples is None:
+        return experiment.test_batches
+    test = experiment.test_set
+    if isinstance(test, nndata.TokenStream):
+        tokens = test.tokens[: samples * experiment.context + 1]
+        return nndata.SequenceLoader(dataclasses.replace(test, tokens=tokens), 64, experiment.context, shuffle=False,
+                                     seed=0, device=experiment.device)  # fmt: skip
+    picked = nndata.subset(test, torch.arange(min(samples, len(test))))
+    return nndata.BatchLoader(picked, 500, shuffle=False, seed=0, device=experiment.device)
+
+
+def _evaluated(experiment: Experiment, model: nn.Module, batches: Iterable[Any], method: str, sparsity: float,
+               draw: int) -> dict[str, Any]:  # fmt: skip
+    scores = evaluate(model, batches, experiment.device)
     value = scores.bits_per_token if experiment.cfg.is_language_model else 100 * scores.accuracy
     totals = scored_totals(model, experiment)
     return {"method": method, "sparsity": sparsity, "draw": draw, "remaining": remaining_fraction(model, totals), "metric": value}
 
 
-def _done_rows(folder: Path) -> list[dict[str, Any]]:
+def _done_rows(folder: Path, test_samples: int | None) -> list[dict[str, Any]]:
+    """The cases already evaluated in ``folder``; refused if they were evaluated on another test set."""
     if not (folder / "rows.json").exists():
         return []
-    return list(RunFolder(folder).read_json("rows.json")["rows"])
+    done = RunFolder(folder).read_json("rows.json")
+    if done.get("test_samples") != test_samples:
+        raise ConfigError(f"{folder} holds cases evaluated on test_samples={done.get('test_samples')}, not {test_samples}: "
+                          "give the same --test-samples, or move the folder away to start again")  # fmt: skip
+    return list(done["rows"])
