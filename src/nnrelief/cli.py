@@ -45,9 +45,9 @@ from .compaction.export import export_onnx, export_program, export_torchscript, 
 from .compaction.statedict import state_dict
 from .experiments import runfolder as files
 from .experiments.compare import BASELINES, DEFAULT_METHODS, Comparison, run_comparison
-from .experiments.oneshot import DEFAULT_ONE_SHOT, ONE_SHOT_METHODS, check_one_shot, run_one_shot
 from .experiments.config import PRESETS, ConfigError, ExperimentConfig, resolve_config, run_name
 from .experiments.experiment import Experiment, load_weights
+from .experiments.oneshot import DEFAULT_ONE_SHOT, ONE_SHOT_METHODS, check_one_shot, run_one_shot
 from .experiments.runfolder import refuse_overwrite
 from .fileio import save_text, save_torch
 from .metrics import file_size
