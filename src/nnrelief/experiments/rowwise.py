@@ -15,6 +15,8 @@ Like the other baselines these only remove entries that are still kept (masks ar
 and use the masks of :mod:`nnrelief.pruning.masks`. The input norms are gathered by
 forward pre-hooks on the layers (one pass over the batches, no capture): written here as
 Wanda's own code does it, since no maintained library exposes it for arbitrary modules.
+The padding positions of batches holding an ``attention_mask`` are left out of a Linear's
+input norms (:mod:`nnrelief.tokens`) unless ``skip_padding=False``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..pruning.masks import current_mask, set_mask
 from ..pruning.nm import misfits_text, nm_misfits
 from ..pruning.report import PruneReport, build_report
 from ..pruning.selection import select_nm
+from ..tokens import current, real_tokens, row_weights, rows_counted, sum_but_last
 from .baselines import prunable_layers
 
 __all__ = ["InputNorms", "input_norms", "row_magnitude_prune", "rows_to_keep", "wanda_prune", "wanda_scores"]
@@ -42,23 +45,27 @@ NORMS = ("l2", "mean")
 
 class InputNorms:
     """Per input feature (channel) of every observed layer: sum of x^2, sum of |x| and the
-    number of rows (samples x positions) seen, float64, on the layer's device."""
+    number of rows (samples x positions; of token positions the real tokens, given a
+    ``mask``) seen, float64, on the layer's device."""
 
     def __init__(self) -> None:
         self.squares: dict[str, Tensor] = {}
         self.absolute: dict[str, Tensor] = {}
-        self.rows: dict[str, int] = {}
+        self.rows: dict[str, float | Tensor] = {}
 
-    def add(self, name: str, x: Tensor, channel_dim: int) -> None:
-        """Accumulate one input tensor of layer ``name`` whose features lie along ``channel_dim``."""
-        flat = x.detach().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).double()
-        squares, absolute = flat.square().sum(0), flat.abs().sum(0)
+    def add(self, name: str, x: Tensor, channel_dim: int, mask: Tensor | None = None) -> None:
+        """Accumulate one input tensor of layer ``name`` whose features lie along ``channel_dim``;
+        with features last and ``mask`` the (B, T) real tokens of ``x`` (B, T, ..., C), its
+        padding rows are left out (:func:`nnrelief.tokens.row_weights`)."""
+        moved = x.detach().movedim(channel_dim, -1).double()
+        weights = row_weights(moved, mask if channel_dim in (-1, x.dim() - 1) else None)
+        squares, absolute = sum_but_last(moved.square(), weights), sum_but_last(moved.abs(), weights)
         if name in self.squares:
             self.squares[name] += squares
             self.absolute[name] += absolute
         else:
             self.squares[name], self.absolute[name] = squares, absolute
-        self.rows[name] = self.rows.get(name, 0) + flat.shape[0]
+        self.rows[name] = self.rows.get(name, 0.0) + rows_counted(moved, weights)
 
     def norm(self, name: str, kind: str = "l2") -> Tensor:
         """``||X_j||_2`` (``"l2"``) or mean ``|X_j|`` (``"mean"``) per input feature of ``name``."""
@@ -66,14 +73,16 @@ class InputNorms:
             raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
         if name not in self.squares:
             raise KeyError(f"layer {name} never ran on the calibration batches")
-        return self.squares[name].sqrt() if kind == "l2" else self.absolute[name] / max(1, self.rows[name])
+        rows = torch.as_tensor(self.rows[name], dtype=torch.float64, device=self.absolute[name].device)
+        return self.squares[name].sqrt() if kind == "l2" else self.absolute[name] / rows.clamp(min=1)
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, batches: Iterable[Any], names: Iterable[str] | None = None) -> InputNorms:
+def input_norms(model: nn.Module, batches: Iterable[Any], names: Iterable[str] | None = None, skip_padding: bool = True) -> InputNorms:
     """Stream ``batches`` (tensors, dicts of keyword inputs or (inputs, target) pairs, as
     :func:`nnrelief.prune` takes them) through ``model`` in eval mode once, gathering the
-    input norms of the prunable layers ``names`` (default: all)."""
+    input norms of the prunable layers ``names`` (default: all); with ``skip_padding`` a
+    batch's ``attention_mask`` leaves its padding positions out."""
     layers = prunable_layers(model)
     wanted = list(layers) if names is None else list(names)
     norms = InputNorms()
@@ -82,12 +91,14 @@ def input_norms(model: nn.Module, batches: Iterable[Any], names: Iterable[str] |
     for name in wanted:
         channel_dim = -1 if kind_of(layers[name]).family == "linear" else 1
         hooks.append(layers[name].register_forward_pre_hook(
-            lambda _module, args, name=name, dim=channel_dim: norms.add(name, args[0], dim)))  # fmt: skip
+            lambda _module, args, name=name, dim=channel_dim: norms.add(name, args[0], dim, current())))  # fmt: skip
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         for index, batch in enumerate(batches):
-            batch_input(batch, index).to(device)(model)
+            model_input = batch_input(batch, index).to(device)
+            with real_tokens(model_input, skip_padding):
+                model_input(model)
     finally:
         for hook in hooks:
             hook.remove()
@@ -187,16 +198,18 @@ def wanda_prune(
     *,
     norm: str = "l2",
     nm: tuple[int, int] | None = None,
+    skip_padding: bool = True,
 ) -> PruneReport:
     """Wanda: every output row of layer ``name`` keeps its highest ``|W_ij| * ||X_j||``
     weights, ``rows_to_keep(layer, kept[name])`` of them (or n:m with ``nm``, then ``kept``
     only names the layers, default all); ``norm`` is ``"l2"`` (the paper) or ``"mean"``
-    (mean |x|, NNrelief's statistic). ``batches`` are the calibration batches."""
+    (mean |x|, NNrelief's statistic). ``batches`` are the calibration batches (with
+    ``skip_padding``, padding positions left out of the norms)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     layers = prunable_layers(model)
     names = _names(layers, kept, nm)
-    norms = input_norms(model, batches, names)
+    norms = input_norms(model, batches, names, skip_padding)
     for name in names:
         _prune_rows(layers[name], wanda_scores(layers[name], norms.norm(name, norm)), None if kept is None else kept[name], nm)
     method = "wanda" if norm == "l2" else "wanda-mean"

@@ -40,6 +40,8 @@ class PassSettings:
             of m consecutive inputs keeps its n connections of highest score (convs: n of m
             consecutive input channels' kernels). Not combined with ``target``, ``alphas``
             or other alphas than the defaults (the residual rule uses ``alpha_conv``).
+        skip_padding: leave the padding positions of batches holding an ``attention_mask``
+            (B, T) out of the statistics over token positions (:mod:`nnrelief.tokens`).
     """
 
     alpha_fc: float = 0.95
@@ -51,6 +53,7 @@ class PassSettings:
     target: float | None = None
     target_scope: str = "model"
     nm: tuple[int, int] | None = None
+    skip_padding: bool = True
 
     def __post_init__(self) -> None:
         checked = {
@@ -87,7 +90,7 @@ class PassSettings:
         only (loop states written before the choices existed resume)."""
         chosen = {"ignore": [str(s) for s in self.ignore], "only": [str(s) for s in self.only], "alphas": dict(self.alphas),
                   "target_remaining": self.target, "target_scope": None if self.target_scope == "model" else self.target_scope,
-                  "nm": None if self.nm is None else list(self.nm)}  # fmt: skip
+                  "nm": None if self.nm is None else list(self.nm), "skip_padding": None if self.skip_padding else False}  # fmt: skip
         made = {name: value for name, value in chosen.items() if value not in ([], {}, None)}
         return {"alpha_fc": self.alpha_fc, "alpha_conv": self.alpha_conv, "score": self.score, **made}
 

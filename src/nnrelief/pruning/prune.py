@@ -56,6 +56,7 @@ def prune(
     target: float | None = None,
     nm: tuple[int, int] | None = None,
     target_scope: str = DEFAULTS.target_scope,
+    skip_padding: bool = DEFAULTS.skip_padding,
 ) -> PruneReport:
     """Run one NNrelief pruning pass on ``model`` in place.
 
@@ -64,7 +65,9 @@ def prune(
     tensor, a tuple of positional inputs or a dict (a DataLoader works): the pruning set,
     streamed once. Every layer of a kind of :mod:`nnrelief.kinds` (Linear, GPT-2 ``Conv1D``,
     Conv1d/2d/3d, ConvTranspose1d/2d/3d) is scored on its own
-    input (for token sequences, mean |x| over samples and token positions); per
+    input (for token sequences, mean |x| over samples and token positions: with
+    ``skip_padding``, the default, a batch holding an ``attention_mask`` (B, T) counts only
+    its real tokens, here and in the activity that finds dead neurons); per
     neuron/filter the connections (kernels for conv) and the bias carrying a fraction
     ``alpha_fc`` / ``alpha_conv`` of its signal are kept; dead neurons, neurons
     without outgoing connections and weak residual branches/shortcuts are removed. Pruned
@@ -109,7 +112,7 @@ def prune(
     (checked and defaulted there).
     """
     settings = PassSettings(alpha_fc=alpha_fc, alpha_conv=alpha_conv, score=score, ignore=ignore, only=only, alphas=alphas,
-                            target=target, target_scope=target_scope, nm=nm)  # fmt: skip
+                            target=target, target_scope=target_scope, nm=nm, skip_padding=skip_padding)  # fmt: skip
     target = settings.target
     if isinstance(batches, torch.Tensor):
         raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}, and iterating it gives single samples: "
@@ -132,7 +135,7 @@ def prune(
         total = len(batches) if hasattr(batches, "__len__") else None
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
-        stats = _run(model, graph, feed, settings.score)
+        stats = _run(model, graph, feed, settings.score, settings.skip_padding)
         inputs.check_finite()
         all_reduce_statistics(stats)
         layers, skipped = _layers_that_ran(graph, stats)
@@ -272,7 +275,7 @@ def _sample_count(model: nn.Module, layers: dict[str, PrunableLayer], stats: Sta
     return samples
 
 
-def _run(model: nn.Module, graph: ChannelGraph, feed: Iterable[ModelInput], mode: str) -> Statistics:
+def _run(model: nn.Module, graph: ChannelGraph, feed: Iterable[ModelInput], mode: str, skip_padding: bool) -> Statistics:
     position: dict[str, Any] = {"index": 0, "shape": None}
 
     def tracked() -> Iterator[ModelInput]:
@@ -288,7 +291,7 @@ def _run(model: nn.Module, graph: ChannelGraph, feed: Iterable[ModelInput], mode
             yield x
 
     try:
-        return collect(graph, tracked(), mode, model)
+        return collect(graph, tracked(), mode, model, skip_padding)
     except FeedError as error:
         raise error.__cause__ from None
     except (ValueError, TypeError):

@@ -4,6 +4,10 @@ Observers receive the tensors at the watch points of the model's capture (or, fo
 no capture handles, the layers' inputs through module pre-hooks) and accumulate fixed-size *sums over samples* plus a sample count while the
 pruning batches stream through once. Memory is independent of the number of samples, and
 statistics of several shards add up exactly (``add_statistics`` / ``all_reduce_statistics``).
+
+Statistics over token positions (a Linear's input |x|, the activity of its outputs) leave
+out the padding positions of batches with an ``attention_mask`` (:mod:`nnrelief.tokens`);
+conv inputs and residual maps (channel-first feature maps) count every position.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from ..analysis import ChannelGraph, PrunableLayer, activity_key, graph_for, input_key, map_key, observing
 from ..inputs import ModelInput
 from ..kinds import kind_of
+from ..tokens import current, real_tokens, row_weights, rows_counted, sum_but_last
 from . import scores
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ class Observer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, float] = {}
+        self.counts: dict[str, float | Tensor] = {}
         self.device = torch.device("cpu")
 
     def accumulate(self, name: str, value: Tensor) -> None:
@@ -43,16 +48,17 @@ class Observer(nn.Module):
         else:
             self.sums[name] = value.clone()
 
-    def add_count(self, name: str, value: float, seen: Tensor) -> None:
-        """Add the number ``value`` to the count ``name`` of tensor ``seen``. Counts stay
-        Python numbers while the batches stream (a device tensor made from a host number
-        per batch would synchronise) and become float64 tensors on ``seen``'s device."""
+    def add_count(self, name: str, value: float | Tensor, seen: Tensor) -> None:
+        """Add ``value`` to the count ``name`` of tensor ``seen``. Counts stay Python numbers
+        while the batches stream (a device tensor made from a host number per batch would
+        synchronise), or device tensors where a mask counted them (real tokens), and become
+        float64 tensors on ``seen``'s device."""
         self.counts[name] = self.counts.get(name, 0.0) + value
         self.device = seen.device
 
     def statistics(self) -> dict[str, Tensor]:
         """The sums and counts, all tensors on the observed device."""
-        counts = {name: torch.full((), value, dtype=torch.float64, device=self.device) for name, value in self.counts.items()}
+        counts = {name: torch.as_tensor(value, dtype=torch.float64, device=self.device) for name, value in self.counts.items()}
         return {**self.sums, **counts}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,18 +80,20 @@ def abs_of(x: Tensor, memo: dict[str, Tensor]) -> Tensor:
 
 
 def last_dim_sum(x: Tensor, memo: dict[str, Tensor]) -> Tensor:
-    """sum of |x| over every dim but the last (float64), once per tensor and memo."""
+    """sum of |x| over every dim but the last (float64), real tokens only (padding left
+    out, :mod:`nnrelief.tokens`), once per tensor and memo."""
     if "last" not in memo:
-        memo["last"] = abs_of(x, memo).reshape(-1, x.shape[-1]).sum(0).double()
+        memo["last"] = sum_but_last(abs_of(x, memo), row_weights(x, current()))
     return memo["last"]
 
 
 class LinearInputObserver(Observer):
-    """sum_n |x_ni| of a Linear input and the number of samples."""
+    """sum_n |x_ni| of a Linear input and the number of samples (token positions: real
+    tokens only)."""
 
     def observe(self, x: Tensor, memo: dict[str, Tensor]) -> None:
         self.accumulate("abs_input", last_dim_sum(x, memo))  # = scores.linear_abs_input_sum(x)
-        self.add_count("count", float(x.numel() // max(x.shape[-1], 1)), x)
+        self.add_count("count", rows_counted(x, row_weights(x, current())), x)
 
 
 class ConvInputObserver(Observer):
@@ -119,7 +127,8 @@ class ConvInputObserver(Observer):
 
 
 class ActivityObserver(Observer):
-    """Per channel (along ``axis``), the sum of |x| over samples and every other position."""
+    """Per channel (along ``axis``), the sum of |x| over samples and every other position
+    (along the last axis: real tokens only, so that a neuron active only on padding is dead)."""
 
     def __init__(self, axis: int = 1) -> None:
         super().__init__()
@@ -169,11 +178,12 @@ def _pre_hook(observer: Observer):
     return hook
 
 
-def collect(graph: ChannelGraph, inputs: Iterable[ModelInput], mode: str, model: nn.Module) -> Statistics:
+def collect(graph: ChannelGraph, inputs: Iterable[ModelInput], mode: str, model: nn.Module, skip_padding: bool = True) -> Statistics:
     """Stream ``inputs`` through ``model`` once (no grad) and return the statistics: through
     the graph's capture (a batch of another input signature, e.g. another sequence length,
     through a capture of its own), or (a graph without one) with a pre-hook on every layer.
-    Layers that never ran have no entry."""
+    With ``skip_padding`` the padding positions of batches with an ``attention_mask`` are
+    left out of the statistics over token positions. Layers that never ran have no entry."""
     if graph.traced:
         observers = _observers(graph, mode)
         with observing(observers):
@@ -181,7 +191,8 @@ def collect(graph: ChannelGraph, inputs: Iterable[ModelInput], mode: str, model:
                 same = graph_for(model, x, graph)
                 if same.capture is None:
                     x(model)  # the model rejects this batch: let it say why
-                same.capture.run(x)
+                with real_tokens(x, skip_padding):
+                    same.capture.run(x)
     else:
         observers = {input_key(layer.name): _input_observer(layer, mode) for layer in graph.layers.values()}
         handles = [
@@ -190,7 +201,8 @@ def collect(graph: ChannelGraph, inputs: Iterable[ModelInput], mode: str, model:
         try:
             with torch.no_grad():
                 for x in inputs:
-                    x(model)
+                    with real_tokens(x, skip_padding):
+                        x(model)
         finally:
             for handle in handles:
                 handle.remove()
