@@ -199,7 +199,9 @@ class OneShot:
         for method, by in summary.items():
             if method != "dense":
                 lines.append(f"| {method} | " + " | ".join(_cell(by.get(s)) for s in sparsities) + " |")
-        lines += ["", "Remaining weights and biases of the scored layers (%):", ""]
+        lines += ["", "Remaining weights and biases of the scored layers (%), what each method reached at the sparsity asked "
+                  "(an NNrelief pass removes every connection of zero contribution and every dead neuron whatever "
+                  "the target, so it may remove more):", ""]  # fmt: skip
         lines += ["| method | " + " | ".join(f"{100 * s:g}%" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
         for method, by in summary.items():
             if method != "dense":

@@ -117,7 +117,8 @@ def plot_one_shot(
     metric: str,
     title: str = "",
 ) -> None:
-    """A one-shot comparison's metric against sparsity, one line per method with the
+    """A one-shot comparison's metric against the sparsity each method reached (not the one
+    asked: a pass that removes more shows where it landed), one line per method with the
     spread over calibration draws as error bars (``summary``: :meth:`OneShot.summary`,
     method -> sparsity -> (mean, standard deviation, remaining fraction, draws)); the
     dense model's value (method ``"dense"``) as a horizontal line."""
@@ -126,13 +127,13 @@ def plot_one_shot(
     markers = "osD^v<>p*hX"
     for k, (method, by) in enumerate((m, b) for m, b in summary.items() if m != "dense"):
         points = sorted(by.items())
-        ax.errorbar([100 * s for s, _ in points], [v[0] for _, v in points], yerr=[v[1] for _, v in points],
+        ax.errorbar([100 * (1 - v[2]) for _, v in points], [v[0] for _, v in points], yerr=[v[1] for _, v in points],
                     marker=markers[k % len(markers)], markersize=5, capsize=3, label=method,
                     linewidth=2.2 if method.startswith("nnrelief") else 1.3)  # fmt: skip
     dense = summary.get("dense", {}).get(0.0)
     if dense is not None:
         ax.axhline(dense[0], color="grey", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("sparsity of the scored layers (% of weights and biases removed)")
+    ax.set_xlabel("sparsity reached in the scored layers (% of weights and biases removed)")
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
