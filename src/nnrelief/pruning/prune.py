@@ -213,23 +213,28 @@ def _check_nm_widths(graph: ChannelGraph, settings: PassSettings) -> None:
                          f"ignore={[*settings.ignore, *misfits]!r}")  # fmt: skip
 
 
-def _alphas_per_layer(planner: Planner, target: float, rounds: int = 4) -> dict[str, float]:
+def _alphas_per_layer(planner: Planner, target: float, rounds: int = 6) -> dict[str, float]:
     """Per layer the alpha that brings it, after structure cleaning, closest to ``target``.
-    Cleaning removes what other layers no longer use, so each layer's own selection aims a
-    little higher, by the ratio it fell short, for a few rounds. A layer already at or
-    below ``target`` keeps what it has (alpha 1)."""
+    Cleaning couples the layers (it removes what other layers no longer use; the residual
+    rule drops weak branches), so each layer's own selection aims off ``target`` by the
+    ratio it missed (at most 2x per round) for a few rounds, and the round that came
+    closest over all layers is kept. A layer already at or below ``target`` keeps what it
+    has (alpha 1)."""
     aims = {name: target for name in planner.layers if planner.layer_current(name) > target + 1e-9}
-    found = dict.fromkeys(planner.layers, 1.0)
+    best, best_miss = dict.fromkeys(planner.layers, 1.0), float("inf")
     for _ in range(rounds):
+        found = dict.fromkeys(planner.layers, 1.0)
         for name, aim in aims.items():
             found[name] = find_alpha(lambda alpha, name=name: planner.layer_remaining(name, alpha), aim)
         masks, _, _ = planner.masks(lambda name, _kind: found[name])
         reached = {name: count / planner.layer_total(name) for name, count in planner.kept_counts(masks).items()}
-        short = {name: aim for name, aim in aims.items() if abs(reached[name] - target) > 0.005 * target and aim < 1.0}
-        if not short:
+        miss = sum(abs(reached[name] - target) * planner.layer_total(name) for name in aims)
+        if miss < best_miss:
+            best, best_miss = found, miss
+        if all(abs(reached[name] - target) <= 0.005 * target for name in aims):
             break
-        aims.update({name: min(1.0, aim * target / max(reached[name], 1e-12)) for name, aim in short.items()})
-    return found
+        aims = {name: min(1.0, aim * min(2.0, max(0.5, target / max(reached[name], 1e-12)))) for name, aim in aims.items()}
+    return best
 
 
 def _analyse(model: nn.Module, first: ModelInput, dynamic: bool) -> ChannelGraph:
