@@ -226,7 +226,7 @@ def _alphas_per_layer(planner: Planner, target: float, rounds: int = 6) -> dict[
         found = dict.fromkeys(planner.layers, 1.0)
         for name, aim in aims.items():
             found[name] = find_alpha(lambda alpha, name=name: planner.layer_remaining(name, alpha), aim)
-        masks, _, _ = planner.masks(lambda name, _kind: found[name])
+        masks, _, _ = planner.masks(lambda name, _kind, found=found: found[name])
         reached = {name: count / planner.layer_total(name) for name, count in planner.kept_counts(masks).items()}
         miss = sum(abs(reached[name] - target) * planner.layer_total(name) for name in aims)
         if miss < best_miss:
