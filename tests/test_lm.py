@@ -4,6 +4,7 @@ windows, the byte_llama preset, training with the loss as metric, resuming, and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,18 @@ def test_train_command_runs_resumes_and_reports_bits_per_byte(tiny_corpus, tmp_p
     assert capsys.readouterr().out.splitlines()[0] == first.splitlines()[0]
     assert main(["prune", *args[1:]]) != 0
     assert "not supported yet" in capsys.readouterr().err
+
+
+def test_one_shot_prunes_the_language_model_and_reports_bits_per_byte(tiny_corpus, tmp_path: Path, capsys) -> None:
+    common = ["--preset", "llama-shakespeare", "--data-dir", str(tmp_path), "--epochs", "1", "--steps-per-epoch", "2",
+              "--batch-size", "4", "--prune-samples", "4", "--ignore", "lm_head", "--no-progress", "--device", "cpu"]  # fmt: skip
+    args = ["compare", "--one-shot", *common, "--run-dir", str(tmp_path / "run"), "--sparsities", "0.5", "--draws", "1",
+            "--methods", "nnrelief", "magnitude", "wanda", "wanda-2:4", "--test-samples", "2"]  # fmt: skip
+    assert main(args) == 0
+    assert "Test bits per byte, no retraining" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "run" / "one-shot" / "rows.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"dense", "nnrelief", "magnitude", "wanda", "wanda-2:4"}
+    for row in rows:
+        assert 0.0 < row["metric"] < 9.0  # bits per byte of a byte model: at most 8 (uniform) and then some
+        if row["method"] in ("magnitude", "wanda", "nnrelief"):
+            assert row["remaining"] == pytest.approx(0.5, abs=0.02), row

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .. import data as nndata
 from ..fileio import cpu_state
+from ..models import input_shape
 from ..pruning.choices import spared_layers
 from ..pruning.masks import current_mask
 from ..pruning.nm import nm_misfits
@@ -76,7 +77,7 @@ def _nnrelief(scope: str) -> Runner:
 def _registry(name: str) -> Runner:
     def run(model: nn.Module, sparsity: float, batches: Iterable[Any], experiment: Experiment) -> object:
         totals = scored_totals(model, experiment)
-        targets = Targets.uniform(totals, 1.0 - sparsity, experiment.cfg.seed, tuple(experiment.train_set.image_shape))
+        targets = Targets.uniform(totals, 1.0 - sparsity, experiment.cfg.seed, input_shape(experiment.cfg.model))
         return METHODS[name].prune(model, targets, 1, batches)
 
     return run
