@@ -178,7 +178,8 @@ class OneShot:
         """Per method and sparsity: (mean metric, its standard deviation over draws, mean
         remaining fraction, number of draws)."""
         groups: dict[str, dict[float, list[dict[str, Any]]]] = {}
-        for row in self.rows:
+        order = ["dense", *ONE_SHOT_METHODS]
+        for row in sorted(self.rows, key=lambda row: order.index(row["method"]) if row["method"] in order else len(order)):
             groups.setdefault(row["method"], {}).setdefault(row["sparsity"], []).append(row)
         return {
             method: {sparsity: (statistics.fmean(r["metric"] for r in rows),

@@ -5,6 +5,7 @@ pruning methods (:func:`plot_comparison`, used by ``nnrelief compare``)."""
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -138,5 +139,5 @@ def plot_one_shot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 100), fontsize=9)
     save(fig, Path(path))
