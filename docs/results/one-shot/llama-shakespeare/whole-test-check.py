@@ -1,4 +1,5 @@
-"""Check: three one-shot cells of the LM at 80% on the whole test split (draw 0)."""
+"""Check: one-shot cells of the LM at 50% and 80% on the whole test split (draw 0). Ran as is on the machine of
+the 2026-12-07 session (its paths: the one-shot run folder under /work/runs, data in /work/shared/data)."""
 import torch, json
 torch.set_num_threads(1)
 from nnrelief.experiments.config import resolve_config
