@@ -1,12 +1,16 @@
 """Check: one-shot cells of the LM at 50% and 80% on the whole test split (draw 0). Ran as is on the machine of
 the 2026-12-07 session (its paths: the one-shot run folder under /work/runs, data in /work/shared/data)."""
-import torch, json
+import json
+
+import torch
+
 torch.set_num_threads(1)
 from nnrelief.experiments.config import resolve_config
 from nnrelief.experiments.experiment import Experiment
-from nnrelief.experiments.oneshot import ONE_SHOT_METHODS, calibration_batches, scored_totals, remaining_fraction
+from nnrelief.experiments.oneshot import ONE_SHOT_METHODS, calibration_batches, remaining_fraction, scored_totals
 from nnrelief.fileio import cpu_state
 from nnrelief.training.loops import evaluate
+
 cfg, _ = resolve_config("llama-shakespeare", None, {"prune_samples": 128, "ignore": ["lm_head"], "data_dir": "/work/shared/data"})
 out = {}
 with Experiment(cfg, "/work/runs/llama-shakespeare-d668575d", progress=False) as ex:
