@@ -46,7 +46,7 @@ from ..heap import release_freed_memory
 from ..inputs import ModelInput, example_input
 from ..kinds import kind_of
 from ..metrics import ArchitectureSummary, file_size, summarize
-from ..pruning.cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
+from ..pruning.cleaning import NonzeroConnections, batchnorm_constant, clean, live_channels, used_channels
 from ..pruning.diagnostics import rejected_input
 from ..pruning.masks import _GATE_HOOK, GATE, gate_of, make_permanent
 from .export import save_sparse
@@ -310,22 +310,17 @@ def _take_gates(model: nn.Module) -> dict[str, Tensor]:
     return gates
 
 
-def _effective_masks(model: nn.Module, graph: ChannelGraph) -> dict[str, LayerMask]:
-    """Connection-level masks read off the actual nonzero weights and biases."""
-    masks = {}
-    for name, layer in graph.layers.items():
-        weight = weight_matrix(layer.module).detach() != 0
-        weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
-        bias = layer.module.bias
-        shift = None if layer.batchnorm is None else batchnorm_constant(model.get_submodule(layer.batchnorm))
-
-        groups = getattr(layer.module, "groups", 1)
-        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu(), shift, groups)
-    return masks
+def _connections(model: nn.Module, graph: ChannelGraph) -> dict[str, NonzeroConnections]:
+    """Each layer's connections as its nonzero weights and biases say (read from the weights, nothing copied)."""
+    return {
+        name: NonzeroConnections(weight_matrix(layer.module), layer.module.bias, None if layer.batchnorm is None
+                                 else batchnorm_constant(model.get_submodule(layer.batchnorm)), getattr(layer.module, "groups", 1))
+        for name, layer in graph.layers.items()
+    }  # fmt: skip
 
 
 def _analyse(model: nn.Module, graph: ChannelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(live, used) channels per node after cleaning a copy of the effective masks.
+    """(live, used) channels per node after cleaning the connections of the nonzero weights.
 
     The graph treats an affine BatchNorm as zero-preserving (true after nnrelief masks the
     BN entries of removed channels). Where a BN would turn a dead channel into a nonzero
@@ -333,7 +328,7 @@ def _analyse(model: nn.Module, graph: ChannelGraph, gates: dict[str, Tensor]) ->
     """
     modules = dict(model.named_modules())
     while True:
-        masks = _effective_masks(model, graph)
+        masks = _connections(model, graph)
         clean(graph, masks, gates)
         live = live_channels(graph, masks, gates)
         changed = False
