@@ -78,9 +78,12 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     cannot capture gets its masks folded in, no channel removed (a warning says so).
 
     Memory: the copy is built layer by layer. It starts as a copy of the module tree sharing
-    every tensor with ``model``; narrowing gives each sliced module new, smaller tensors, and
-    what is left shared is copied at the end. So beyond ``model`` compaction holds the
-    compacted model and one layer's temporaries, never a second full copy.
+    every tensor with ``model``; narrowing gives each sliced module new, smaller tensors
+    (each gathered once), and what is left shared is copied at the end. The structure
+    analysis reads the nonzero weights block of rows by block of rows (no mask of the
+    weights' size), and the heap the forwards and the analysis freed is handed back
+    (:mod:`nnrelief.heap`) before the new tensors are allocated. So beyond ``model``
+    compaction holds the compacted model and one layer's temporaries, never a second full copy.
     """
     example = example_input(example if example is not None else _default_example(model))
     with _eval_mode(model):  # capturing and checking run forwards: no BN statistics update
@@ -96,8 +99,8 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
         _fold_gates(work, gates)
         log.warning("compact: %s could not be compacted; masks folded in, no channel removed", type(model).__name__)
         compacted = work
+    release_freed_memory()  # what the checking forward freed, before the copies below
     _unshare(compacted, model)
-    release_freed_memory()
     return compacted.train(model.training)
 
 
@@ -139,6 +142,7 @@ def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput, expe
     copy_ = _Copy.of(work, gates, example)
     if copy_ is None:
         return None
+    release_freed_memory()  # what the forwards and the analysis freed, before the sliced tensors are allocated
     try:
         plan = InPlacePlan(copy_.model, copy_.graph, copy_.live, copy_.used, copy_.gates)
     except Declined as reason:
