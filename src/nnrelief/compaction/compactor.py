@@ -25,7 +25,6 @@ shortcut gates (a forward hook with a buffer) nor about which channels are exact
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -33,7 +32,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -49,7 +48,7 @@ from ..metrics import ArchitectureSummary, file_size, summarize
 from ..pruning.cleaning import NonzeroConnections, batchnorm_constant, clean, live_channels, used_channels
 from ..pruning.diagnostics import rejected_input
 from ..pruning.masks import _GATE_HOOK, GATE, gate_of, make_permanent
-from .export import save_sparse
+from .export import _eval_mode, save_sparse
 from .indexmaps import MappedPlan
 from .narrowing import Declined, InPlacePlan
 
@@ -102,17 +101,6 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     release_freed_memory()  # what the checking forward freed, before the copies below
     _unshare(compacted, model)
     return compacted.train(model.training)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _sharing_copy(model: nn.Module) -> nn.Module:
