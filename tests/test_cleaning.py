@@ -309,9 +309,10 @@ def test_export_chains_remove_whole_neurons_only_where_exact():
             assert torch.allclose(small(x), before, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [7, 64])  # rows of one group at once; whole groups at once
 @pytest.mark.parametrize("shape, groups, transposed", [((6, 5), 1, False), ((6, 5), 1, True), ((6, 2, 3, 3), 3, False), ((4, 1, 3), 4, False)])
-def test_nonzero_connections_answer_as_a_mask_of_the_nonzero_weights_without_changing_them(monkeypatch, shape, groups, transposed):
-    monkeypatch.setattr(cleaning, "_BLOCK_ENTRIES", 7)  # several blocks of rows
+def test_nonzero_connections_answer_as_a_mask_of_the_nonzero_weights_without_changing_them(monkeypatch, block, shape, groups, transposed):
+    monkeypatch.setattr(cleaning, "_BLOCK_ENTRIES", block)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.4)
     weight = weight.t().contiguous().t() if transposed else weight  # laid out as GPT-2's Conv1D stores it

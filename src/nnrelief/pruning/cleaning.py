@@ -107,17 +107,13 @@ class NonzeroConnections:
     def alive(self) -> Tensor:
         """(J,) which neurons/filters still have a kept connection, bias or BN shift."""
         if self._alive is None:
-            reached = torch.cat([connections.any(dim=1) for _, _, connections in self._blocks()])
-            self._alive = self.rows & (reached | self.constant)
+            self._read()
         return self._alive.clone()
 
     def used_inputs(self) -> Tensor:
         """(C,) which input channels still feed a kept connection."""
         if self._used is None:
-            counts = torch.zeros(self.groups, self.weight.shape[1], dtype=torch.int32)
-            for rows, groups, connections in self._blocks():
-                counts.index_add_(0, groups, (connections & self.rows[rows, None]).to(torch.int32))
-            self._used = (counts > 0).view(-1)
+            self._read()
         return self._used.clone()
 
     def clear_inputs(self, live: Tensor) -> bool:
@@ -140,17 +136,33 @@ class NonzeroConnections:
         self._used = None
         return True
 
-    def _blocks(self) -> Iterator[tuple[slice, Tensor, Tensor]]:
-        """(rows, their groups, (rows, C/g) their nonzero connections from kept input channels), block by block."""
+    def _read(self) -> None:
+        """Work out :meth:`alive` and :meth:`used_inputs` in one read of the weights."""
+        reached, used = [], torch.zeros(self.groups, self.weight.shape[1], dtype=torch.bool)
+        for groups, connections in self._blocks():  # amax: any() of a bool tensor, several times faster
+            reached.append(connections.amax(dim=2).flatten())
+            used[groups] |= connections.amax(dim=1)
+        self._alive = self.rows & (torch.cat(reached) | self.constant)
+        self._used = used.view(-1)
+
+    def _blocks(self) -> Iterator[tuple[slice, Tensor]]:
+        """(groups, (groups, rows per group, C/g) the nonzero connections of their kept neurons
+        from kept input channels), block by block: whole groups at once, or rows of one group."""
         filters, width = self.weight.shape[:2]
-        inputs = self.inputs.view(self.groups, width)
-        step = max(1, _BLOCK_ENTRIES // max(1, self.weight[0].numel()))
-        for start in range(0, filters, step):
-            rows = slice(start, min(start + step, filters))
-            nonzero = self.weight[rows].detach() != 0
-            nonzero = (nonzero.flatten(2).any(dim=2) if nonzero.dim() > 2 else nonzero).cpu()
-            groups = torch.arange(rows.start, rows.stop) // (filters // self.groups)
-            yield rows, groups, nonzero & inputs[groups]
+        per_group, row = filters // self.groups, max(1, self.weight[0].numel())
+        whole = per_group * row <= _BLOCK_ENTRIES
+        groups_at_once = max(1, _BLOCK_ENTRIES // (per_group * row)) if whole else 1
+        rows_at_once = per_group * groups_at_once if whole else max(1, _BLOCK_ENTRIES // row)
+        inputs = self.inputs.view(self.groups, 1, width)
+        for first in range(0, self.groups, groups_at_once):
+            groups = slice(first, min(first + groups_at_once, self.groups))
+            end = groups.stop * per_group
+            for start in range(first * per_group, end, rows_at_once):
+                rows = slice(start, min(start + rows_at_once, end))
+                nonzero = self.weight[rows].detach() != 0
+                nonzero = (nonzero.flatten(2).amax(dim=2) if nonzero.dim() > 2 else nonzero).cpu()
+                nonzero.index_fill_(0, (~self.rows[rows]).nonzero().flatten(), False)  # the removed neurons'
+                yield groups, nonzero.view(groups.stop - groups.start, -1, width) & inputs[groups]
 
 
 Connections = LayerMask | NonzeroConnections  # what cleaning reads and narrows
