@@ -1,12 +1,14 @@
 """Structure cleaning: dead neurons, backward pruning, BatchNorm zeroing, residual rule."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import nnrelief
 from nnrelief.compaction import compact
-from nnrelief.pruning.cleaning import residual_decisions
+from nnrelief.pruning import cleaning
+from nnrelief.pruning.cleaning import LayerMask, NonzeroConnections, residual_decisions
 from nnrelief.pruning.masks import current_mask, gate_of
 
 
@@ -305,3 +307,27 @@ def test_export_chains_remove_whole_neurons_only_where_exact():
             small = compact(model, x[:2])
             assert small.fc1.out_features == small.fc2.in_features == (4 if zero_preserving else 5)
             assert torch.allclose(small(x), before, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [7, 64])  # rows of one group at once; whole groups at once
+@pytest.mark.parametrize("shape, groups, transposed", [((6, 5), 1, False), ((6, 5), 1, True), ((6, 2, 3, 3), 3, False), ((4, 1, 3), 4, False)])
+def test_nonzero_connections_answer_as_a_mask_of_the_nonzero_weights_without_changing_them(monkeypatch, block, shape, groups, transposed):
+    monkeypatch.setattr(cleaning, "_BLOCK_ENTRIES", block)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.4)
+    weight = weight.t().contiguous().t() if transposed else weight  # laid out as GPT-2's Conv1D stores it
+    before = weight.clone()
+    bias = torch.randn(shape[0], generator=generator) * (torch.rand(shape[0], generator=generator) < 0.3)
+    shift = torch.rand(shape[0], generator=generator) < 0.2
+    nonzero = weight != 0
+    mask = LayerMask(nonzero.flatten(2).any(dim=2) if weight.dim() > 2 else nonzero, bias != 0, shift.clone(), groups)
+    lazy = NonzeroConnections(weight, bias, shift, groups)
+    for step in range(8):
+        assert torch.equal(lazy.alive(), mask.alive()) and torch.equal(lazy.used_inputs(), mask.used_inputs())
+        if step % 2:
+            live = torch.rand(shape[1] * groups, generator=generator) < 0.7
+            assert lazy.clear_inputs(live) == mask.clear_inputs(live)
+        else:
+            remove = torch.rand(shape[0], generator=generator) < 0.3
+            assert lazy.remove_neurons(remove) == mask.remove_neurons(remove)
+    assert torch.equal(weight, before)

@@ -229,3 +229,21 @@ def test_baselines_prune_every_kind() -> None:
     assert [layer.name for layer in report.layers] == ["conv1", "conv2", "up", "head"]
     assert [layer.kind for layer in report.layers] == ["conv", "conv", "conv", "linear"]
     assert all(layer.weights_kept + layer.bias_kept == kept[layer.name] for layer in report.layers)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_slicing_gathers_rows_and_columns_into_a_new_weight_and_leaves_a_whole_layer_alone(transposed: bool) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    module = Conv1D(5, 4) if transposed else nn.Linear(4, 5)
+    kind = kind_of(module)
+    matrix = kind.kernel(module, module.weight.detach()).clone()  # (out, in)
+    bias, weight = module.bias.detach().clone(), module.weight
+    kind.slice(module, None, None)
+    assert module.weight is weight
+    rows, cols = torch.tensor([0, 2, 4]), torch.tensor([1, 3])
+    kind.slice(module, rows, cols)
+    assert module.weight.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    assert torch.equal(kind.kernel(module, module.weight.detach()), matrix[rows][:, cols]) and module.weight.is_contiguous()
+    assert torch.equal(module.bias.detach(), bias[rows])

@@ -253,3 +253,28 @@ def test_a_run_folder_of_the_earlier_format_evaluates_as_it_recorded(shared_data
     assert sum(int(current_mask(m, name).sum()) for m in model.modules() for name in ("weight", "bias") if is_masked(m, name)) == 4161
     assert main(["eval", str(run / "model-iter10.pt"), "--data-dir", str(shared_data_dir), "-q"]) == 0
     assert "accuracy: 99.02%" in capsys.readouterr().out  # history.json: iteration 10, test 0.9902
+
+
+def test_a_first_mask_is_the_planners_own_tensor_for_a_linear_and_a_transposed_conv1d(monkeypatch):
+    """No copy of the planner's keep mask: GPT-2's Conv1D stores its weight (in, out), and
+    its mask is built in that layout, so it is adopted as the mask buffer like a Linear's."""
+    from transformers.pytorch_utils import Conv1D
+
+    from nnrelief.pruning.plan import Planner
+
+    built = {}
+    selected = Planner._selected
+
+    def recording(self, name, alpha):
+        mask = selected(self, name, alpha)
+        built[name] = mask.weight
+        return mask
+
+    monkeypatch.setattr(Planner, "_selected", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 6), nn.ReLU(), nn.Linear(8, 4))
+    nnrelief.prune(model, [torch.randn(32, 6)], alpha_fc=0.9, progress=False)
+    for name in ("0", "2"):
+        mask = model.get_submodule(name).weight_mask
+        assert not bool(mask.all())
+        assert mask.untyped_storage().data_ptr() == built[name].untyped_storage().data_ptr()

@@ -25,7 +25,6 @@ shortcut gates (a forward hook with a buffer) nor about which channels are exact
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -33,7 +32,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -46,10 +45,10 @@ from ..heap import release_freed_memory
 from ..inputs import ModelInput, example_input
 from ..kinds import kind_of
 from ..metrics import ArchitectureSummary, file_size, summarize
-from ..pruning.cleaning import LayerMask, batchnorm_constant, clean, live_channels, used_channels
+from ..pruning.cleaning import NonzeroConnections, batchnorm_constant, clean, live_channels, used_channels
 from ..pruning.diagnostics import rejected_input
 from ..pruning.masks import _GATE_HOOK, GATE, gate_of, make_permanent
-from .export import save_sparse
+from .export import _eval_mode, save_sparse
 from .indexmaps import MappedPlan
 from .narrowing import Declined, InPlacePlan
 
@@ -78,9 +77,12 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
     cannot capture gets its masks folded in, no channel removed (a warning says so).
 
     Memory: the copy is built layer by layer. It starts as a copy of the module tree sharing
-    every tensor with ``model``; narrowing gives each sliced module new, smaller tensors, and
-    what is left shared is copied at the end. So beyond ``model`` compaction holds the
-    compacted model and one layer's temporaries, never a second full copy.
+    every tensor with ``model``; narrowing gives each sliced module new, smaller tensors
+    (each gathered once), and what is left shared is copied at the end. The structure
+    analysis reads the nonzero weights block of rows by block of rows (no mask of the
+    weights' size), and the heap the forwards and the analysis freed is handed back
+    (:mod:`nnrelief.heap`) before the new tensors are allocated. So beyond ``model``
+    compaction holds the compacted model and one layer's temporaries, never a second full copy.
     """
     example = example_input(example if example is not None else _default_example(model))
     with _eval_mode(model):  # capturing and checking run forwards: no BN statistics update
@@ -96,20 +98,9 @@ def compact(model: nn.Module, example: Any = None) -> nn.Module:
         _fold_gates(work, gates)
         log.warning("compact: %s could not be compacted; masks folded in, no channel removed", type(model).__name__)
         compacted = work
+    release_freed_memory()  # what the checking forward freed, before the copies below
     _unshare(compacted, model)
-    release_freed_memory()
     return compacted.train(model.training)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _sharing_copy(model: nn.Module) -> nn.Module:
@@ -139,6 +130,7 @@ def _narrow(work: nn.Module, gates: dict[str, Tensor], example: ModelInput, expe
     copy_ = _Copy.of(work, gates, example)
     if copy_ is None:
         return None
+    release_freed_memory()  # what the forwards and the analysis freed, before the sliced tensors are allocated
     try:
         plan = InPlacePlan(copy_.model, copy_.graph, copy_.live, copy_.used, copy_.gates)
     except Declined as reason:
@@ -310,22 +302,17 @@ def _take_gates(model: nn.Module) -> dict[str, Tensor]:
     return gates
 
 
-def _effective_masks(model: nn.Module, graph: ChannelGraph) -> dict[str, LayerMask]:
-    """Connection-level masks read off the actual nonzero weights and biases."""
-    masks = {}
-    for name, layer in graph.layers.items():
-        weight = weight_matrix(layer.module).detach() != 0
-        weight = weight.flatten(2).any(dim=2) if weight.dim() > 2 else weight
-        bias = layer.module.bias
-        shift = None if layer.batchnorm is None else batchnorm_constant(model.get_submodule(layer.batchnorm))
-
-        groups = getattr(layer.module, "groups", 1)
-        masks[name] = LayerMask(weight.cpu(), None if bias is None else (bias.detach() != 0).cpu(), shift, groups)
-    return masks
+def _connections(model: nn.Module, graph: ChannelGraph) -> dict[str, NonzeroConnections]:
+    """Each layer's connections as its nonzero weights and biases say (read from the weights, nothing copied)."""
+    return {
+        name: NonzeroConnections(weight_matrix(layer.module), layer.module.bias, None if layer.batchnorm is None
+                                 else batchnorm_constant(model.get_submodule(layer.batchnorm)), getattr(layer.module, "groups", 1))
+        for name, layer in graph.layers.items()
+    }  # fmt: skip
 
 
 def _analyse(model: nn.Module, graph: ChannelGraph, gates: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(live, used) channels per node after cleaning a copy of the effective masks.
+    """(live, used) channels per node after cleaning the connections of the nonzero weights.
 
     The graph treats an affine BatchNorm as zero-preserving (true after nnrelief masks the
     BN entries of removed channels). Where a BN would turn a dead channel into a nonzero
@@ -333,7 +320,7 @@ def _analyse(model: nn.Module, graph: ChannelGraph, gates: dict[str, Tensor]) ->
     """
     modules = dict(model.named_modules())
     while True:
-        masks = _effective_masks(model, graph)
+        masks = _connections(model, graph)
         clean(graph, masks, gates)
         live = live_channels(graph, masks, gates)
         changed = False

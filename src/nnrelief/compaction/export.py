@@ -39,6 +39,7 @@ _MAX_DELTA = 255
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, each module's own mode restored after it."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:

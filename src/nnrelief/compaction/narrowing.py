@@ -313,7 +313,8 @@ def _keep_one(keep: Mapping[str, Tensor]) -> None:
 
 
 def _index(mask: Tensor | None) -> Tensor | None:
-    return None if mask is None else mask.nonzero().flatten()
+    """The indices ``mask`` keeps, None where it keeps all (nothing to slice)."""
+    return None if mask is None or bool(mask.all()) else mask.nonzero().flatten()
 
 
 def _slice_batchnorm(module: nn.Module, keep: Tensor) -> None:
@@ -335,7 +336,7 @@ def _slice_parameter(model: nn.Module, qualified: str, axis: int, keep: Tensor) 
     tensor = getattr(owner, attribute)
     if tensor.shape[axis] != keep.numel():
         return  # broadcast along the channels: nothing to slice
-    sliced = tensor.detach().index_select(axis, keep.nonzero().flatten().to(tensor.device)).clone()
+    sliced = tensor.detach().index_select(axis, keep.nonzero().flatten().to(tensor.device))
     if isinstance(tensor, nn.Parameter):
         setattr(owner, attribute, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
     else:

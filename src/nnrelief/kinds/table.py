@@ -67,17 +67,22 @@ class LayerKind:
 
 
 def _parameter(tensor: Tensor, like: Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor.clone(), requires_grad=like.requires_grad)
+    """``tensor`` (new, sliced out of ``like``) as a parameter taking ``like``'s ``requires_grad``."""
+    return nn.Parameter(tensor, requires_grad=like.requires_grad)
 
 
 def _slice_weight(module: nn.Module, rows: Tensor | None, cols: Tensor | None, out_axis: int) -> Tensor:
     """``module``'s weight and bias with only ``rows`` on ``out_axis`` and ``cols`` on the other
-    of the first two axes; returns the new weight."""
+    of the first two axes, gathered once into a new tensor (with neither, the weight keeps
+    its tensor); returns the weight."""
     weight = module.weight.detach()
-    if rows is not None:
-        weight = weight.index_select(out_axis, rows.to(weight.device))
-    if cols is not None:
-        weight = weight.index_select(1 - out_axis, cols.to(weight.device))
+    if rows is None and cols is None:
+        return weight
+    first, second = (None if index is None else index.to(weight.device) for index in ((rows, cols) if out_axis == 0 else (cols, rows)))
+    if first is not None and second is not None:
+        weight = weight[first[:, None], second]
+    else:
+        weight = weight.index_select(0, first) if first is not None else weight.index_select(1, second)
     module.weight = _parameter(weight, module.weight)
     if module.bias is not None and rows is not None:
         module.bias = _parameter(module.bias.detach()[rows.to(weight.device)], module.bias)

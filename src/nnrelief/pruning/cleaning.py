@@ -9,6 +9,7 @@ that follow it and (where no other path feeds the same channel) its outgoing con
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 from ..analysis import ChannelGraph, Rule
 
 Graph = ChannelGraph
+_BLOCK_ENTRIES = 1 << 20  # weight entries NonzeroConnections reads at once
 
 
 @dataclass
@@ -85,6 +87,87 @@ class LayerMask:
         return True
 
 
+class NonzeroConnections:
+    """Connection-level mask of one layer read off its nonzero weights (and bias, and BN
+    shift), answering cleaning as :class:`LayerMask` does without holding a mask of the
+    weights' size: removals are kept as (J,) kept neurons and (C,) kept input channels, and
+    :meth:`alive` / :meth:`used_inputs` read the weights again, block of rows by block of rows,
+    after a removal that can change them. For compaction's analysis of a model as it is."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, shift: Tensor | None = None, groups: int = 1) -> None:
+        self.weight, self.groups = weight, groups  # (J, C/g, *kernel): the layer's own weights, not copied
+        filters, width = weight.shape[:2]
+        self.rows = torch.ones(filters, dtype=torch.bool)
+        self.inputs = torch.ones(groups * width, dtype=torch.bool)
+        constant = torch.zeros(filters, dtype=torch.bool) if bias is None else (bias.detach() != 0).cpu()
+        self.constant = constant | shift if shift is not None else constant  # alive without any connection
+        self._alive: Tensor | None = None
+        self._used: Tensor | None = None
+
+    def alive(self) -> Tensor:
+        """(J,) which neurons/filters still have a kept connection, bias or BN shift."""
+        if self._alive is None:
+            self._read()
+        return self._alive.clone()
+
+    def used_inputs(self) -> Tensor:
+        """(C,) which input channels still feed a kept connection."""
+        if self._used is None:
+            self._read()
+        return self._used.clone()
+
+    def clear_inputs(self, live: Tensor) -> bool:
+        """Drop the connections from input channels not in ``live`` (C,); whether any changed."""
+        gone = self.used_inputs() & ~live
+        if not bool(gone.any()):
+            return False
+        self.inputs &= ~gone
+        self._used &= ~gone
+        self._alive = None
+        return True
+
+    def remove_neurons(self, remove: Tensor) -> bool:
+        """Drop the neurons in ``remove`` (their connections, bias and BN shift); whether any of them was alive."""
+        removed = remove & self.alive()
+        if not bool(removed.any()):
+            return False
+        self.rows &= ~removed
+        self._alive &= ~removed
+        self._used = None
+        return True
+
+    def _read(self) -> None:
+        """Work out :meth:`alive` and :meth:`used_inputs` in one read of the weights."""
+        reached, used = [], torch.zeros(self.groups, self.weight.shape[1], dtype=torch.bool)
+        for groups, connections in self._blocks():  # amax: any() of a bool tensor, several times faster
+            reached.append(connections.amax(dim=2).flatten())
+            used[groups] |= connections.amax(dim=1)
+        self._alive = self.rows & (torch.cat(reached) | self.constant)
+        self._used = used.view(-1)
+
+    def _blocks(self) -> Iterator[tuple[slice, Tensor]]:
+        """(groups, (groups, rows per group, C/g) the nonzero connections of their kept neurons
+        from kept input channels), block by block: whole groups at once, or rows of one group."""
+        filters, width = self.weight.shape[:2]
+        per_group, row = filters // self.groups, max(1, self.weight[0].numel())
+        whole = per_group * row <= _BLOCK_ENTRIES
+        groups_at_once = max(1, _BLOCK_ENTRIES // (per_group * row)) if whole else 1
+        rows_at_once = per_group * groups_at_once if whole else max(1, _BLOCK_ENTRIES // row)
+        inputs = self.inputs.view(self.groups, 1, width)
+        for first in range(0, self.groups, groups_at_once):
+            groups = slice(first, min(first + groups_at_once, self.groups))
+            end = groups.stop * per_group
+            for start in range(first * per_group, end, rows_at_once):
+                rows = slice(start, min(start + rows_at_once, end))
+                nonzero = self.weight[rows].detach() != 0
+                nonzero = (nonzero.flatten(2).amax(dim=2) if nonzero.dim() > 2 else nonzero).cpu()
+                nonzero.index_fill_(0, (~self.rows[rows]).nonzero().flatten(), False)  # the removed neurons'
+                yield groups, nonzero.view(groups.stop - groups.start, -1, width) & inputs[groups]
+
+
+Connections = LayerMask | NonzeroConnections  # what cleaning reads and narrows
+
+
 def batchnorm_constant(module: nn.modules.batchnorm._BatchNorm) -> Tensor:
     """(C,) channels where ``module`` maps a zero input to a nonzero output, in eval mode
     (``beta - gamma * mean / sqrt(var + eps)``) or in train mode (``beta``)."""
@@ -112,7 +195,7 @@ def residual_decisions(branch_map: Tensor, shortcut_map: Tensor, alpha: float) -
     return branch < ratio * shortcut, shortcut < ratio * branch
 
 
-def live_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def live_channels(graph: Graph, masks: dict[str, Connections], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Forward propagation: per node, which output channels may carry a nonzero signal.
 
     ``gates`` maps node names to (C,) channel masks applied to that node's output. Nodes
@@ -155,7 +238,7 @@ def live_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Te
     return live
 
 
-def used_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def used_channels(graph: Graph, masks: dict[str, Connections], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Backward propagation: per node, which output channels reach a kept connection, the
     model output or an operation the graph does not understand."""
     used = {name: torch.zeros(rule.channels, dtype=torch.bool) for name, rule in graph.rules.items() if rule.channels is not None}
@@ -193,7 +276,7 @@ def used_channels(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Te
     return used
 
 
-def clean(graph: Graph, masks: dict[str, LayerMask], gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def clean(graph: Graph, masks: dict[str, Connections], gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Remove neurons without outgoing connections and connections from removed channels,
     repeated to a fixpoint (a shared layer: where every call agrees). Mutates ``masks``; returns the BatchNorm channel masks (by
     module name): a BatchNorm channel is kept while its input channel is live."""

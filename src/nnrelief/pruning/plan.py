@@ -124,12 +124,13 @@ class Planner:
             keep_bias = None if keep_bias is None else keep_bias & old.bias
             return LayerMask(keep_weight & old.weight, keep_bias, self.shifts.get(name), old.groups)
         weight, bias = weight_matrix(module).detach(), module.bias
-        keep_weight = torch.empty(weight.shape, dtype=torch.bool)
+        keep_weight = kernel_layout(module, torch.empty(module.weight.shape, dtype=torch.bool))  # stored as the module's: adopted
         keep_bias = None if bias is None else torch.empty(weight.shape[0], dtype=torch.bool)
+        inputs = self.inputs[name].to(weight.device)
         rows = max(1, _BLOCK_ENTRIES // max(1, weight.shape[1]))
         for start in range(0, weight.shape[0], rows):
             block = slice(start, start + rows)
-            contrib = score_fns.linear_contributions(weight[block].float(), self.inputs[name].to(weight.device)).cpu()
+            contrib = score_fns.linear_contributions(weight[block].float(), inputs).cpu()
             bias_share = None if bias is None else score_fns.bias_term(bias[block]).cpu()
             keep_weight[block], kept_bias = select(contrib, bias_share, alpha)
             if keep_bias is not None:

@@ -136,6 +136,7 @@ def prune(
         feed = tqdm(itertools.chain([first], stream), total=total, desc="nnrelief pass", unit="batch",
                     disable=None if progress else True, leave=False)  # fmt: skip
         stats = _run(model, graph, feed, settings.score, settings.skip_padding)
+        release_freed_memory()  # what the forwards freed, before the masks are allocated
         inputs.check_finite()
         all_reduce_statistics(stats)
         layers, skipped = _layers_that_ran(graph, stats)
